@@ -1,0 +1,56 @@
+"""Shared fixtures: small image folders written per test, the real-X-ray pack when present, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from xsel.cli import app
+
+REALCXR = Path(os.environ.get("XSEL_REALCXR", Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"))
+
+
+def write_png_folder(folder: Path, n: int, *, size: int = 40, seed: int = 0, extra: dict | None = None) -> Path:
+    """``n`` random gray PNGs plus ``images.csv`` (Path, PatientID, Age, Sex, Label); returns the CSV path."""
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"img/{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / name)
+        rows.append({"Path": name, "PatientID": f"p{i // 2}", "Age": 20 + i, "Sex": "MF"[i % 2], "Label": i % 3 - 1})
+    frame = pd.DataFrame(rows)
+    for column, values in (extra or {}).items():
+        frame[column] = values
+    csv = folder / "images.csv"
+    frame.to_csv(csv, index=False)
+    return csv
+
+
+@pytest.fixture
+def png_csv(tmp_path: Path) -> Path:
+    return write_png_folder(tmp_path / "data", 12)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: ``cli("embed", ...)`` → click Result (exit_code, stdout, stderr, output)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def realcxr() -> Path:
+    if not (REALCXR / "labels.csv").is_file():
+        pytest.skip(f"real chest X-ray pack not found at {REALCXR} (set XSEL_REALCXR)")
+    return REALCXR

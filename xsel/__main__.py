@@ -1,0 +1,3 @@
+from xsel.cli import main
+
+main()

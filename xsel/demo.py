@@ -1,0 +1,227 @@
+"""Built-in demo data: synthetic, radiograph-like chest images with CheXpert-style labels.
+
+Each image draws a body outline, two lungs with vascular texture, ribs, spine, clavicles and heart;
+conditions change the anatomy visibly (enlarged heart, basal effusion with a meniscus, nodules,
+patchy opacity, a pneumothorax with a pleural line, collapsed lobe, perihilar edema). Patients keep
+their anatomy across follow-up images. Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+CONDITIONS = (
+    "Cardiomegaly",
+    "Pleural Effusion",
+    "Lung Opacity",
+    "Nodule",
+    "Pneumothorax",
+    "Atelectasis",
+    "Edema",
+)
+NEGATIVE = "No Finding"
+PREVALENCE = {
+    "Cardiomegaly": 0.2,
+    "Pleural Effusion": 0.2,
+    "Lung Opacity": 0.2,
+    "Nodule": 0.15,
+    "Pneumothorax": 0.12,
+    "Atelectasis": 0.15,
+    "Edema": 0.15,
+}
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """Per-patient shape parameters (fractions of the image size)."""
+
+    body_width: float
+    lung_width: float
+    lung_height: float
+    lung_top: float
+    heart_width: float
+    tilt: float
+    rib_phase: float
+    texture_seed: int
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _soft(mask: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_filter(mask.astype(np.float32), sigma)
+
+
+def _draw(anatomy: _Anatomy, findings: set[str], view: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    xx = xx + anatomy.tilt * (yy - 0.5)
+    image = np.full((size, size), 0.04, dtype=np.float32)
+    body = _soft(np.abs((xx - 0.5) / anatomy.body_width) ** 2.5 + np.abs((yy - 0.6) / 0.68) ** 2.5 <= 1.0, 2.0)
+    image += 0.42 * body * (1.0 - 0.25 * yy)
+    # lungs: air is dark; vascular texture fades toward the periphery
+    texture = gaussian_filter(np.random.default_rng(anatomy.texture_seed).normal(size=(size, size)), 1.2)
+    lung_cy = anatomy.lung_top + anatomy.lung_height / 2
+    lungs = []
+    for side in (-1, 1):
+        cx = 0.5 + side * (anatomy.lung_width * 0.5 + 0.045)
+        width = anatomy.lung_width * (0.85 if "Atelectasis" in findings and side == 1 else 1.0)
+        lung = _ellipse(yy, xx, lung_cy, cx, anatomy.lung_height / 2, width / 2)
+        lungs.append((side, cx, lung))
+    lung_mask = np.zeros_like(image, dtype=bool)
+    for _, _, lung in lungs:
+        lung_mask |= lung
+    lung_soft = _soft(lung_mask, 1.5)
+    image -= 0.3 * lung_soft
+    hilum_distance = np.abs(xx - 0.5)
+    image += lung_soft * 0.05 * texture * np.clip(1.2 - 3.0 * hilum_distance, 0, 1)
+    # ribs: bright arcs across the chest, clavicles higher on AP views
+    rib_y = (yy - anatomy.lung_top + 0.08 * (xx - 0.5) ** 2 * 8) * 11.0 + anatomy.rib_phase
+    ribs = np.clip(np.cos(2 * np.pi * rib_y), 0.6, 1.0) - 0.6
+    image += 0.35 * ribs * body * (yy > anatomy.lung_top - 0.05) * (yy < lung_cy + anatomy.lung_height / 2)
+    clavicle_y = anatomy.lung_top - (0.06 if view == "AP" else 0.02)
+    image += 0.18 * _soft(np.abs(yy - clavicle_y - 0.15 * np.abs(xx - 0.5)) < 0.012, 0.8) * body
+    image += 0.16 * _soft(np.abs(xx - 0.5) < 0.03, 1.0) * body  # spine
+    # heart: bright, left of the patient (right of the image); AP magnifies it
+    heart_width = anatomy.heart_width * (1.45 if "Cardiomegaly" in findings else 1.0) * (1.08 if view == "AP" else 1.0)
+    heart = _soft(_ellipse(yy, xx, lung_cy + 0.14, 0.55, 0.12, heart_width / 2), 2.0)
+    image += 0.28 * heart
+    if "Pleural Effusion" in findings:
+        side = rng.choice([-1, 1])
+        for s, cx, lung in lungs:
+            if s == side or rng.random() < 0.3:
+                level = lung_cy + anatomy.lung_height * rng.uniform(0.12, 0.3)
+                meniscus = yy > level - 0.06 * np.abs(xx - cx) / max(anatomy.lung_width, 1e-3)
+                image += 0.32 * _soft(lung & meniscus, 1.5)
+    if "Nodule" in findings:
+        for _ in range(rng.integers(1, 4)):
+            _, cx, lung = lungs[rng.integers(0, 2)]
+            cy = lung_cy + rng.uniform(-0.3, 0.2) * anatomy.lung_height
+            px = cx + rng.uniform(-0.3, 0.3) * anatomy.lung_width
+            radius = rng.uniform(0.018, 0.035)
+            image += 0.3 * _soft(_ellipse(yy, xx, cy, px, radius, radius), 0.8)
+    if "Lung Opacity" in findings:
+        _, cx, lung = lungs[rng.integers(0, 2)]
+        blob = gaussian_filter(rng.normal(size=(size, size)), size / 18) > 0.02
+        region = _ellipse(yy, xx, lung_cy + rng.uniform(-0.15, 0.2), cx, 0.14, 0.1)
+        image += 0.22 * _soft(lung & region & blob, 2.0)
+    if "Pneumothorax" in findings:
+        side, cx, lung = lungs[rng.integers(0, 2)]
+        edge = cx + side * anatomy.lung_width * rng.uniform(0.15, 0.3)
+        collapsed = lung & ((xx - edge) * side > 0) & (yy < lung_cy + 0.1)
+        image = np.where(collapsed, image.min() + 0.06, image)  # no lung markings beyond the pleural line
+        image += 0.15 * _soft(np.abs(xx - edge) < 0.006, 0.6) * lung * (yy < lung_cy + 0.1)
+    if "Atelectasis" in findings:
+        _, cx, lung = lungs[1]
+        band = np.abs((yy - lung_cy - 0.08) - 0.3 * (xx - cx)) < 0.025
+        image += 0.25 * _soft(lung & band, 1.2)
+    if "Edema" in findings:
+        butterfly = np.exp(-(((xx - 0.5) / 0.18) ** 2) - ((yy - lung_cy) / 0.2) ** 2)
+        image += 0.22 * butterfly * lung_soft
+        kerley = (np.abs(np.sin(yy * size * 0.9)) > 0.97) & (np.abs(np.abs(xx - 0.5) - anatomy.lung_width) < 0.05)
+        image += 0.12 * (kerley & lung_mask)
+    # exposure, detector noise and blur differ per image
+    gamma = rng.uniform(0.8, 1.25)
+    image = np.clip(image, 0, 1) ** gamma * rng.uniform(0.85, 1.1)
+    image += rng.normal(0, 0.015, size=image.shape)
+    return np.clip(gaussian_filter(image, 0.6), 0, 1)
+
+
+def generate_demo_data(out_dir: str | Path, *, n_images: int = 600, image_size: int = 128, seed: int = 0) -> Path:
+    """Write ``n_images`` synthetic chest images and ``labels.csv`` into ``out_dir``; return the CSV path.
+
+    Labels follow CheXpert: 1 positive, 0 negative, -1 uncertain, blank unknown; ``No Finding`` is 1 when
+    an image has no condition. About one patient in four has a follow-up image.
+    """
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    patient = None
+    for index in range(n_images):
+        if patient is None or rng.random() > 0.25:  # a new patient, else a follow-up of the last one
+            patient = {
+                "id": f"demo{len({r['PatientID'] for r in rows}) + 1:05d}",
+                "sex": rng.choice(["F", "M"]),
+                "age": int(rng.integers(18, 90)),
+                "anatomy": _Anatomy(
+                    body_width=rng.uniform(0.4, 0.48),
+                    lung_width=rng.uniform(0.3, 0.35),
+                    lung_height=rng.uniform(0.55, 0.62),
+                    lung_top=rng.uniform(0.12, 0.16),
+                    heart_width=rng.uniform(0.28, 0.33),
+                    tilt=rng.uniform(-0.05, 0.05),
+                    rib_phase=rng.uniform(0, 1),
+                    texture_seed=int(rng.integers(0, 2**31)),
+                ),
+                "findings": {c for c in CONDITIONS if rng.random() < PREVALENCE[c]},
+            }
+        findings = set(patient["findings"])
+        view = "AP" if rng.random() < 0.4 else "PA"
+        pixels = _draw(patient["anatomy"], findings, view, image_size, rng)
+        name = f"images/{patient['id']}_{index:05d}.png"
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out_dir / name)
+        row = {"Path": name, "PatientID": patient["id"], "Sex": patient["sex"], "Age": patient["age"], "View": view}
+        for condition in CONDITIONS:
+            if condition in findings:
+                row[condition] = -1.0 if rng.random() < 0.08 else 1.0
+            else:
+                row[condition] = 0.0 if rng.random() < 0.6 else np.nan
+        row[NEGATIVE] = 1.0 if not findings else np.nan
+        rows.append(row)
+    csv_path = out_dir / "labels.csv"
+    temporary = csv_path.with_name(f".labels.csv.tmp-{os.getpid()}")
+    pd.DataFrame(rows).to_csv(temporary, index=False)
+    os.replace(temporary, csv_path)
+    return csv_path
+
+
+def reset_demo_dir(out_dir: str | Path) -> Path:
+    """Empty the demo folder (only one xsel made: it must hold a demo ``labels.csv`` or nothing)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "labels.csv").is_file():
+        from xsel.errors import InputError
+
+        raise InputError(f"{out_dir} is not empty and holds no demo; choose another --out folder")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Where the demo wrote its files and what the embedding step did."""
+
+    csv: Path
+    store: Path
+    labels: pd.DataFrame
+    embed: object  # xsel.embed.EmbedResult
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    encoder: str = "pixels",
+    weights: str | None = None,
+    n_images: int = 600,
+    image_size: int = 128,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> DemoResult:
+    """The pipeline on synthetic data, as far as xsel has it: generate images, then embed them."""
+    from xsel.embed import embed
+
+    out_dir = reset_demo_dir(out_dir)
+    csv = generate_demo_data(out_dir, n_images=n_images, image_size=image_size, seed=seed)
+    store = out_dir / "demo.h5"
+    result = embed(csv, store, encoder=encoder, weights=weights, show_progress=show_progress)
+    return DemoResult(csv=csv, store=store, labels=pd.read_csv(csv), embed=result)

@@ -1,0 +1,120 @@
+"""Create encoders from the plugin registry and load weight files into them.
+
+An encoder is a ``torch.nn.Module`` mapping a preprocessed float32 batch ``(B, C, H, W)`` to
+``(B, embedding_dim)``, with attributes ``embedding_dim`` and ``preprocessing``
+(``image_size``, ``channels``, ``mean``, ``std``). Torch is imported only inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from xsel import plugins
+from xsel.errors import InputError, XselError
+from xsel.io.images import PREPROCESSING_KEYS
+
+NO_WEIGHTS = "none"
+# Wrapper prefixes of checkpoints saved from DataParallel / MoCo (query encoder) training.
+MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")
+WRAPPER_PREFIXES = ("module.",)
+
+
+def weights_sha256(encoder) -> str:
+    """SHA-256 over the encoder's parameters and buffers (names, dtypes, shapes, bytes).
+
+    Hashing what was loaded, not the file it came from, gives one identity for every way of
+    naming the same weights (``none``, ``imagenet``, a plugin's default, a local file).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def create_encoder(name: str, weights: str | None = None, *, image_size: int | None = None, **options):
+    """Build the named encoder in eval mode; ``image_size`` overrides its preprocessing size.
+
+    ``weights=None`` leaves the plugin's default; ``"none"`` asks for its seeded random init.
+    """
+    entry = plugins.get("encoder", name)
+    if weights is not None:
+        options["weights"] = None if weights == NO_WEIGHTS else weights
+    encoder = entry.factory(**options)
+    preprocessing = getattr(encoder, "preprocessing", None)
+    missing = [key for key in PREPROCESSING_KEYS if not isinstance(preprocessing, dict) or key not in preprocessing]
+    if missing or not isinstance(getattr(encoder, "embedding_dim", None), int):
+        raise XselError(
+            f"encoder {name!r} from plugin {entry.plugin!r} breaks the encoder contract "
+            f"(missing preprocessing keys {missing} or embedding_dim); report it to the plugin's author"
+        )
+    if image_size is not None:
+        if image_size < 8:
+            raise InputError(f"--image-size {image_size}: use at least 8 pixels")
+        encoder.preprocessing = {**preprocessing, "image_size": int(image_size)}
+    return encoder.eval()
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Read a weights file (plain state dict, ``{"state_dict": ...}`` wrapper, or a MoCo checkpoint).
+
+    MoCo checkpoints keep only the query encoder (``module.encoder_q.`` / ``encoder_q.`` stripped) and
+    DataParallel's ``module.`` prefix is removed; heads are left for the caller to drop.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--weights {path}: file not found; pass a state-dict file, 'imagenet' or 'none'")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(
+            f"--weights {path}: cannot read it as PyTorch weights ({type(error).__name__}); "
+            "expected a state dict or a MoCo checkpoint saved with torch.save"
+        ) from None
+    for key in ("state_dict", "model", "encoder"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise InputError(f"--weights {path}: no state dict of tensors found inside")
+    if any(key.startswith(MOCO_PREFIXES) for key in loaded):
+        loaded = {
+            key[len(prefix) :]: value
+            for key, value in loaded.items()
+            for prefix in MOCO_PREFIXES
+            if key.startswith(prefix)
+        }
+    return {
+        next((key[len(p) :] for p in WRAPPER_PREFIXES if key.startswith(p)), key): value
+        for key, value in loaded.items()
+    }
+
+
+def load_weights(model, path: str | Path, *, drop_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a weights file into ``model`` strictly, after dropping head keys; mismatches name the keys."""
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(drop_prefixes)}
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and tuple(state[key].shape) != tuple(value.shape)
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f", … ({len(keys)} in all)" if len(keys) > 3 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise InputError(
+            f"--weights {path} does not fit {type(model).__name__} ({'; '.join(problems)}); "
+            "check the architecture the file was trained with"
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""Reading inputs: image files and CSV tables."""

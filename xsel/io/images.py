@@ -1,0 +1,116 @@
+"""Decode chest X-rays (PNG, JPEG, DICOM) and apply an encoder's preprocessing.
+
+Shared by ``xsel embed`` (PyTorch) and the site runtime (onnxruntime), so both see identical pixels.
+Only numpy, Pillow and pydicom are used here: no torch.
+
+Array contract: :func:`read_image` returns a 2-D float32 array in [0, 1] where 1 is bright (bone is
+white, MONOCHROME2 convention); :func:`preprocess` returns float32 ``(channels, size, size)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be read; embedding skips it and lists it in the errors file."""
+
+
+def is_dicom(path: Path) -> bool:
+    """DICOM by suffix, or by the ``DICM`` magic at byte 128 for files without one."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _scale_min_max(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float32, copy=False)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return (values - low) / (high - low)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, the formula Pillow's ``convert("L")`` uses."""
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    dataset = pydicom.dcmread(path)
+    pixels = dataset.pixel_array
+    if getattr(dataset, "NumberOfFrames", 1) not in (None, 1) and pixels.ndim >= 3:
+        pixels = pixels[0]
+    if pixels.ndim == 3:  # colour DICOM (RGB): no modality or VOI LUT applies
+        return _scale_min_max(_luminance(pixels.astype(np.float32)))
+    values = apply_modality_lut(pixels, dataset)  # rescale slope / intercept
+    values = apply_voi_lut(values, dataset)  # VOI LUT or window centre / width, when present
+    gray = _scale_min_max(values)
+    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        gray = 1.0 - gray  # MONOCHROME1 stores bright as low values
+    return gray
+
+
+def _read_raster(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode in ("RGBA", "LA"):  # composite on black: transparent means no signal
+            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+            base = np.asarray(image.convert("RGB" if image.mode == "RGBA" else "L"), dtype=np.float32)
+            base = _luminance(base) if base.ndim == 3 else base
+            return base * alpha / 255.0
+        if image.mode == "RGB":
+            return _luminance(np.asarray(image, dtype=np.float32)) / 255.0
+        if image.mode in ("L", "1"):
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        # 16-bit and float images (I;16, I, F): often 10-12 bit data in a 16-bit container.
+        return _scale_min_max(np.asarray(image))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode one image file to gray float32 in [0, 1], raising :class:`ImageDecodeError`."""
+    path = Path(path)
+    try:
+        gray = _read_dicom(path) if is_dicom(path) else _read_raster(path)
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except Exception as error:  # decoders raise many types; all mean "this file is unusable"
+        raise ImageDecodeError(f"cannot decode image: {type(error).__name__}: {error}") from None
+    if gray.ndim != 2 or min(gray.shape) < 2:
+        raise ImageDecodeError(f"unexpected image shape {gray.shape}")
+    if not np.isfinite(gray).all():
+        raise ImageDecodeError("image holds NaN or infinite values")
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def preprocess(gray: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """Resize to ``image_size`` squared, replicate to ``channels`` and normalise with ``mean``/``std``."""
+    size = int(preprocessing["image_size"])
+    channels = int(preprocessing["channels"])
+    resized = np.asarray(
+        Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
+    stacked = np.broadcast_to(resized, (channels, size, size))
+    return np.ascontiguousarray((stacked - mean) / std, dtype=np.float32)
+
+
+def load_image(path: str | Path, preprocessing: dict) -> np.ndarray:
+    """Decode and preprocess one image: the exact input an encoder sees."""
+    return preprocess(read_image(path), preprocessing)

@@ -1,0 +1,153 @@
+"""The plugin manager and the registries of encoders, selectors and classifiers built from its hooks.
+
+Built-in plugins (distribution ``xsel``) and third-party ones load through the same ``xsel``
+entry-point group. ``XSEL_LOAD_PLUGINS`` (comma list of entry-point names; empty = none) narrows
+which third-party plugins load; built-ins always load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pluggy
+
+from xsel import hookspecs
+from xsel.errors import InputError, XselError
+
+ENTRY_POINT_GROUP = "xsel"
+HOOKS = {"encoder": "register_encoders", "selector": "register_selectors", "classifier": "register_classifiers"}
+
+pm = pluggy.PluginManager("xsel")
+pm.add_hookspecs(hookspecs)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One object a plugin registered: its name, kind, factory and where it came from."""
+
+    name: str
+    kind: str
+    factory: Callable
+    aliases: tuple[str, ...]
+    description: str
+    plugin: str
+    distribution: str
+    version: str
+
+
+_distributions: dict[str, tuple[str, str]] = {}
+_registries: dict[str, dict[str, Registration]] = {}
+_loaded = False
+
+
+def _allowed_third_party() -> set[str] | None:
+    value = os.environ.get("XSEL_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def load_plugins() -> None:
+    """Load every allowed entry point of group ``xsel`` once per process."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    allowed = _allowed_third_party()
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        dist_name, version = (dist.name, dist.version) if dist is not None else ("unknown", "unknown")
+        builtin = dist_name == "xsel"
+        if not builtin and allowed is not None and entry_point.name not in allowed:
+            continue
+        if pm.has_plugin(entry_point.name):
+            continue  # the same distribution seen twice on sys.path
+        try:
+            module = entry_point.load()
+        except Exception as error:
+            raise XselError(
+                f"plugin {entry_point.name!r} ({dist_name} {version}) failed to load: {error}; "
+                "fix or uninstall it, or leave it out of XSEL_LOAD_PLUGINS"
+            ) from error
+        pm.register(module, name=entry_point.name)
+        _distributions[entry_point.name] = (dist_name, version)
+
+
+def _collect(kind: str) -> dict[str, Registration]:
+    load_plugins()
+    registry: dict[str, Registration] = {}
+    hook = getattr(pm.hook, HOOKS[kind])
+    for impl in reversed(hook.get_hookimpls()):  # registration order: first registered first
+        plugin = pm.get_name(impl.plugin)
+        dist_name, version = _distributions.get(plugin, ("unknown", "unknown"))
+
+        def register(name, factory, *, aliases=(), description="", _plugin=plugin, _d=dist_name, _v=version):
+            for key in (name, *aliases):
+                if key in registry:
+                    raise XselError(
+                        f"{kind} name {key!r} is registered by both {registry[key].plugin!r} and "
+                        f"{_plugin!r}; narrow the plugins with XSEL_LOAD_PLUGINS"
+                    )
+            entry = Registration(name, kind, factory, tuple(aliases), description, _plugin, _d, _v)
+            for key in (name, *aliases):
+                registry[key] = entry
+
+        impl.function(**{arg: register for arg in impl.argnames})
+    return registry
+
+
+def registry(kind: str) -> dict[str, Registration]:
+    """Name (and alias) → registration for one kind: ``encoder``, ``selector`` or ``classifier``."""
+    if kind not in _registries:
+        _registries[kind] = _collect(kind)
+    return _registries[kind]
+
+
+def names(kind: str) -> list[str]:
+    """Primary names of one kind, sorted."""
+    return sorted({entry.name for entry in registry(kind).values()})
+
+
+def get(kind: str, name: str) -> Registration:
+    """Look a name or alias up; an unknown name raises an :class:`InputError` listing the valid ones."""
+    entries = registry(kind)
+    if name not in entries:
+        raise InputError(f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind)) or 'none installed'}")
+    return entries[name]
+
+
+def list_plugins() -> list[dict]:
+    """Every registered object as ``{name, kind, plugin, distribution, version, aliases, description}``."""
+    rows = []
+    for kind in HOOKS:
+        for entry in sorted({e.name: e for e in registry(kind).values()}.values(), key=lambda e: e.name):
+            rows.append(
+                {
+                    "name": entry.name,
+                    "kind": kind,
+                    "plugin": entry.plugin,
+                    "distribution": entry.distribution,
+                    "version": entry.version,
+                    "aliases": list(entry.aliases),
+                    "description": entry.description,
+                }
+            )
+    return rows
+
+
+def register_plugin(plugin: object, name: str) -> None:
+    """Register a plugin object directly (a notebook or a test), without packaging it."""
+    load_plugins()
+    pm.register(plugin, name=name)
+    _distributions[name] = ("(registered in process)", "")
+    _registries.clear()
+
+
+def unregister_plugin(name: str) -> None:
+    """Undo :func:`register_plugin`."""
+    pm.unregister(name=name)
+    _distributions.pop(name, None)
+    _registries.clear()

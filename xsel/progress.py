@@ -1,0 +1,49 @@
+"""Rich consoles and progress bars: diagnostics go to stderr so results on stdout can be piped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+stderr = Console(stderr=True)
+
+
+class _RateColumn(TextColumn):
+    """Items per second over the whole run (steadier than rich's windowed speed)."""
+
+    def __init__(self, unit: str):
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return f"{rate:,.1f} {self.unit}/s"
+
+
+@contextmanager
+def progress_bar(description: str, total: int, *, unit: str = "images", show: bool = True) -> Iterator[Callable]:
+    """Yield ``advance(n)``; draws a bar with count, rate and ETA on stderr when ``show`` is true."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not show,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
