@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_python(code: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=cwd
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -53,7 +58,9 @@ def throwaway():
 
 
 def test_every_hook_is_documented_and_exercised_by_the_throwaway_plugin():
-    specs = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+    specs = [
+        name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")
+    ]
     assert sorted(specs) == sorted(plugins.HOOKS.values())
     for name in specs:
         assert getattr(hookspecs, name).__doc__, f"hook {name} needs a docstring"
@@ -63,7 +70,11 @@ def test_every_hook_is_documented_and_exercised_by_the_throwaway_plugin():
 def test_throwaway_plugin_registers_each_kind(throwaway, cli):
     rows = json.loads(cli("plugins", "--json").stdout)
     mine = {(r["kind"], r["name"]) for r in rows if r["plugin"] == "throwaway"}
-    assert mine == {("encoder", "throwaway-encoder"), ("selector", "throwaway-selector"), ("classifier", "throwaway-classifier")}
+    assert mine == {
+        ("encoder", "throwaway-encoder"),
+        ("selector", "throwaway-selector"),
+        ("classifier", "throwaway-classifier"),
+    }
     assert plugins.get("encoder", "tae").name == "throwaway-encoder"
 
 
@@ -103,7 +114,11 @@ def test_plugins_json_lists_name_kind_plugin_distribution_version(cli):
     rows = json.loads(result.stdout)
     assert {"name", "kind", "plugin", "distribution", "version"} <= set(rows[0])
     effnet = next(r for r in rows if r["name"] == "efficientnet-lite0")
-    assert (effnet["kind"], effnet["distribution"], effnet["version"]) == ("encoder", "xsel-efficientnet-lite", "0.1.0")
+    assert (effnet["kind"], effnet["distribution"], effnet["version"]) == (
+        "encoder",
+        "xsel-efficientnet-lite",
+        "0.1.0",
+    )
 
 
 def test_plugins_table_names_every_encoder(cli):
@@ -117,13 +132,17 @@ def test_plugins_table_names_every_encoder(cli):
     ("value", "has_example"), [("", False), ("efficientnet_lite", True), ("some_other_plugin", False)]
 )
 def test_xsel_load_plugins_narrows_third_party_plugins_only(value, has_example):
-    result = run_python("from xsel import plugins; print(','.join(plugins.names('encoder')))", XSEL_LOAD_PLUGINS=value)
+    result = run_python(
+        "from xsel import plugins; print(','.join(plugins.names('encoder')))", XSEL_LOAD_PLUGINS=value
+    )
     names = result.stdout.strip().split(",")
     assert {"resnet18", "pixels"} <= set(names), result.stderr
     assert ("efficientnet-lite0" in names) is has_example
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["embed", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["plugins"], ["plugins", "--json"], ["embed", "--help"], ["demo", "--help"]]
+)
 def test_cli_start_up_does_not_import_torch(args):
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom xsel.cli import app\n"
@@ -144,7 +163,18 @@ def test_version_flag(cli):
 def test_non_editable_install_ships_the_builtin_plugins(tmp_path):
     """The wheel maps plugins/ to `xsel_plugins` and declares the entry points; a plain install loads them."""
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, ROOT],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path,
+            ROOT,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -154,7 +184,9 @@ def test_non_editable_install_ships_the_builtin_plugins(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "xsel_plugins/encoders.py" in names
     assert not any(n.startswith("plugins/") for n in names), "no top-level `plugins` package"
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    entry_points = (
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    )
     assert "encoders = xsel_plugins.encoders" in entry_points
     target = tmp_path / "site"
     install = subprocess.run(

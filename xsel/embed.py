@@ -172,12 +172,26 @@ def embed(
     out.parent.mkdir(parents=True, exist_ok=True)
     done_starts = _prepare_partial(partial, job, resume)
     starts = list(range(0, len(table.files), chunk_rows))
-    todo_rows = [row for start in starts if start not in done_starts for row in range(start, min(start + chunk_rows, len(table.files)))]
+    todo_rows = [
+        row
+        for start in starts
+        if start not in done_starts
+        for row in range(start, min(start + chunk_rows, len(table.files)))
+    ]
     resumed_rows = len(table.files) - len(todo_rows)
 
     began = time.perf_counter()
     _embed_rows(
-        model, table.files, todo_rows, partial, chunk_rows, batch_size, workers, torch_device, amp_dtype, show_progress
+        model,
+        table.files,
+        todo_rows,
+        partial,
+        chunk_rows,
+        batch_size,
+        workers,
+        torch_device,
+        amp_dtype,
+        show_progress,
     )
     seconds = time.perf_counter() - began
 
@@ -268,7 +282,9 @@ def _write_errors(out: Path, paths: list[str], messages: list[str]) -> Path | No
     return target
 
 
-def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress):
+def _embed_rows(
+    model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress
+):
     """Run decode workers and the model over ``todo_rows``, flushing a shard whenever a block completes."""
     import torch
     from torch.utils.data import DataLoader
@@ -289,7 +305,9 @@ def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, worker
     block = {"rows": [], "embeddings": [], "error_rows": [], "errors": []}
 
     def flush(start: int) -> None:
-        embeddings = np.concatenate(block["embeddings"]) if block["embeddings"] else np.zeros((0, model.embedding_dim))
+        embeddings = (
+            np.concatenate(block["embeddings"]) if block["embeddings"] else np.zeros((0, model.embedding_dim))
+        )
         _write_shard(partial, start, block["rows"], embeddings, block["error_rows"], block["errors"])
         for values in block.values():
             values.clear()
@@ -298,7 +316,10 @@ def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, worker
         for rows, batch, errors in loader:
             if batch is not None:
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+                ):
                     output = model(batch)
                 output = output.float().cpu().numpy()
                 if output.shape != (len(rows), model.embedding_dim):

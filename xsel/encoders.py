@@ -46,7 +46,9 @@ def create_encoder(name: str, weights: str | None = None, *, image_size: int | N
         options["weights"] = None if weights == NO_WEIGHTS else weights
     encoder = entry.factory(**options)
     preprocessing = getattr(encoder, "preprocessing", None)
-    missing = [key for key in PREPROCESSING_KEYS if not isinstance(preprocessing, dict) or key not in preprocessing]
+    missing = [
+        key for key in PREPROCESSING_KEYS if not isinstance(preprocessing, dict) or key not in preprocessing
+    ]
     if missing or not isinstance(getattr(encoder, "embedding_dim", None), int):
         raise XselError(
             f"encoder {name!r} from plugin {entry.plugin!r} breaks the encoder contract "
@@ -108,7 +110,11 @@ def load_weights(model, path: str | Path, *, drop_prefixes: tuple[str, ...] = ()
         if key in state and tuple(state[key].shape) != tuple(value.shape)
     ]
     problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", wrong_shape),
+    ):
         if keys:
             shown = ", ".join(keys[:3]) + (f", … ({len(keys)} in all)" if len(keys) > 3 else "")
             problems.append(f"{label}: {shown}")

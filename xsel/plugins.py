@@ -18,7 +18,11 @@ from xsel import hookspecs
 from xsel.errors import InputError, XselError
 
 ENTRY_POINT_GROUP = "xsel"
-HOOKS = {"encoder": "register_encoders", "selector": "register_selectors", "classifier": "register_classifiers"}
+HOOKS = {
+    "encoder": "register_encoders",
+    "selector": "register_selectors",
+    "classifier": "register_classifiers",
+}
 
 pm = pluggy.PluginManager("xsel")
 pm.add_hookspecs(hookspecs)
@@ -115,7 +119,9 @@ def get(kind: str, name: str) -> Registration:
     """Look a name or alias up; an unknown name raises an :class:`InputError` listing the valid ones."""
     entries = registry(kind)
     if name not in entries:
-        raise InputError(f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind)) or 'none installed'}")
+        raise InputError(
+            f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind)) or 'none installed'}"
+        )
     return entries[name]
 
 

@@ -1,4 +1,4 @@
-"""The ``xsel`` command line: one Typer app, one small module per command, each a thin layer over the library."""
+"""The ``xsel`` command line: one Typer app, a module per command, each a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """Choose which K medical images to label."""
 

@@ -1,0 +1,64 @@
+"""The built-in demo data and `xsel demo`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from xsel.demo import CONDITIONS, NEGATIVE, generate_demo_data
+from xsel.store import read_store
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    first = generate_demo_data(tmp_path / "a", n_images=10, seed=3)
+    second = generate_demo_data(tmp_path / "b", n_images=10, seed=3)
+    third = generate_demo_data(tmp_path / "c", n_images=10, seed=4)
+    assert first.read_bytes() == second.read_bytes()
+    paths = pd.read_csv(first)["Path"]
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in paths)
+    assert pd.read_csv(third)["Path"].tolist() != paths.tolist() or any(
+        (tmp_path / "a" / p).read_bytes() != (tmp_path / "c" / p).read_bytes() for p in paths
+    )
+
+
+def test_labels_follow_chexpert_conventions(tmp_path):
+    labels = pd.read_csv(generate_demo_data(tmp_path, n_images=200, image_size=64))
+    assert {"Path", "PatientID", "Age", "Sex", "View", NEGATIVE, *CONDITIONS} <= set(labels.columns)
+    for condition in CONDITIONS:
+        assert set(labels[condition].dropna().unique()) <= {-1.0, 0.0, 1.0}
+        assert (labels[condition] == 1).sum() >= 10, condition
+    positive_any = (labels[list(CONDITIONS)].abs() == 1).any(axis=1)
+    assert ((labels[NEGATIVE] == 1) == ~positive_any).all(), "No Finding exactly when no condition"
+    assert labels["PatientID"].nunique() < len(labels), "some patients have follow-up images"
+
+
+def test_cardiomegaly_enlarges_the_heart_shadow(tmp_path):
+    labels = pd.read_csv(generate_demo_data(tmp_path, n_images=240, image_size=64))
+
+    # bright pixels just beside the heart's usual edge, lower chest
+    def heart_band(path):
+        image = np.asarray(Image.open(tmp_path / path), dtype=np.float32) / 255
+        return image[38:52, 44:52].mean()
+
+    enlarged = labels.loc[labels["Cardiomegaly"] == 1, "Path"].map(heart_band)
+    normal = labels.loc[labels[NEGATIVE] == 1, "Path"].map(heart_band)
+    assert enlarged.mean() > normal.mean() + 0.02
+
+
+def test_demo_command_generates_embeds_and_summarises(tmp_path, cli):
+    out = tmp_path / "demo"
+    result = cli("demo", "--out", out, "--images", "40", "-q")
+    assert result.exit_code == 0, result.output
+    assert "40 synthetic images" in result.stdout and "Cardiomegaly" in result.stdout
+    store = read_store(out / "demo.h5")
+    assert len(store) == 40 and store.attrs["encoder"] == "pixels"
+    rerun = cli("demo", "--out", out, "--images", "40", "-q")  # a demo folder may be rebuilt
+    assert rerun.exit_code == 0, rerun.output
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, cli):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = cli("demo", "--out", tmp_path, "-q")
+    assert result.exit_code == 2 and "holds no demo" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

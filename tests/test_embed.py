@@ -1,0 +1,295 @@
+"""`xsel embed`: the store's contents, errors file, resume after a crash, and every bad-input case."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import write_png_folder
+from xsel.embed import embed
+from xsel.encoders import create_encoder
+from xsel.io.images import load_image
+from xsel.store import errors_path, read_store
+
+
+def test_store_holds_embeddings_paths_meta_and_provenance(png_csv, tmp_path):
+    out = tmp_path / "pool.h5"
+    result = embed(png_csv, out, encoder="pixels", workers=0, show_progress=False)
+    store = read_store(out)
+    frame = pd.read_csv(png_csv)
+    assert (result.embedded, result.failed) == (12, 0)
+    assert store.embeddings.shape == (12, 1024) and store.embeddings.dtype == np.float32
+    assert store.paths == frame["Path"].tolist()
+    assert store.meta["PatientID"].tolist() == frame["PatientID"].tolist()
+    assert np.array_equal(store.meta["Label"].to_numpy(), frame["Label"].to_numpy(dtype=float))
+    attrs = store.attrs
+    assert attrs["schema_version"] == 1 and attrs["encoder"] == "pixels"
+    assert attrs["preprocessing"] == {"image_size": 128, "channels": 1, "mean": [0.0], "std": [1.0]}
+    assert len(attrs["weights_sha256"]) == 64 and len(attrs["source_csv_sha256"]) == 64
+    assert {"xsel_version", "created", "encoder_options"} <= set(attrs)
+    with h5py.File(out) as handle:  # the format other tools read
+        assert handle["embeddings"].chunks is not None and handle["embeddings"].maxshape[0] is None
+
+
+def test_embeddings_equal_the_encoder_on_each_image(png_csv, tmp_path):
+    embed(
+        png_csv,
+        tmp_path / "s.h5",
+        encoder="resnet18",
+        weights="none",
+        image_size=32,
+        batch_size=5,
+        show_progress=False,
+    )
+    store = read_store(tmp_path / "s.h5")
+    model = create_encoder("resnet18", "none", image_size=32)
+    with torch.inference_mode():
+        one = model(torch.from_numpy(load_image(png_csv.parent / store.paths[7], model.preprocessing))[None])
+    assert np.allclose(store.embeddings[7], one.numpy()[0], atol=1e-4)
+
+
+def test_bad_images_are_skipped_and_listed(tmp_path):
+    csv = write_png_folder(tmp_path, 6)
+    (tmp_path / "img" / "0002.png").write_bytes(b"broken")
+    (tmp_path / "img" / "0004.png").unlink()
+    result = embed(csv, tmp_path / "s.h5", encoder="pixels", batch_size=4, show_progress=False)
+    assert (result.embedded, result.failed) == (4, 2)
+    store = read_store(tmp_path / "s.h5")
+    assert store.paths == ["img/0000.png", "img/0001.png", "img/0003.png", "img/0005.png"]
+    assert store.meta["Age"].tolist() == [20, 21, 23, 25]
+    errors = pd.read_csv(errors_path(tmp_path / "s.h5"))
+    assert errors["Path"].tolist() == ["img/0002.png", "img/0004.png"]
+    assert "cannot decode" in errors["error"][0] and "not found" in errors["error"][1]
+
+
+def test_cli_summary_and_errors_file(tmp_path, cli):
+    csv = write_png_folder(tmp_path, 5)
+    (tmp_path / "img" / "0001.png").write_bytes(b"broken")
+    result = cli("embed", csv, "--out", tmp_path / "s.h5", "--encoder", "pixels", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Embedded 4 of 5 images, 1 failed (listed in" in result.stdout
+    assert errors_path(tmp_path / "s.h5").is_file()
+
+
+def test_image_root_and_absolute_paths(tmp_path):
+    write_png_folder(tmp_path / "root", 3)
+    csv = tmp_path / "list.csv"
+    absolute = str(tmp_path / "root" / "img" / "0002.png")
+    pd.DataFrame({"Path": ["img/0000.png", "img/0001.png", absolute]}).to_csv(csv, index=False)
+    embed(csv, tmp_path / "s.h5", encoder="pixels", image_root=tmp_path / "root", show_progress=False)
+    assert read_store(tmp_path / "s.h5").paths == ["img/0000.png", "img/0001.png", absolute]
+
+
+def test_image_size_option_is_recorded(png_csv, tmp_path):
+    embed(png_csv, tmp_path / "s.h5", encoder="pixels", image_size=64, show_progress=False)
+    assert read_store(tmp_path / "s.h5").attrs["preprocessing"]["image_size"] == 64
+
+
+def test_example_plugin_through_the_cli(tmp_path, cli):
+    csv = write_png_folder(tmp_path, 3)
+    result = cli(
+        "embed",
+        csv,
+        "--out",
+        tmp_path / "s.h5",
+        "--encoder",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    store = read_store(tmp_path / "s.h5")
+    assert store.embeddings.shape == (3, 1280) and store.attrs["encoder"] == "efficientnet-lite0"
+    assert np.isfinite(store.embeddings).all() and store.embeddings.std() > 0
+
+
+def test_resume_after_an_interruption_embeds_only_the_missing_blocks(tmp_path, monkeypatch):
+    csv = write_png_folder(tmp_path, 20)
+    out = tmp_path / "s.h5"
+    import xsel.embed as embed_module
+
+    real_write, written = embed_module._write_shard, []
+
+    def crash_after_two(partial, start, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(start)
+        real_write(partial, start, *args)
+
+    monkeypatch.setattr(embed_module, "_write_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, show_progress=False)
+    assert not out.exists() and written == [0, 4]
+    monkeypatch.setattr(embed_module, "_write_shard", real_write)
+    resumed = embed(
+        csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, resume=True, show_progress=False
+    )
+    assert resumed.resumed_rows == 8 and resumed.embedded == 20
+    fresh = embed(csv, tmp_path / "fresh.h5", encoder="pixels", workers=0, show_progress=False)
+    assert np.allclose(read_store(out).embeddings, read_store(fresh.store).embeddings, atol=1e-6)
+    assert not out.with_name("s.h5.partial").exists()
+
+
+def test_resume_refuses_a_partial_run_with_other_settings(tmp_path, monkeypatch):
+    csv = write_png_folder(tmp_path, 8)
+    import xsel.embed as embed_module
+
+    monkeypatch.setattr(embed_module, "_write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        embed(csv, tmp_path / "s.h5", encoder="pixels", workers=0, show_progress=False)
+    monkeypatch.undo()
+    from xsel.errors import InputError
+
+    with pytest.raises(InputError, match="different settings.*preprocessing"):
+        embed(csv, tmp_path / "s.h5", encoder="pixels", image_size=64, resume=True, show_progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """kill -9 in the middle of a run, then resume: the store equals an uninterrupted run's."""
+    csv = write_png_folder(tmp_path, 600, size=32)
+    out, partial = tmp_path / "s.h5", tmp_path / "s.h5.partial"
+    options = "encoder='resnet18', weights='none', image_size=48, batch_size=4, workers=0, chunk_rows=64, resume=True"
+    code = f"from xsel.embed import embed\nr = embed({str(csv)!r}, {str(out)!r}, {options}, show_progress=False)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code + "; print(r.resumed_rows)"], stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while len(list(partial.glob("rows-*.npz"))) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    done = len(list(partial.glob("rows-*.npz")))
+    assert 2 <= done < 10
+    resumed = subprocess.run(
+        [sys.executable, "-c", code + "; print(r.resumed_rows)"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(resumed.stdout) == done * 64, "only the missing blocks are embedded again"
+    reference = embed(
+        csv, tmp_path / "ref.h5", encoder="resnet18", weights="none", image_size=48, show_progress=False
+    )
+    assert np.allclose(read_store(out).embeddings, read_store(reference.store).embeddings, atol=1e-4)
+    assert read_store(out).paths == read_store(reference.store).paths
+
+
+def test_resume_on_a_complete_store_does_nothing(png_csv, tmp_path, cli):
+    out = tmp_path / "s.h5"
+    embed(png_csv, out, encoder="pixels", show_progress=False)
+    before = out.stat().st_mtime_ns
+    result = cli("embed", png_csv, "--out", out, "--encoder", "pixels", "--resume")
+    assert result.exit_code == 0 and "already complete" in result.stdout
+    assert out.stat().st_mtime_ns == before
+
+
+def test_resume_without_partial_output_starts_from_scratch(png_csv, tmp_path):
+    result = embed(png_csv, tmp_path / "s.h5", encoder="pixels", resume=True, show_progress=False)
+    assert result.embedded == 12 and result.resumed_rows == 0
+
+
+def test_overwrite_replaces_an_existing_store(png_csv, tmp_path, cli):
+    out = tmp_path / "s.h5"
+    embed(png_csv, out, encoder="pixels", show_progress=False)
+    result = cli(
+        "embed",
+        png_csv,
+        "--out",
+        out,
+        "--encoder",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--overwrite",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    assert read_store(out).attrs["encoder"] == "resnet18"
+
+
+def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    data = tmp / "data"
+    good = write_png_folder(data, 3)
+    (tmp / "empty.csv").write_text("")
+    (tmp / "header.csv").write_text("Path,Label\n")
+    pd.DataFrame({"File": ["a.png"]}).to_csv(tmp / "nopath.csv", index=False)
+    pd.DataFrame({"Path": ["img/0000.png", "img/0001.png", "img/0000.png"]}).to_csv(
+        data / "dup.csv", index=False
+    )
+    pd.DataFrame({"Path": ["img/0000.png", None]}).to_csv(data / "blank.csv", index=False)
+    pd.DataFrame({"Path": ["gone1.png", "gone2.png"]}).to_csv(data / "allmissing.csv", index=False)
+    (tmp / "exists.h5").write_bytes(b"old")
+    (tmp / "garbage.pt").write_bytes(b"garbage")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp / "partial.pt")
+    out = ["--out", str(tmp / "new.h5")]
+    return [
+        ([str(tmp / "missing.csv"), *out], "missing.csv: CSV file not found"),
+        ([str(tmp / "empty.csv"), *out], "empty.csv: the CSV is empty"),
+        ([str(tmp / "header.csv"), *out], "header.csv: the CSV has a header but no rows"),
+        ([str(tmp / "nopath.csv"), *out], "nopath.csv: no 'Path' column (columns found: File)"),
+        ([str(data / "dup.csv"), *out], "dup.csv: row 4, column 'Path' repeats 'img/0000.png' from row 2"),
+        ([str(data / "blank.csv"), *out], "blank.csv: row 3, column 'Path' is empty"),
+        ([str(data / "allmissing.csv"), *out, "--encoder", "pixels"], "none of the 2 images could be read"),
+        ([str(good), "--out", str(tmp / "exists.h5")], "exists.h5 already exists; pass --overwrite"),
+        ([str(good), *out, "--encoder", "resnet19"], "unknown encoder 'resnet19'; choose one of:"),
+        ([str(good), *out, "--weights", str(tmp / "nope.pt")], "nope.pt: file not found"),
+        (
+            [str(good), *out, "--weights", str(tmp / "garbage.pt")],
+            "garbage.pt: cannot read it as PyTorch weights",
+        ),
+        ([str(good), *out, "--weights", str(tmp / "partial.pt")], "does not fit ResNet (missing keys: bn1"),
+        ([str(good), *out, "--image-root", str(tmp / "nowhere")], "--image-root"),
+        ([str(good), *out, "--batch-size", "0"], "--batch-size 0: use 1 or more"),
+        ([str(good), *out, "--encoder", "pixels", "--precision", "fp16"], "--precision fp16 needs CUDA"),
+    ]
+
+
+def test_bad_input_gives_one_line_exit_2_and_leaves_nothing(tmp_path, cli):
+    for args, message in _bad_inputs(tmp_path):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        result = cli("embed", *args, "--quiet")
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, f"left files behind: {args}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown when CUDA is missing")
+def test_device_cuda_without_cuda_is_an_input_error(png_csv, tmp_path, cli):
+    result = cli("embed", png_csv, "--out", tmp_path / "s.h5", "--device", "cuda")
+    assert result.exit_code == 2 and "--device cuda: no CUDA device is available" in result.stderr
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_chest_xrays_embed_one_finite_row_per_image(realcxr, tmp_path):
+    result = embed(realcxr / "labels.csv", tmp_path / "real.h5", encoder="pixels", show_progress=False)
+    labels = pd.read_csv(realcxr / "labels.csv")
+    store = read_store(tmp_path / "real.h5")
+    assert result.failed == 0 and len(store) == len(labels) >= 2500
+    assert np.isfinite(store.embeddings).all()
+    assert store.paths == labels["Path"].tolist()
+    for column in ("PatientID", "Finding", "View"):
+        expected = labels[column].astype(object).where(labels[column].notna(), np.nan)
+        assert store.meta[column].equals(expected), column
+    assert np.allclose(store.meta["Effusion"].to_numpy(), labels["Effusion"].to_numpy(dtype=float))
+    # the same image embedded alone gives the same row (alignment check on a random row)
+    model = create_encoder("pixels")
+    row = 1234
+    with torch.inference_mode():
+        alone = model(torch.from_numpy(load_image(realcxr / store.paths[row], model.preprocessing))[None])
+    assert np.allclose(store.embeddings[row], alone.numpy()[0], atol=1e-5)
