@@ -57,9 +57,7 @@ def naive_loop(files: list[Path], encoder) -> float:
     return len(files) / (time.perf_counter() - began)
 
 
-def xsel_embed(
-    csv: Path, out: Path, encoder: str, batch_size: int, workers: int | None, precision: str
-) -> float:
+def xsel_embed(csv: Path, out: Path, encoder: str, batch_size: int, workers: int | None, precision: str) -> float:
     from xsel.embed import embed
 
     result = embed(
@@ -76,12 +74,8 @@ def xsel_embed(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--encoder", default="resnet18", help="Encoder plugin (try also: pixels, efficientnet-lite0)."
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="resnet18", help="Encoder plugin (try also: pixels, efficientnet-lite0).")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -103,9 +97,7 @@ def main() -> None:
         for _ in range(args.repeats):
             runs["naive per-image loop"].append(naive_loop(files, encoder))
             for precision in ("fp32", "bf16"):
-                speed = xsel_embed(
-                    csv, workdir / "store.h5", args.encoder, args.batch_size, args.workers, precision
-                )
+                speed = xsel_embed(csv, workdir / "store.h5", args.encoder, args.batch_size, args.workers, precision)
                 runs[f"xsel embed {precision}"].append(speed)
     naive = statistics.median(runs["naive per-image loop"])
     result = {
@@ -126,10 +118,7 @@ def main() -> None:
             for name, v in runs.items()
         },
     }
-    print(
-        f"{args.encoder} on {result['images']} {result['source']} images, "
-        f"{args.repeats} runs each (images/s):"
-    )
+    print(f"{args.encoder} on {result['images']} {result['source']} images, {args.repeats} runs each (images/s):")
     for name, row in result["images_per_s"].items():
         print(
             f"  {name:22s} median {row['median']:7.1f}  (min {row['min']:.1f}, max {row['max']:.1f})"

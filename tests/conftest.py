@@ -13,14 +13,10 @@ from typer.testing import CliRunner
 
 from xsel.cli import app
 
-REALCXR = Path(
-    os.environ.get("XSEL_REALCXR", Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr")
-)
+REALCXR = Path(os.environ.get("XSEL_REALCXR", Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"))
 
 
-def write_png_folder(
-    folder: Path, n: int, *, size: int = 40, seed: int = 0, extra: dict | None = None
-) -> Path:
+def write_png_folder(folder: Path, n: int, *, size: int = 40, seed: int = 0, extra: dict | None = None) -> Path:
     """``n`` random gray PNGs plus ``images.csv`` (Path, PatientID, Age, Sex, Label); returns the CSV path."""
     rng = np.random.default_rng(seed)
     (folder / "img").mkdir(parents=True, exist_ok=True)
@@ -28,9 +24,7 @@ def write_png_folder(
     for i in range(n):
         name = f"img/{i:04d}.png"
         Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / name)
-        rows.append(
-            {"Path": name, "PatientID": f"p{i // 2}", "Age": 20 + i, "Sex": "MF"[i % 2], "Label": i % 3 - 1}
-        )
+        rows.append({"Path": name, "PatientID": f"p{i // 2}", "Age": 20 + i, "Sex": "MF"[i % 2], "Label": i % 3 - 1})
     frame = pd.DataFrame(rows)
     for column, values in (extra or {}).items():
         frame[column] = values

@@ -132,9 +132,7 @@ def test_resume_after_an_interruption_embeds_only_the_missing_blocks(tmp_path, m
         embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, show_progress=False)
     assert not out.exists() and written == [0, 4]
     monkeypatch.setattr(embed_module, "_write_shard", real_write)
-    resumed = embed(
-        csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, resume=True, show_progress=False
-    )
+    resumed = embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, resume=True, show_progress=False)
     assert resumed.resumed_rows == 8 and resumed.embedded == 20
     fresh = embed(csv, tmp_path / "fresh.h5", encoder="pixels", workers=0, show_progress=False)
     assert np.allclose(read_store(out).embeddings, read_store(fresh.store).embeddings, atol=1e-6)
@@ -174,14 +172,10 @@ def test_resume_after_sigkill(tmp_path):
     assert not out.exists()
     done = len(list(partial.glob("rows-*.npz")))
     assert 2 <= done < 10
-    resumed = subprocess.run(
-        [sys.executable, "-c", code + "; print(r.resumed_rows)"], capture_output=True, text=True
-    )
+    resumed = subprocess.run([sys.executable, "-c", code + "; print(r.resumed_rows)"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert int(resumed.stdout) == done * 64, "only the missing blocks are embedded again"
-    reference = embed(
-        csv, tmp_path / "ref.h5", encoder="resnet18", weights="none", image_size=48, show_progress=False
-    )
+    reference = embed(csv, tmp_path / "ref.h5", encoder="resnet18", weights="none", image_size=48, show_progress=False)
     assert np.allclose(read_store(out).embeddings, read_store(reference.store).embeddings, atol=1e-4)
     assert read_store(out).paths == read_store(reference.store).paths
 
@@ -227,9 +221,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "empty.csv").write_text("")
     (tmp / "header.csv").write_text("Path,Label\n")
     pd.DataFrame({"File": ["a.png"]}).to_csv(tmp / "nopath.csv", index=False)
-    pd.DataFrame({"Path": ["img/0000.png", "img/0001.png", "img/0000.png"]}).to_csv(
-        data / "dup.csv", index=False
-    )
+    pd.DataFrame({"Path": ["img/0000.png", "img/0001.png", "img/0000.png"]}).to_csv(data / "dup.csv", index=False)
     pd.DataFrame({"Path": ["img/0000.png", None]}).to_csv(data / "blank.csv", index=False)
     pd.DataFrame({"Path": ["gone1.png", "gone2.png"]}).to_csv(data / "allmissing.csv", index=False)
     (tmp / "exists.h5").write_bytes(b"old")

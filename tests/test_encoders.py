@@ -71,9 +71,7 @@ def test_moco_checkpoint_keeps_the_query_encoder_and_drops_the_head(tmp_path):
     }
     state |= {f"module.encoder_k.{k}": v for k, v in key_encoder.state_dict().items()}
     state |= {"module.queue": torch.zeros(128, 16), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-    torch.save(
-        {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, tmp_path / "moco.pth.tar"
-    )
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, tmp_path / "moco.pth.tar")
     encoder = create_encoder("resnet18", str(tmp_path / "moco.pth.tar"))
     assert torch.equal(encoder.layer4[1].conv2.weight, query.layer4[1].conv2.weight)
     assert not torch.equal(encoder.layer4[1].conv2.weight, key_encoder.layer4[1].conv2.weight)

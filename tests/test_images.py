@@ -137,6 +137,4 @@ def test_preprocess_resizes_replicates_and_normalises():
 def test_load_image_matches_read_then_preprocess(tmp_path):
     Image.fromarray((GRADIENT * 255).astype(np.uint8)).save(tmp_path / "a.png")
     pre = {"image_size": 16, "channels": 1, "mean": [0.0], "std": [1.0]}
-    assert np.array_equal(
-        load_image(tmp_path / "a.png", pre), preprocess(read_image(tmp_path / "a.png"), pre)
-    )
+    assert np.array_equal(load_image(tmp_path / "a.png", pre), preprocess(read_image(tmp_path / "a.png"), pre))

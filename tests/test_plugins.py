@@ -58,9 +58,7 @@ def throwaway():
 
 
 def test_every_hook_is_documented_and_exercised_by_the_throwaway_plugin():
-    specs = [
-        name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")
-    ]
+    specs = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
     assert sorted(specs) == sorted(plugins.HOOKS.values())
     for name in specs:
         assert getattr(hookspecs, name).__doc__, f"hook {name} needs a docstring"
@@ -132,9 +130,7 @@ def test_plugins_table_names_every_encoder(cli):
     ("value", "has_example"), [("", False), ("efficientnet_lite", True), ("some_other_plugin", False)]
 )
 def test_xsel_load_plugins_narrows_third_party_plugins_only(value, has_example):
-    result = run_python(
-        "from xsel import plugins; print(','.join(plugins.names('encoder')))", XSEL_LOAD_PLUGINS=value
-    )
+    result = run_python("from xsel import plugins; print(','.join(plugins.names('encoder')))", XSEL_LOAD_PLUGINS=value)
     names = result.stdout.strip().split(",")
     assert {"resnet18", "pixels"} <= set(names), result.stderr
     assert ("efficientnet-lite0" in names) is has_example
@@ -184,9 +180,7 @@ def test_non_editable_install_ships_the_builtin_plugins(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "xsel_plugins/encoders.py" in names
     assert not any(n.startswith("plugins/") for n in names), "no top-level `plugins` package"
-    entry_points = (
-        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    )
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "encoders = xsel_plugins.encoders" in entry_points
     target = tmp_path / "site"
     install = subprocess.run(

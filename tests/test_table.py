@@ -17,9 +17,7 @@ cells = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(-5, 5),
 )
-column_names = st.one_of(
-    st.just("Path"), st.text(alphabet=string.ascii_letters + " é|/", min_size=1, max_size=8)
-)
+column_names = st.one_of(st.just("Path"), st.text(alphabet=string.ascii_letters + " é|/", min_size=1, max_size=8))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -61,15 +61,11 @@ def _soft(mask: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(mask.astype(np.float32), sigma)
 
 
-def _draw(
-    anatomy: _Anatomy, findings: set[str], view: str, size: int, rng: np.random.Generator
-) -> np.ndarray:
+def _draw(anatomy: _Anatomy, findings: set[str], view: str, size: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     xx = xx + anatomy.tilt * (yy - 0.5)
     image = np.full((size, size), 0.04, dtype=np.float32)
-    body = _soft(
-        np.abs((xx - 0.5) / anatomy.body_width) ** 2.5 + np.abs((yy - 0.6) / 0.68) ** 2.5 <= 1.0, 2.0
-    )
+    body = _soft(np.abs((xx - 0.5) / anatomy.body_width) ** 2.5 + np.abs((yy - 0.6) / 0.68) ** 2.5 <= 1.0, 2.0)
     image += 0.42 * body * (1.0 - 0.25 * yy)
     # lungs: air is dark; vascular texture fades toward the periphery
     texture = gaussian_filter(np.random.default_rng(anatomy.texture_seed).normal(size=(size, size)), 1.2)
@@ -95,9 +91,7 @@ def _draw(
     image += 0.18 * _soft(np.abs(yy - clavicle_y - 0.15 * np.abs(xx - 0.5)) < 0.012, 0.8) * body
     image += 0.16 * _soft(np.abs(xx - 0.5) < 0.03, 1.0) * body  # spine
     # heart: bright, left of the patient (right of the image); AP magnifies it
-    heart_width = (
-        anatomy.heart_width * (1.45 if "Cardiomegaly" in findings else 1.0) * (1.08 if view == "AP" else 1.0)
-    )
+    heart_width = anatomy.heart_width * (1.45 if "Cardiomegaly" in findings else 1.0) * (1.08 if view == "AP" else 1.0)
     heart = _soft(_ellipse(yy, xx, lung_cy + 0.14, 0.55, 0.12, heart_width / 2), 2.0)
     image += 0.28 * heart
     if "Pleural Effusion" in findings:
@@ -132,9 +126,7 @@ def _draw(
     if "Edema" in findings:
         butterfly = np.exp(-(((xx - 0.5) / 0.18) ** 2) - ((yy - lung_cy) / 0.2) ** 2)
         image += 0.22 * butterfly * lung_soft
-        kerley = (np.abs(np.sin(yy * size * 0.9)) > 0.97) & (
-            np.abs(np.abs(xx - 0.5) - anatomy.lung_width) < 0.05
-        )
+        kerley = (np.abs(np.sin(yy * size * 0.9)) > 0.97) & (np.abs(np.abs(xx - 0.5) - anatomy.lung_width) < 0.05)
         image += 0.12 * (kerley & lung_mask)
     # exposure, detector noise and blur differ per image
     gamma = rng.uniform(0.8, 1.25)
@@ -143,9 +135,7 @@ def _draw(
     return np.clip(gaussian_filter(image, 0.6), 0, 1)
 
 
-def generate_demo_data(
-    out_dir: str | Path, *, n_images: int = 600, image_size: int = 128, seed: int = 0
-) -> Path:
+def generate_demo_data(out_dir: str | Path, *, n_images: int = 600, image_size: int = 128, seed: int = 0) -> Path:
     """Write ``n_images`` synthetic chest images and ``labels.csv`` into ``out_dir``; return the CSV path.
 
     Labels follow CheXpert: 1 positive, 0 negative, -1 uncertain, blank unknown; ``No Finding`` is 1 when

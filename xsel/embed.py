@@ -282,9 +282,7 @@ def _write_errors(out: Path, paths: list[str], messages: list[str]) -> Path | No
     return target
 
 
-def _embed_rows(
-    model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress
-):
+def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress):
     """Run decode workers and the model over ``todo_rows``, flushing a shard whenever a block completes."""
     import torch
     from torch.utils.data import DataLoader
@@ -305,9 +303,7 @@ def _embed_rows(
     block = {"rows": [], "embeddings": [], "error_rows": [], "errors": []}
 
     def flush(start: int) -> None:
-        embeddings = (
-            np.concatenate(block["embeddings"]) if block["embeddings"] else np.zeros((0, model.embedding_dim))
-        )
+        embeddings = np.concatenate(block["embeddings"]) if block["embeddings"] else np.zeros((0, model.embedding_dim))
         _write_shard(partial, start, block["rows"], embeddings, block["error_rows"], block["errors"])
         for values in block.values():
             values.clear()

@@ -46,9 +46,7 @@ def create_encoder(name: str, weights: str | None = None, *, image_size: int | N
         options["weights"] = None if weights == NO_WEIGHTS else weights
     encoder = entry.factory(**options)
     preprocessing = getattr(encoder, "preprocessing", None)
-    missing = [
-        key for key in PREPROCESSING_KEYS if not isinstance(preprocessing, dict) or key not in preprocessing
-    ]
+    missing = [key for key in PREPROCESSING_KEYS if not isinstance(preprocessing, dict) or key not in preprocessing]
     if missing or not isinstance(getattr(encoder, "embedding_dim", None), int):
         raise XselError(
             f"encoder {name!r} from plugin {entry.plugin!r} breaks the encoder contract "

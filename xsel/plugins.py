@@ -119,9 +119,7 @@ def get(kind: str, name: str) -> Registration:
     """Look a name or alias up; an unknown name raises an :class:`InputError` listing the valid ones."""
     entries = registry(kind)
     if name not in entries:
-        raise InputError(
-            f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind)) or 'none installed'}"
-        )
+        raise InputError(f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind)) or 'none installed'}")
     return entries[name]
 
 

@@ -32,9 +32,7 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
-def progress_bar(
-    description: str, total: int, *, unit: str = "images", show: bool = True
-) -> Iterator[Callable]:
+def progress_bar(description: str, total: int, *, unit: str = "images", show: bool = True) -> Iterator[Callable]:
     """Yield ``advance(n)``; draws a bar with count, rate and ETA on stderr when ``show`` is true."""
     with Progress(
         TextColumn("[bold]{task.description}"),

@@ -96,9 +96,7 @@ def write_store(
                 written += len(chunk)
             if written != len(paths):
                 raise ValueError(f"store writer got {written} embeddings for {len(paths)} paths")
-            handle.create_dataset(
-                "paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype("utf-8")
-            )
+            handle.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
             group = handle.create_group("meta")
             group.attrs["columns"] = json.dumps([str(c) for c in meta.columns])
             for column in meta.columns:
@@ -141,9 +139,7 @@ def read_store(path: str | Path) -> Store:
             )
         for name in ("embeddings", "paths"):
             if name not in handle:
-                raise InputError(
-                    f"{path}: missing the /{name} dataset; re-create the store with `xsel embed`"
-                )
+                raise InputError(f"{path}: missing the /{name} dataset; re-create the store with `xsel embed`")
         embeddings = handle["embeddings"][...]
         paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in handle["paths"][...]]
         if embeddings.ndim != 2 or len(embeddings) != len(paths):
@@ -151,21 +147,15 @@ def read_store(path: str | Path) -> Store:
         columns = {}
         if "meta" in handle:
             group = handle["meta"]
-            order = json.loads(group.attrs.get("columns", "[]")) or [
-                group[k].attrs.get("column", k) for k in group
-            ]
+            order = json.loads(group.attrs.get("columns", "[]")) or [group[k].attrs.get("column", k) for k in group]
             by_column = {group[key].attrs.get("column", key): group[key] for key in group}
             for column in order:
                 data = by_column[column][...]
                 if data.dtype.kind in "OS":
-                    text = pd.Series(
-                        [v.decode("utf-8") if isinstance(v, bytes) else v for v in data], dtype=object
-                    )
+                    text = pd.Series([v.decode("utf-8") if isinstance(v, bytes) else v for v in data], dtype=object)
                     columns[column] = text.replace("", np.nan)
                 else:
                     columns[column] = pd.Series(data)
         attrs = {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
     meta = pd.DataFrame(columns, index=pd.RangeIndex(len(paths)))
-    return Store(
-        path=path, embeddings=embeddings.astype(np.float32, copy=False), paths=paths, meta=meta, attrs=attrs
-    )
+    return Store(path=path, embeddings=embeddings.astype(np.float32, copy=False), paths=paths, meta=meta, attrs=attrs)

@@ -59,8 +59,6 @@ def check_encoder(encoder, *, batch_size: int = 3, seed: int = 0, atol: float = 
     elif not torch.equal(first, second):
         problems.append("two forward passes in eval mode differ: the encoder is not deterministic")
     elif not torch.allclose(first[:1], single, atol=atol, rtol=1e-4):
-        problems.append(
-            "a row's embedding changes with the rest of the batch (batch statistics in eval mode?)"
-        )
+        problems.append("a row's embedding changes with the rest of the batch (batch statistics in eval mode?)")
     if problems:
         raise ContractError("; ".join(problems))

@@ -14,13 +14,11 @@ from xsel.cli import app
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for the demo's images, CSV and store.")
-    ] = Path("demo-output"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images, CSV and store.")] = Path(
+        "demo-output"
+    ),
     encoder: Annotated[str, typer.Option(help="Encoder plugin used for the embeddings.")] = "pixels",
-    weights: Annotated[
-        str | None, typer.Option(help="Weights for the encoder (see `xsel embed --help`).")
-    ] = None,
+    weights: Annotated[str | None, typer.Option(help="Weights for the encoder (see `xsel embed --help`).")] = None,
     images: Annotated[int, typer.Option(help="How many synthetic images to generate.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -37,13 +35,9 @@ def demo_command(
 
     if images < 20:
         raise InputError(f"--images {images}: use at least 20 so every condition appears")
-    result = run_demo(
-        out, encoder=encoder, weights=weights, n_images=images, seed=seed, show_progress=not quiet
-    )
+    result = run_demo(out, encoder=encoder, weights=weights, n_images=images, seed=seed, show_progress=not quiet)
     labels = result.labels
-    table = Table(
-        title=f"xsel demo: {len(labels)} synthetic images, {labels['PatientID'].nunique()} patients"
-    )
+    table = Table(title=f"xsel demo: {len(labels)} synthetic images, {labels['PatientID'].nunique()} patients")
     for column in ("label", "positive (1)", "uncertain (-1)", "negative (0)", "blank"):
         table.add_column(column, justify="right" if column != "label" else "left")
     for condition in (*CONDITIONS, NEGATIVE):

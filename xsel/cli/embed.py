@@ -26,9 +26,7 @@ class Precision(str, Enum):
 
 @app.command("embed")
 def embed_command(
-    csv: Annotated[
-        Path, typer.Argument(help="CSV with a [bold]Path[/bold] column (PNG, JPEG or DICOM files).")
-    ],
+    csv: Annotated[Path, typer.Argument(help="CSV with a [bold]Path[/bold] column (PNG, JPEG or DICOM files).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HDF5 embedding store to write.")],
     encoder: Annotated[str, typer.Option(help="Encoder plugin; see `xsel plugins`.")] = "resnet18",
     weights: Annotated[
@@ -43,22 +41,14 @@ def embed_command(
         int | None,
         typer.Option(help="Decode worker processes (0 = decode in this process; default: up to 4)."),
     ] = None,
-    device: Annotated[
-        Device, typer.Option(help="Where the encoder runs; auto takes CUDA when present.")
-    ] = Device.auto,
+    device: Annotated[Device, typer.Option(help="Where the encoder runs; auto takes CUDA when present.")] = Device.auto,
     precision: Annotated[
         Precision,
         typer.Option(help="auto: fp16 AMP on CUDA, exact fp32 on CPU; bf16 is ~2× faster on recent CPUs."),
     ] = Precision.auto,
-    image_size: Annotated[
-        int | None, typer.Option(help="Override the encoder's input size in pixels.")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Finish an interrupted run, embedding only what is missing.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing store (the old one stays until done).")
-    ] = False,
+    image_size: Annotated[int | None, typer.Option(help="Override the encoder's input size in pixels.")] = None,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run, embedding only what is missing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store (the old one stays until done).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed every image of CSV with an encoder plugin into an HDF5 store.

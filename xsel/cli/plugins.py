@@ -15,9 +15,7 @@ from xsel.plugins import list_plugins
 
 @app.command("plugins")
 def plugins_command(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON list for scripts instead of a table.")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list for scripts instead of a table.")] = False,
 ) -> None:
     """List every encoder, selector and classifier with the plugin, distribution and version it comes from.
 
@@ -37,7 +35,5 @@ def plugins_command(
     table.add_column("description", overflow="fold", ratio=1)
     for row in rows:
         name = row["name"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else "")
-        table.add_row(
-            row["kind"], name, row["plugin"], row["distribution"], row["version"], row["description"]
-        )
+        table.add_row(row["kind"], name, row["plugin"], row["distribution"], row["version"], row["description"])
     Console().print(table)

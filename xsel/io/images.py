@@ -102,9 +102,7 @@ def preprocess(gray: np.ndarray, preprocessing: dict) -> np.ndarray:
     """Resize to ``image_size`` squared, replicate to ``channels`` and normalise with ``mean``/``std``."""
     size = int(preprocessing["image_size"])
     channels = int(preprocessing["channels"])
-    resized = np.asarray(
-        Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
-    )
+    resized = np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
     stacked = np.broadcast_to(resized, (channels, size, size))
