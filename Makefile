@@ -11,7 +11,8 @@ STAMP := $(VENV)/.xsel-installed
 
 $(STAMP): pyproject.toml plugins/xsel-efficientnet-lite/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e ".[train,cpu,dev]" ./plugins/xsel-efficientnet-lite
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e ".[train,cpu,dev]"
+	$(BIN)/python -m pip install --quiet ./plugins/xsel-efficientnet-lite  # the example plugin, as a user would
 	touch $@
 
 demo: $(STAMP)
