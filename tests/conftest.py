@@ -54,3 +54,15 @@ def realcxr() -> Path:
     if not (REALCXR / "labels.csv").is_file():
         pytest.skip(f"real chest X-ray pack not found at {REALCXR} (set XSEL_REALCXR)")
     return REALCXR
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """A labelled store: 300 synthetic demo images (with follow-up images per patient), pixels encoder."""
+    from xsel.demo import generate_demo_data
+    from xsel.embed import embed
+
+    folder = tmp_path_factory.mktemp("demo")
+    csv = generate_demo_data(folder, n_images=300, image_size=64, seed=1)
+    embed(csv, folder / "demo.h5", encoder="pixels", workers=0, show_progress=False)
+    return folder / "demo.h5"

@@ -48,12 +48,14 @@ def test_cardiomegaly_enlarges_the_heart_shadow(tmp_path):
 
 def test_demo_command_generates_embeds_and_summarises(tmp_path, cli):
     out = tmp_path / "demo"
-    result = cli("demo", "--out", out, "--images", "40", "-q")
+    result = cli("demo", "--out", out, "--images", "200", "--episodes", "2", "-q")
     assert result.exit_code == 0, result.output
-    assert "40 synthetic images" in result.stdout and "Cardiomegaly" in result.stdout
+    assert "200 synthetic images" in result.stdout and "Cardiomegaly" in result.stdout
+    assert "K=20: query AUROC" in result.stdout and "Selected 20 of" in result.stdout
     store = read_store(out / "demo.h5")
-    assert len(store) == 40 and store.attrs["encoder"] == "pixels"
-    rerun = cli("demo", "--out", out, "--images", "40", "-q")  # a demo folder may be rebuilt
+    assert len(store) == 200 and store.attrs["encoder"] == "pixels"
+    assert (out / "evaluation" / "summary.csv").is_file() and len(pd.read_csv(out / "selection.csv")) == 20
+    rerun = cli("demo", "--out", out, "--images", "200", "--episodes", "2", "-q")  # a demo folder may be rebuilt
     assert rerun.exit_code == 0, rerun.output
 
 

@@ -8,7 +8,6 @@ their anatomy across follow-up images. Everything is a function of the seed.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from xsel.io.table import write_csv_atomic
 
 CONDITIONS = (
     "Cardiomegaly",
@@ -184,11 +185,7 @@ def generate_demo_data(out_dir: str | Path, *, n_images: int = 600, image_size: 
                 row[condition] = 0.0 if rng.random() < 0.6 else np.nan
         row[NEGATIVE] = 1.0 if not findings else np.nan
         rows.append(row)
-    csv_path = out_dir / "labels.csv"
-    temporary = csv_path.with_name(f".labels.csv.tmp-{os.getpid()}")
-    pd.DataFrame(rows).to_csv(temporary, index=False)
-    os.replace(temporary, csv_path)
-    return csv_path
+    return write_csv_atomic(pd.DataFrame(rows), out_dir / "labels.csv")
 
 
 def reset_demo_dir(out_dir: str | Path) -> Path:
@@ -205,12 +202,15 @@ def reset_demo_dir(out_dir: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Where the demo wrote its files and what the embedding step did."""
+    """Where the demo wrote its files and what each step returned."""
 
+    out_dir: Path
     csv: Path
     store: Path
     labels: pd.DataFrame
     embed: object  # xsel.embed.EmbedResult
+    evaluation: object  # xsel.evaluate.Evaluation
+    selection: object  # xsel.selection.Selection
 
 
 def run_demo(
@@ -220,14 +220,34 @@ def run_demo(
     weights: str | None = None,
     n_images: int = 600,
     image_size: int = 128,
+    episodes: int = 20,
+    k: int = 20,
     seed: int = 0,
     show_progress: bool = True,
 ) -> DemoResult:
-    """The pipeline on synthetic data, as far as xsel has it: generate images, then embed them."""
+    """The pipeline on synthetic data: generate images, embed them, compare selectors over paired
+    episodes of every condition, then pick the K images to label from the whole set."""
     from xsel.embed import embed
+    from xsel.evaluate import evaluate, write_report
+    from xsel.io.table import write_csv_atomic
+    from xsel.selection import select
 
     out_dir = reset_demo_dir(out_dir)
     csv = generate_demo_data(out_dir, n_images=n_images, image_size=image_size, seed=seed)
     store = out_dir / "demo.h5"
-    result = embed(csv, store, encoder=encoder, weights=weights, show_progress=show_progress)
-    return DemoResult(csv=csv, store=store, labels=pd.read_csv(csv), embed=result)
+    embedded = embed(csv, store, encoder=encoder, weights=weights, show_progress=show_progress)
+    pool = max(2 * k, n_images // 3)
+    evaluation = evaluate(
+        store,
+        list(CONDITIONS),
+        k=[k],
+        episodes=episodes,
+        pool_size=pool,
+        query_size=max(10, min(40, n_images // 15)),
+        seed=seed,
+        show_progress=show_progress,
+    )
+    write_report(evaluation, out_dir / "evaluation")
+    selection = select(store, k, selector="typiclust", seed=seed)
+    write_csv_atomic(selection.table, out_dir / "selection.csv")
+    return DemoResult(out_dir, csv, store, pd.read_csv(csv), embedded, evaluation, selection)

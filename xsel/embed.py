@@ -23,7 +23,7 @@ from xsel import __version__
 from xsel.encoders import create_encoder, weights_sha256
 from xsel.errors import InputError, XselError
 from xsel.io.images import ImageDecodeError, load_image
-from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table
+from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_csv_atomic
 from xsel.progress import progress_bar
 from xsel.runtime import autocast_dtype, resolve_device
 from xsel.store import errors_path, write_store
@@ -276,10 +276,7 @@ def _write_errors(out: Path, paths: list[str], messages: list[str]) -> Path | No
     if not paths:
         target.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
         return None
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    pd.DataFrame({PATH_COLUMN: paths, "error": messages}).to_csv(temporary, index=False)
-    os.replace(temporary, target)
-    return target
+    return write_csv_atomic(pd.DataFrame({PATH_COLUMN: paths, "error": messages}), target)
 
 
 def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress):
@@ -290,7 +287,7 @@ def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, worker
     if not todo_rows:
         return
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(8, os.cpu_count() or 1)  # decoding is the bottleneck once the model is fast
     loader = DataLoader(
         _ImageDataset(files, todo_rows, model.preprocessing),
         batch_size=batch_size,

@@ -131,8 +131,8 @@ def read_store(path: str | Path) -> Store:
     except OSError:
         raise InputError(f"{path}: not a readable HDF5 embedding store") from None
     with handle:
-        version = handle.attrs.get("schema_version")
-        if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
+        version = _decode_attr("schema_version", handle.attrs.get("schema_version"))
+        if not isinstance(version, int) or version != SCHEMA_VERSION:
             raise InputError(
                 f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; "
                 "re-create it with this xsel's `xsel embed`"

@@ -47,9 +47,9 @@ def _root(
     """Choose which K medical images to label."""
 
 
-from xsel.cli import demo, embed, plugins  # noqa: E402  (commands register on `app`)
+from xsel.cli import demo, embed, evaluate, plugins, select  # noqa: E402  (commands register on `app`)
 
-__all__ = ["app", "demo", "embed", "main", "plugins"]
+__all__ = ["app", "demo", "embed", "evaluate", "main", "plugins", "select"]
 
 
 def main() -> None:

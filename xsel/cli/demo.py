@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xsel.cli import app
+from xsel.cli.evaluate import print_summary
 
 
 @app.command("demo")
@@ -20,10 +21,11 @@ def demo_command(
     encoder: Annotated[str, typer.Option(help="Encoder plugin used for the embeddings.")] = "pixels",
     weights: Annotated[str | None, typer.Option(help="Weights for the encoder (see `xsel embed --help`).")] = None,
     images: Annotated[int, typer.Option(help="How many synthetic images to generate.")] = 600,
+    episodes: Annotated[int, typer.Option(help="Evaluation episodes per condition.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Generate synthetic chest X-rays with labels and run xsel on them.
+    """Generate synthetic chest X-rays with labels, embed them, compare selectors and pick K to label.
 
     [bold]Examples[/bold]
 
@@ -33,9 +35,11 @@ def demo_command(
     from xsel.demo import CONDITIONS, NEGATIVE, run_demo
     from xsel.errors import InputError
 
-    if images < 20:
-        raise InputError(f"--images {images}: use at least 20 so every condition appears")
-    result = run_demo(out, encoder=encoder, weights=weights, n_images=images, seed=seed, show_progress=not quiet)
+    if images < 200:
+        raise InputError(f"--images {images}: use at least 200 so every condition has enough images for episodes")
+    result = run_demo(
+        out, encoder=encoder, weights=weights, n_images=images, episodes=episodes, seed=seed, show_progress=not quiet
+    )
     labels = result.labels
     table = Table(title=f"xsel demo: {len(labels)} synthetic images, {labels['PatientID'].nunique()} patients")
     for column in ("label", "positive (1)", "uncertain (-1)", "negative (0)", "blank"):
@@ -57,4 +61,11 @@ def demo_command(
         f"{embedded.seconds:.1f} s, {embedded.images_per_second:.1f} images/s → {result.store}",
         soft_wrap=True,
     )
-    console.print(f"Images and labels: {result.csv}", soft_wrap=True)
+    print_summary(result.evaluation, console)
+    picked = result.selection.table
+    console.print(
+        f"Selected {len(picked)} of {result.selection.pool_size} images to label with typiclust → "
+        f"{result.out_dir / 'selection.csv'}",
+        soft_wrap=True,
+    )
+    console.print(f"Images and labels: {result.csv}; evaluation: {result.out_dir / 'evaluation'}", soft_wrap=True)

@@ -39,7 +39,7 @@ def embed_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None,
-        typer.Option(help="Decode worker processes (0 = decode in this process; default: up to 4)."),
+        typer.Option(help="Decode worker processes (0 = decode in this process; default: one per core, at most 8)."),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where the encoder runs; auto takes CUDA when present.")] = Device.auto,
     precision: Annotated[

@@ -30,10 +30,12 @@ def plugins_command(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="xsel plugins")
-    for column in ("kind", "name", "plugin", "distribution", "version"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("description", overflow="fold", ratio=1)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("from")
+    table.add_column("description", ratio=1)
     for row in rows:
-        name = row["name"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else "")
-        table.add_row(row["kind"], name, row["plugin"], row["distribution"], row["version"], row["description"])
+        aliases = f" (alias: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        source = f"{row['distribution']} {row['version']}, plugin {row['plugin']}"
+        table.add_row(row["kind"], row["name"], source, row["description"] + aliases)
     Console().print(table)

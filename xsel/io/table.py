@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +86,16 @@ def read_image_table(csv_path: str | Path, image_root: str | Path | None = None)
             raise InputError(f"--image-root {root}: folder not found")
     files = [root / value for value in paths]
     return ImageTable(csv_path=csv_path, frame=frame.reset_index(drop=True), files=files)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a CSV through a temporary file and a rename, so no partial file is ever seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        frame.to_csv(temporary, index=False)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,255 @@
+"""Built-in cold-start selectors: random, kmedoids, kcenter, typiclust, probcover and oracle-balanced.
+
+Each ``select(embeddings (N, D) float32, k, *, seed, metadata)`` returns ``min(k, N)`` distinct row
+indices in priority order and is a function of its inputs and seed. Geometry is cosine: embeddings
+are L2-normalised first, as the few-shot classifiers compare them by cosine similarity. No selector
+builds an N×N matrix; where a pool is larger than ``LARGE_POOL`` the docstring says what is sampled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xsel import hookimpl
+from xsel.geometry import squared_distances, unit_rows
+
+LARGE_POOL = 20_000  # above this, kmedoids / probcover work on a seeded subsample of this size
+TYPICALITY_NEIGHBOURS = 20
+TYPICALITY_REFERENCE = 2_000  # typicality is measured against at most this many members of a cluster
+PURITY = 0.95
+LABEL_COLUMN = "label"  # episode labels (1/0) that evaluation passes to selectors with uses_labels
+
+
+def _subsample(n: int, seed: int, limit: int = LARGE_POOL) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 1]).choice(n, limit, replace=False))
+
+
+def kmeans_labels(points: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """k-means cluster of each row; float64 k-means++ (float32 init is ~6× slower), mini-batch for large pools."""
+    import warnings
+
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    data = points.astype(np.float64)
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)  # duplicate points: fewer clusters, handled
+    if len(points) > LARGE_POOL:
+        model = MiniBatchKMeans(n_clusters, batch_size=4096, n_init=3, random_state=seed)
+    else:
+        model = KMeans(n_clusters, n_init=1, random_state=seed)
+    return model.fit_predict(data)
+
+
+class RandomSelector:
+    """Uniformly random picks: the baseline every other selector is compared with."""
+
+    uses_labels = False
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        return np.random.default_rng(seed).permutation(len(embeddings))[: min(k, len(embeddings))]
+
+
+class KCenterSelector:
+    """Greedy k-center (core-set): start at the point nearest the mean, then repeatedly take the point
+    farthest from everything picked so far. O(N·D) per pick."""
+
+    uses_labels = False
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        points = unit_rows(embeddings)
+        k = min(k, len(points))
+        centre = points.mean(axis=0, keepdims=True)
+        first = int(np.argmin(squared_distances(points, centre)[:, 0]))
+        picks = [first]
+        nearest = squared_distances(points, points[first : first + 1])[:, 0]
+        for _ in range(k - 1):
+            nearest[picks[-1]] = -1.0
+            pick = int(np.argmax(nearest))
+            picks.append(pick)
+            nearest = np.minimum(nearest, squared_distances(points, points[pick : pick + 1])[:, 0])
+        return np.asarray(picks, dtype=np.int64)
+
+
+class KMedoidsSelector:
+    """MedSelect's clustering baseline: k-medoids (k-medoids++ seeding, alternating updates), label the
+    medoids, largest cluster first. Pools above ``LARGE_POOL`` are clustered on a seeded subsample;
+    a medoid update over a cluster larger than 2,000 considers the 500 members nearest its mean."""
+
+    uses_labels = False
+    max_iterations = 20
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        rows = _subsample(len(embeddings), seed)
+        points = unit_rows(embeddings[rows])
+        k = min(k, len(points))
+        rng = np.random.default_rng(seed)
+        medoids = [int(rng.integers(len(points)))]
+        nearest = squared_distances(points, points[medoids])[:, 0]
+        for _ in range(k - 1):  # k-medoids++: next medoid drawn with probability ∝ squared distance
+            weights = nearest / nearest.sum() if nearest.sum() > 0 else None
+            candidate = int(rng.choice(len(points), p=weights))
+            if candidate in medoids:
+                candidate = int(next(i for i in rng.permutation(len(points)) if i not in medoids))
+            medoids.append(candidate)
+            nearest = np.minimum(nearest, squared_distances(points, points[candidate : candidate + 1])[:, 0])
+        medoids = np.asarray(medoids)
+        for _ in range(self.max_iterations):
+            assignment = np.argmin(squared_distances(points, points[medoids]), axis=1)
+            updated = medoids.copy()
+            for cluster in range(k):
+                members = np.flatnonzero(assignment == cluster)
+                if len(members) == 0:
+                    continue
+                candidates = members
+                if len(members) > 2_000:
+                    mean = points[members].mean(axis=0, keepdims=True)
+                    candidates = members[np.argsort(squared_distances(points[members], mean)[:, 0])[:500]]
+                cost = np.sqrt(squared_distances(points[candidates], points[members])).sum(axis=1)
+                updated[cluster] = candidates[int(np.argmin(cost))]
+            if np.array_equal(updated, medoids):
+                break
+            medoids = updated
+        medoids = self._distinct(points, medoids)
+        assignment = np.argmin(squared_distances(points, points[medoids]), axis=1)
+        sizes = np.bincount(assignment, minlength=k)
+        order = np.argsort(-sizes, kind="stable")
+        return rows[medoids[order]]
+
+    @staticmethod
+    def _distinct(points, medoids):
+        """Two clusters can share a medoid on duplicate points: replace repeats by the farthest unused point."""
+        unique = list(dict.fromkeys(medoids.tolist()))
+        while len(unique) < len(medoids):
+            nearest = squared_distances(points, points[unique]).min(axis=1)
+            nearest[unique] = -1.0
+            unique.append(int(np.argmax(nearest)))
+        return np.asarray(unique)
+
+
+class TypiClustSelector:
+    """TypiClust (Hacohen et al. 2022): k-means into min(K, N) clusters; from each cluster, largest first,
+    take its most typical point, typicality = 1 / mean distance to its 20 nearest neighbours in the cluster.
+    Clusters above ``TYPICALITY_REFERENCE`` members measure typicality against a seeded sample of that size."""
+
+    uses_labels = False
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        points = unit_rows(embeddings)
+        k = min(k, len(points))
+        assignment = kmeans_labels(points, k, seed)
+        rng = np.random.default_rng([seed, 2])
+        sizes = np.bincount(assignment, minlength=k)
+        ranked = []  # per cluster, largest first: members from most to least typical
+        for cluster in np.argsort(-sizes, kind="stable"):
+            members = np.flatnonzero(assignment == cluster)
+            if len(members):
+                ranked.append(members[np.argsort(-self._typicality(points, members, rng), kind="stable")])
+        # one point per cluster; only when k-means found fewer clusters than K (duplicate points)
+        # does a second round take each cluster's next most typical point
+        picks = [
+            int(members[depth]) for depth in range(max(map(len, ranked))) for members in ranked if depth < len(members)
+        ]
+        return np.asarray(picks[:k], dtype=np.int64)
+
+    @staticmethod
+    def _typicality(points, members, rng):
+        if len(members) == 1:
+            return np.ones(1)
+        reference = members
+        if len(members) > TYPICALITY_REFERENCE:
+            reference = rng.choice(members, TYPICALITY_REFERENCE, replace=False)
+        distances = np.sqrt(squared_distances(points[members], points[reference]))
+        neighbours = min(TYPICALITY_NEIGHBOURS, len(reference) - 1)
+        # the smallest distance of a member in the reference is to itself (0): skip it
+        nearest = np.partition(distances, neighbours, axis=1)[:, 1 : neighbours + 1]
+        return 1.0 / (nearest.mean(axis=1) + 1e-12)
+
+
+class ProbCoverSelector:
+    """ProbCover (Yehuda et al. 2022): greedy maximum coverage of δ-balls.
+
+    δ is the largest radius at which 95% of balls are pure with respect to a k-means clustering into
+    min(K, N) clusters. A ball around x is pure iff δ is below x's distance to the nearest point of
+    another cluster, so δ is the 5th percentile of those distances: exact, no grid to search. Once
+    everything is covered, the remaining picks are the uncovered-gain ties broken by a seeded order.
+    Pools above ``LARGE_POOL`` are covered on a seeded subsample.
+    """
+
+    uses_labels = False
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        from sklearn.neighbors import radius_neighbors_graph
+
+        rows = _subsample(len(embeddings), seed)
+        points = unit_rows(embeddings[rows])
+        n, k = len(points), min(k, len(points))
+        delta = self.radius(points, kmeans_labels(points, k, seed)) if k > 1 else 0.0
+        graph = radius_neighbors_graph(points, delta, mode="connectivity", include_self=True).tocsr()
+        gain = np.asarray(graph.sum(axis=1)).ravel().astype(np.int64)
+        covered = np.zeros(n, dtype=bool)
+        tie_break = np.random.default_rng([seed, 3]).permutation(n)
+        picks = []
+        for _ in range(k):
+            order = np.lexsort((tie_break, -gain))  # largest gain first, seeded tie-break
+            pick = next(i for i in order if i not in picks)
+            picks.append(int(pick))
+            newly = graph.indices[graph.indptr[pick] : graph.indptr[pick + 1]]
+            newly = newly[~covered[newly]]
+            covered[newly] = True
+            if len(newly):
+                gain -= np.asarray(graph[newly].sum(axis=0)).ravel().astype(np.int64)  # symmetric graph
+            gain[picks[-1]] = -1
+        return rows[np.asarray(picks, dtype=np.int64)]
+
+    @staticmethod
+    def radius(points: np.ndarray, clusters: np.ndarray) -> float:
+        """Largest δ with purity ≥ 0.95: the 5th percentile of each point's distance to another cluster."""
+        to_other = np.full(len(points), np.inf)
+        step = 1024
+        for start in range(0, len(points), step):
+            block = squared_distances(points[start : start + step], points)
+            block[clusters[start : start + step, None] == clusters[None, :]] = np.inf
+            to_other[start : start + step] = np.sqrt(block.min(axis=1))
+        finite = to_other[np.isfinite(to_other)]
+        return float(np.quantile(finite, 1.0 - PURITY)) * (1 - 1e-6) if len(finite) else 0.0
+
+
+class OracleBalancedSelector:
+    """Evaluation only: K/2 random positives and K/2 random negatives, using the episode's labels.
+
+    The reference for how much a label-blind selector could gain by balancing classes alone.
+    When one class runs short the other fills the budget."""
+
+    uses_labels = True
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        if metadata is None or LABEL_COLUMN not in metadata.columns:
+            from xsel.errors import InputError
+
+            raise InputError("oracle-balanced needs the pool's labels; it works only inside `xsel evaluate`")
+        labels = metadata[LABEL_COLUMN].to_numpy()
+        rng = np.random.default_rng(seed)
+        positives = rng.permutation(np.flatnonzero(labels == 1))
+        negatives = rng.permutation(np.flatnonzero(labels != 1))
+        k = min(k, len(labels))
+        take_pos = min(len(positives), max(k // 2, k - len(negatives)))
+        take_neg = k - take_pos
+        interleaved = [i for pair in zip(positives[:take_pos], negatives[:take_neg], strict=False) for i in pair]
+        rest = [*positives[len(interleaved) // 2 : take_pos], *negatives[len(interleaved) // 2 : take_neg]]
+        return np.asarray(interleaved + rest, dtype=np.int64)
+
+
+@hookimpl
+def register_selectors(register):
+    register("random", RandomSelector, description="uniformly random picks (the reference)")
+    register("kmedoids", KMedoidsSelector, description="k-medoids++ medoids, largest cluster first (MedSelect)")
+    register("kcenter", KCenterSelector, aliases=("coreset",), description="greedy k-center core-set")
+    register("typiclust", TypiClustSelector, description="most typical point of each k-means cluster")
+    register("probcover", ProbCoverSelector, description="greedy δ-ball coverage, δ from 95% k-means purity")
+    register(
+        "oracle-balanced",
+        OracleBalancedSelector,
+        description="evaluation only: K/2 positives + K/2 negatives from the labels",
+    )

@@ -1,0 +1,171 @@
+"""`xsel evaluate`: paired episodes, statistics, report files, the CLI and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xsel.evaluate import evaluate, summarize, write_report
+
+SMALL = {"pool_size": 80, "query_size": 20, "episodes": 6}
+
+
+@pytest.fixture(scope="module")
+def result(demo_store):
+    return evaluate(
+        demo_store,
+        ["Cardiomegaly", "Pleural Effusion"],
+        selectors=["kcenter", "oracle-balanced"],
+        k=[4, 10],
+        show_progress=False,
+        **SMALL,
+    )
+
+
+def test_every_selector_sees_the_same_episodes(result):
+    table = result.episodes
+    assert set(table["selector"]) == {"random", "kcenter", "oracle-balanced"}, "random is always the reference"
+    assert len(table) == 2 * 6 * 3 * 2
+    per_episode = table.groupby(["condition", "episode", "k"])[["pool_size", "pool_positives", "query_size"]].nunique()
+    assert (per_episode == 1).all().all()
+
+
+def test_oracle_balanced_picks_half_positives(result):
+    oracle = result.episodes[result.episodes["selector"] == "oracle-balanced"]
+    assert (oracle["positives_picked"] == oracle["k"] // 2).all()
+
+
+def test_summary_statistics(result):
+    summary = result.summary
+    assert set(summary["condition"]) == {"Cardiomegaly", "Pleural Effusion", "all"}
+    assert (summary["auroc_low"] <= summary["auroc"]).all() and (summary["auroc"] <= summary["auroc_high"]).all()
+    random_rows = summary[summary["selector"] == "random"]
+    assert (random_rows["diff_vs_random"] == 0).all() and (random_rows["win_rate"] == 0.5).all()
+    episodes = result.episodes
+    mine = episodes[(episodes["selector"] == "kcenter") & (episodes["k"] == 10)].sort_values(["condition", "episode"])
+    ref = episodes[(episodes["selector"] == "random") & (episodes["k"] == 10)].sort_values(["condition", "episode"])
+    expected = (mine["auroc"].to_numpy() - ref["auroc"].to_numpy()).mean()
+    row = summary[(summary["selector"] == "kcenter") & (summary["k"] == 10) & (summary["condition"] == "all")].iloc[0]
+    assert row["diff_vs_random"] == pytest.approx(expected)
+    assert row["diff_low"] <= row["diff_vs_random"] <= row["diff_high"]
+
+
+def test_constant_scores_give_a_zero_width_interval():
+    table = pd.DataFrame(
+        {
+            "episode": [0, 1, 2] * 2,
+            "condition": "A",
+            "selector": ["random"] * 3 + ["x"] * 3,
+            "k": 5,
+            "auroc": [0.6] * 3 + [0.7] * 3,
+            "ap": 0.5,
+            "f1": 0.5,
+            "kappa": 0.0,
+        }
+    )
+    row = summarize(table).query("selector == 'x' and condition == 'all'").iloc[0]
+    assert row["auroc_low"] == pytest.approx(0.7) and row["auroc_high"] == pytest.approx(0.7)
+    assert row["diff_vs_random"] == pytest.approx(0.1) and row["win_rate"] == 1.0
+
+
+def test_report_files(result, tmp_path):
+    written = {p.name for p in write_report(result, tmp_path)}
+    assert written == {"episodes.csv", "summary.csv", "summary.json", "auroc.png", "auroc_vs_k.png"}
+    payload = json.loads((tmp_path / "summary.json").read_text())
+    assert payload["settings"]["k"] == [4, 10] and payload["summary"]
+    episodes = pd.read_csv(tmp_path / "episodes.csv")
+    assert {"episode", "condition", "selector", "k", "auroc", "ap", "f1", "kappa"} <= set(episodes.columns)
+    assert (tmp_path / "auroc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_numbers(demo_store):
+    runs = [evaluate(demo_store, ["Edema"], selectors=["typiclust"], show_progress=False, **SMALL) for _ in range(2)]
+    assert runs[0].episodes.equals(runs[1].episodes)
+
+
+def test_cli_end_to_end_with_a_single_selector(demo_store, tmp_path, cli):
+    result = cli(
+        "evaluate",
+        demo_store,
+        "--conditions",
+        "Edema",
+        "--selectors",
+        "random",
+        "--out",
+        tmp_path,
+        "--episodes",
+        "3",
+        "--pool-size",
+        "60",
+        "--query-size",
+        "20",
+        "--k",
+        "5",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    assert "K=5" in result.stdout and (tmp_path / "summary.csv").is_file()
+
+
+def test_cli_json(demo_store, tmp_path, cli):
+    result = cli(
+        "evaluate",
+        demo_store,
+        "--conditions",
+        "Edema",
+        "--selectors",
+        "kcenter",
+        "--out",
+        tmp_path,
+        "--episodes",
+        "3",
+        "--pool-size",
+        "60",
+        "--query-size",
+        "20",
+        "--k",
+        "5",
+        "-q",
+        "--json",
+    )
+    payload = json.loads(result.stdout)
+    assert {row["selector"] for row in payload["summary"]} == {"random", "kcenter"}
+
+
+def test_bad_input(demo_store, tmp_path, cli):
+    base = ["--out", str(tmp_path / "r"), "--episodes", "2", "--pool-size", "60", "--query-size", "20"]
+    cases = [
+        (["--conditions", "Oedema"], "unknown condition 'Oedema'; label columns in this store: Cardiomegaly"),
+        (["--conditions", "Edema", "--k", "0"], "every K must be at least 1"),
+        (["--conditions", "Edema", "--k", "ten"], "give whole numbers"),
+        (["--conditions", "Edema", "--selectors", "best"], "unknown selector 'best'"),
+        (["--conditions", "Edema", "--classifier", "svm"], "unknown classifier 'svm'"),
+        (["--conditions", "Edema", "--uncertain", "maybe"], "--uncertain maybe: choose one of"),
+        (["--conditions", " , "], "--conditions is empty"),
+    ]
+    for args, message in cases:
+        result = cli("evaluate", demo_store, *base, *args, "-q")
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bootstrap_ci_covers_a_known_mean():
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(
+        {
+            "episode": np.tile(np.arange(200), 2),
+            "condition": "A",
+            "selector": ["random"] * 200 + ["x"] * 200,
+            "k": 5,
+            "auroc": np.concatenate([rng.normal(0.6, 0.05, 200), rng.normal(0.65, 0.05, 200)]),
+            "ap": 0.5,
+            "f1": 0.5,
+            "kappa": 0.0,
+        }
+    )
+    row = summarize(table).query("selector == 'x' and condition == 'A'").iloc[0]
+    assert row["auroc_low"] < 0.65 < row["auroc_high"] and row["auroc_high"] - row["auroc_low"] < 0.03

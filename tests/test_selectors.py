@@ -1,0 +1,142 @@
+"""Selectors: the contract for every registered one, plus what each is meant to pick on clear geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from xsel import plugins
+from xsel.selection import create_selector, run_selector
+
+SELECTORS = plugins.names("selector")
+
+
+def labelled(n: int, seed: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({"label": np.random.default_rng(seed).integers(0, 2, n)})
+
+
+def blobs(sizes=(40, 25, 15), dim=16, spread=0.05, seed=0):
+    """Well-separated clusters on the unit sphere, and which cluster each row belongs to."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[: len(sizes)] * 3
+    points = np.concatenate([c + spread * rng.normal(size=(s, dim)) for c, s in zip(centres, sizes, strict=True)])
+    return points.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
+
+
+def pick(name, embeddings, k, seed=0, metadata=None):
+    metadata = labelled(len(embeddings)) if metadata is None else metadata
+    return run_selector(create_selector(name), name, embeddings, k, seed=seed, metadata=metadata)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_distinct_priority_order_and_deterministic(name):
+    embeddings = np.random.default_rng(1).normal(size=(120, 24)).astype(np.float32)
+    first = pick(name, embeddings, 15, seed=3)
+    assert len(first) == 15 == len(set(first.tolist()))
+    assert np.array_equal(first, pick(name, embeddings, 15, seed=3))
+
+
+@pytest.mark.parametrize("name", [n for n in SELECTORS if n not in ("kcenter",)])
+def test_seed_changes_the_choice(name):
+    embeddings = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
+    assert any(
+        not np.array_equal(pick(name, embeddings, 10, seed=0), pick(name, embeddings, 10, seed=s)) for s in (1, 2, 3)
+    )
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_tiny_pools_and_k_above_n_select_everything(name, n):
+    embeddings = np.random.default_rng(n).normal(size=(n, 5)).astype(np.float32)
+    assert sorted(pick(name, embeddings, 10).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_identical_embeddings_still_give_distinct_picks(name):
+    embeddings = np.ones((30, 4), dtype=np.float32)
+    assert len(set(pick(name, embeddings, 6).tolist())) == 6
+
+
+@pytest.mark.parametrize("name", ["kmedoids", "kcenter", "typiclust", "probcover"])
+def test_one_pick_per_well_separated_cluster(name):
+    points, cluster = blobs()
+    assert sorted(cluster[pick(name, points, 3)].tolist()) == [0, 1, 2]
+
+
+def test_typiclust_picks_the_densest_point_of_each_cluster():
+    points, cluster = blobs(sizes=(60, 60), spread=0.02)
+    outlier_free = pick("typiclust", points, 2)
+    for index in outlier_free:
+        members = points[cluster == cluster[index]]
+        distance_to_mean = np.linalg.norm(points[index] - members.mean(axis=0))
+        typical = np.median(np.linalg.norm(members - members.mean(axis=0), axis=1))
+        assert distance_to_mean < typical
+
+
+def test_kmedoids_orders_the_largest_cluster_first():
+    points, cluster = blobs(sizes=(10, 50, 20))
+    assert cluster[pick("kmedoids", points, 3)].tolist() == [1, 2, 0]
+
+
+def test_kcenter_adds_the_farthest_point():
+    points = np.array([[1, 0], [1, 0.01], [0.99, 0.02], [-1, 0.05], [0, 1]], dtype=np.float32)
+    assert pick("kcenter", points, 2)[1] == 3
+
+
+def test_probcover_radius_is_the_largest_with_95_percent_purity():
+    from xsel_plugins.selectors import ProbCoverSelector, kmeans_labels
+
+    from xsel.geometry import unit_rows
+
+    points = unit_rows(np.random.default_rng(0).normal(size=(300, 6)))
+    clusters = kmeans_labels(points, 8, 0)
+    delta = ProbCoverSelector.radius(points, clusters)
+    distances = np.sqrt(np.maximum(2 - 2 * points @ points.T, 0))
+
+    def purity(radius):
+        inside = distances <= radius
+        return np.mean([np.all(clusters[inside[i]] == clusters[i]) for i in range(len(points))])
+
+    assert purity(delta) >= 0.95
+    assert purity(delta * 1.05) < 0.95 or purity(delta * 1.05) == purity(delta)
+
+
+def test_probcover_never_repeats_after_everything_is_covered():
+    points, _ = blobs(sizes=(5, 5), spread=0.001)
+    picks = pick("probcover", points, 10)
+    assert sorted(picks.tolist()) == list(range(10))
+
+
+def test_oracle_balanced_takes_half_of_each_class_and_fills_from_the_other():
+    metadata = pd.DataFrame({"label": [1] * 3 + [0] * 30})
+    embeddings = np.zeros((33, 2), dtype=np.float32)
+    picks = pick("oracle-balanced", embeddings, 10, metadata=metadata)
+    assert metadata["label"].to_numpy()[picks].sum() == 3
+    metadata = pd.DataFrame({"label": [1] * 20 + [0] * 20})
+    picks = pick("oracle-balanced", np.zeros((40, 2), np.float32), 10, metadata=metadata)
+    assert metadata["label"].to_numpy()[picks].sum() == 5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    embeddings=st.integers(1, 40).flatmap(
+        lambda n: arrays(np.float32, (n, 3), elements=st.floats(-5, 5, width=32, allow_subnormal=False))
+    ),
+    k=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_contract_holds_on_random_embeddings(embeddings, k, seed):
+    for name in SELECTORS:
+        picks = pick(name, embeddings, k, seed=seed)
+        assert len(picks) == min(k, len(embeddings)) == len(set(picks.tolist()))
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_large_pool_path_uses_a_subsample_and_stays_within_the_pool(name):
+    embeddings = np.random.default_rng(0).normal(size=(25_000, 32)).astype(np.float32)
+    picks = pick(name, embeddings, 20, metadata=labelled(25_000))
+    assert len(set(picks.tolist())) == 20 and picks.max() < 25_000

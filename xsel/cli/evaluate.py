@@ -1,0 +1,138 @@
+"""``xsel evaluate``: compare selectors over paired labeling episodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xsel.cli import app
+from xsel.errors import InputError
+from xsel.progress import stderr
+
+
+def split_list(value: str, option: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise InputError(f"{option} is empty; give a comma-separated list")
+    return items
+
+
+def parse_budgets(value: str) -> list[int]:
+    try:
+        return [int(item) for item in split_list(value, "--k")]
+    except ValueError:
+        raise InputError(f"--k {value}: give whole numbers, e.g. --k 20 or --k 10,20,40") from None
+
+
+def print_summary(result, console: Console) -> None:
+    """Per K: an overall table (mean AUROC, 95% CI, paired Δ to random, win rate) and a per-condition
+    table of means, green where the Δ's CI is above 0 and red where it is below."""
+    from xsel.evaluate import OVERALL, REFERENCE
+
+    summary = result.summary
+    settings = result.settings
+    for budget in settings["k"]:
+        rows = summary[summary["k"] == budget]
+        overall = rows[rows["condition"] == OVERALL].set_index("selector")
+        view = Table(
+            title=f"K={budget}: query AUROC over {len(settings['conditions'])} conditions × "
+            f"{settings['episodes_per_condition']} episodes ({settings['classifier']} classifier)"
+        )
+        for column in ("selector", "AUROC [95% CI]", "Δ vs random [95% CI]", "wins"):
+            view.add_column(column, justify="left" if column == "selector" else "right", no_wrap=True)
+        for selector in settings["selectors"]:
+            row = overall.loc[selector]
+            diff = "—"
+            if selector != REFERENCE:
+                style = "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
+                diff = (
+                    f"[{style}]{row['diff_vs_random']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}][/{style}]"
+                )
+            view.add_row(
+                selector,
+                f"{row['auroc']:.3f} [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]",
+                diff,
+                "—" if selector == REFERENCE else f"{row['win_rate']:.0%}",
+            )
+        console.print(view)
+        if len(settings["conditions"]) > 1:
+            per_condition = Table(
+                title=f"K={budget}: mean AUROC per condition (green/red: Δ vs random CI above/below 0)"
+            )
+            per_condition.add_column("condition", no_wrap=True)
+            for selector in settings["selectors"]:
+                per_condition.add_column(selector, justify="right", overflow="fold")
+            for condition in settings["conditions"]:
+                cells = []
+                for selector in settings["selectors"]:
+                    row = rows[(rows["condition"] == condition) & (rows["selector"] == selector)].iloc[0]
+                    style = "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
+                    cells.append(f"[{style}]{row['auroc']:.3f}[/{style}]")
+                per_condition.add_row(condition, *cells)
+            console.print(per_condition)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    store: Annotated[Path, typer.Argument(help="Embedding store with label columns.")],
+    conditions: Annotated[str, typer.Option(help="Comma-separated label columns to build episodes for.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for episodes.csv, summary.csv/json and plots.")],
+    selectors: Annotated[
+        str, typer.Option(help="Comma-separated selectors; random is always added as the reference.")
+    ] = "random,kmedoids,kcenter,typiclust,probcover,oracle-balanced",
+    k: Annotated[str, typer.Option("--k", "-k", help="Labels per episode; several (10,20,40) draw a curve.")] = "20",
+    episodes: Annotated[int, typer.Option(help="Episodes per condition.")] = 200,
+    pool_size: Annotated[int, typer.Option(help="Images in each episode's pool.")] = 1000,
+    query_size: Annotated[int, typer.Option(help="Images in each episode's query set (half of each class).")] = 100,
+    classifier: Annotated[
+        str, typer.Option(help="Few-shot classifier scoring the query: cosine, prototype, knn, logistic.")
+    ] = "cosine",
+    negative: Annotated[str, typer.Option(help="Label column of the negative class.")] = "No Finding",
+    uncertain: Annotated[
+        str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
+    ] = "positive",
+    seed: Annotated[int, typer.Option(help="Seed of the episodes and selectors.")] = 0,
+    allow_same_patient: Annotated[bool, typer.Option(help="Allow several images of one PatientID.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of a table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Compare selectors: the query AUROC a classifier reaches with each selector's K labels, over
+    many episodes that every selector shares (paired), with 95% bootstrap CIs.
+
+    [bold]Examples[/bold]
+
+      xsel evaluate pool.h5 --conditions Atelectasis,Edema --out results/
+      xsel evaluate pool.h5 --conditions Effusion --k 10,20,40 --selectors typiclust,kcenter --out curve/
+      xsel evaluate pool.h5 --conditions Edema --episodes 50 --pool-size 300 --query-size 60 --out quick/
+    """
+    from xsel.evaluate import evaluate, write_report
+
+    result = evaluate(
+        store,
+        split_list(conditions, "--conditions"),
+        selectors=split_list(selectors, "--selectors"),
+        k=parse_budgets(k),
+        episodes=episodes,
+        pool_size=pool_size,
+        query_size=query_size,
+        classifier=classifier,
+        negative=negative,
+        uncertain=uncertain,
+        seed=seed,
+        allow_same_patient=allow_same_patient,
+        show_progress=not quiet,
+    )
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    written = write_report(result, out)
+    if as_json:
+        typer.echo(json.dumps({"settings": result.settings, "summary": result.summary.to_dict("records")}, indent=2))
+        return
+    console = Console()
+    print_summary(result, console)
+    console.print(f"Wrote {', '.join(p.name for p in written)} to {out}", soft_wrap=True)

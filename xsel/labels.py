@@ -1,0 +1,80 @@
+"""Labels as stored: CheXpert columns (1 positive, 0 negative, -1 uncertain, blank unknown) or NIH ``Finding Labels``.
+
+Stores keep labels raw; the commands that read them apply the uncertain-label policy here. Array
+contract: :func:`condition_labels` returns float64 with 1.0, 0.0 or NaN (unknown / ignored).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from xsel.errors import InputError
+
+UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
+FINDING_LABELS = "Finding Labels"
+NIH_SEPARATOR = "|"
+PATIENT_COLUMN = "PatientID"
+
+
+def _is_label_column(values: pd.Series) -> bool:
+    if not pd.api.types.is_numeric_dtype(values):
+        return False
+    present = values.dropna().unique()
+    return len(present) > 0 and set(present.tolist()) <= {-1.0, 0.0, 1.0} and (present == 1).any()
+
+
+def available_conditions(meta: pd.DataFrame) -> list[str]:
+    """Label columns (values within 1/0/-1/blank, at least one positive) plus findings named in ``Finding Labels``."""
+    conditions = [str(c) for c in meta.columns if _is_label_column(meta[c])]
+    if FINDING_LABELS in meta.columns:
+        findings = meta[FINDING_LABELS].dropna().astype(str).str.split(NIH_SEPARATOR, regex=False).explode()
+        conditions += sorted({f.strip() for f in findings if f.strip()} - set(conditions))
+    return conditions
+
+
+def condition_labels(meta: pd.DataFrame, condition: str, *, uncertain: str = "positive") -> np.ndarray:
+    """One condition as 1.0 / 0.0 / NaN per row, with ``uncertain`` deciding what -1 becomes."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise InputError(f"--uncertain {uncertain}: choose one of {', '.join(UNCERTAIN_POLICIES)}")
+    if condition in meta.columns and _is_label_column(meta[condition]):
+        values = meta[condition].to_numpy(dtype=np.float64, copy=True)
+        values[values == -1] = {"positive": 1.0, "negative": 0.0, "ignore": np.nan}[uncertain]
+        return values
+    if FINDING_LABELS in meta.columns:
+        findings = meta[FINDING_LABELS].astype(object)
+        known = findings.notna().to_numpy()
+        has = findings.fillna("").astype(str).map(lambda s: condition in {f.strip() for f in s.split(NIH_SEPARATOR)})
+        if has.any():
+            return np.where(known, has.to_numpy(dtype=np.float64), np.nan)
+    available = available_conditions(meta)
+    if not available:
+        raise InputError(
+            "the store carries no label columns (CheXpert 1/0/-1 columns or 'Finding Labels'); "
+            "embed a CSV that has labels to evaluate or train"
+        )
+    raise InputError(f"unknown condition {condition!r}; label columns in this store: {', '.join(available)}")
+
+
+def patient_ids(meta: pd.DataFrame) -> np.ndarray | None:
+    """``PatientID`` as strings (blank → None), or None when the store has no such column."""
+    if PATIENT_COLUMN not in meta.columns:
+        return None
+    column = meta[PATIENT_COLUMN]
+    return np.asarray([None if pd.isna(v) else str(v) for v in column], dtype=object)
+
+
+def first_image_per_patient(patients: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """The patient rule: keep the first of ``rows`` (in the given order) for each patient; blank IDs stay."""
+    if patients is None:
+        return rows
+    seen: set[str] = set()
+    keep = []
+    for row in rows:
+        patient = patients[row]
+        if patient is None:
+            keep.append(row)
+        elif patient not in seen:
+            seen.add(patient)
+            keep.append(row)
+    return np.asarray(keep, dtype=np.int64)

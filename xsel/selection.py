@@ -1,0 +1,119 @@
+"""``xsel select`` as a library call: a store's pool → K rows to label, as a selection table.
+
+The framework, not each selector, applies the shared rules: rows listed in ``exclude`` leave the pool,
+then the pool keeps one image per ``PatientID`` (its first row in store order) unless
+``allow_same_patient``, so every selector returns distinct patients without special cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xsel import plugins
+from xsel.errors import InputError, XselError
+from xsel.io.table import PATH_COLUMN, read_csv_checked
+from xsel.labels import first_image_per_patient, patient_ids
+from xsel.store import Store, read_store
+
+SELECTION_COLUMNS = ("rank", PATH_COLUMN, "score", "selector")
+
+
+@dataclass
+class Selection:
+    """The chosen rows in priority order (``table``) plus the notes a user should read (``warnings``)."""
+
+    table: pd.DataFrame
+    pool_size: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_finite(store: Store) -> None:
+    """Refuse embeddings with NaN or infinite values, naming the first rows."""
+    bad = np.flatnonzero(~np.isfinite(store.embeddings).all(axis=1))
+    if len(bad):
+        named = ", ".join(f"row {i} ({store.paths[i]})" for i in bad[:3])
+        raise InputError(f"{store.path}: {len(bad)} embeddings hold NaN or infinite values: {named}; re-embed them")
+
+
+def create_selector(name: str, **options):
+    """Instantiate a selector plugin by name (or alias)."""
+    return plugins.get("selector", name).factory(**options)
+
+
+def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None) -> np.ndarray:
+    """Call a selector and hold it to the contract: ``min(k, N)`` distinct in-range integer indices."""
+    picks = np.asarray(selector.select(embeddings, k, seed=seed, metadata=metadata))
+    expected = min(k, len(embeddings))
+    if (
+        picks.ndim != 1
+        or len(picks) != expected
+        or not np.issubdtype(picks.dtype, np.integer)
+        or len(np.unique(picks)) != len(picks)
+        or (len(picks) and (picks.min() < 0 or picks.max() >= len(embeddings)))
+    ):
+        raise XselError(
+            f"selector {name!r} broke the selector contract (expected {expected} distinct row indices, "
+            f"got {picks[:10]!r}); report it to the plugin's author"
+        )
+    return picks.astype(np.int64)
+
+
+def excluded_paths(exclude_csv: str | Path) -> set[str]:
+    """Paths already labelled: the ``Path`` column of a CSV (a selection CSV works as is)."""
+    frame = read_csv_checked(exclude_csv)
+    return set(frame[PATH_COLUMN].dropna().astype(str))
+
+
+def pool_rows(store: Store, *, exclude: set[str] | None = None, allow_same_patient: bool = False) -> np.ndarray:
+    """Store rows eligible for selection: not excluded, one per patient unless allowed."""
+    rows = np.arange(len(store))
+    if exclude:
+        rows = rows[[path not in exclude for path in store.paths]]
+    if not allow_same_patient:
+        rows = first_image_per_patient(patient_ids(store.meta), rows)
+    return rows
+
+
+def select(
+    store: str | Path | Store,
+    k: int,
+    *,
+    selector: str = "typiclust",
+    seed: int = 0,
+    exclude: str | Path | None = None,
+    allow_same_patient: bool = False,
+) -> Selection:
+    """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning."""
+    if k < 1:
+        raise InputError(f"--k {k}: choose at least 1 image")
+    store = store if isinstance(store, Store) else read_store(store)
+    check_finite(store)
+    instance = create_selector(selector)
+    name = plugins.get("selector", selector).name
+    if getattr(instance, "uses_labels", False):
+        raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
+    warnings = []
+    excluded = excluded_paths(exclude) if exclude is not None else set()
+    unknown = excluded - set(store.paths)
+    if unknown:
+        warnings.append(f"{len(unknown)} paths of {exclude} are not in the store (e.g. {sorted(unknown)[0]!r})")
+    rows = pool_rows(store, exclude=excluded, allow_same_patient=allow_same_patient)
+    if len(rows) == 0:
+        raise InputError(f"{store.path}: no images left to select from after --exclude")
+    if len(rows) < len(store) - len(excluded & set(store.paths)):
+        warnings.append(f"kept one image per PatientID: the pool has {len(rows)} of {len(store)} images")
+    if k > len(rows):
+        warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
+    picks = run_selector(instance, name, store.embeddings[rows], k, seed=seed, metadata=store.meta.iloc[rows])
+    chosen = rows[picks]
+    table = pd.DataFrame(
+        {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": np.nan}
+    )
+    table["selector"] = name
+    carried = store.meta.iloc[chosen].reset_index(drop=True)
+    table = pd.concat([table, carried.drop(columns=[c for c in carried.columns if c in SELECTION_COLUMNS])], axis=1)
+    return Selection(table=table, pool_size=len(rows), warnings=warnings)
