@@ -12,6 +12,7 @@ import numpy as np
 
 from xsel import hookimpl
 from xsel.geometry import squared_distances, unit_rows
+from xsel.medselect import MedSelectSelector
 
 LARGE_POOL = 10_000  # above this, kmedoids / probcover work on a seeded subsample of this size
 TYPICALITY_NEIGHBOURS = 20
@@ -270,6 +271,11 @@ def register_selectors(register):
     register("kcenter", KCenterSelector, aliases=("coreset",), description="greedy k-center core-set")
     register("typiclust", TypiClustSelector, description="most typical point of each k-means cluster")
     register("probcover", ProbCoverSelector, description="greedy δ-ball coverage, δ from 95% k-means purity")
+    register(
+        "medselect",
+        MedSelectSelector,
+        description="learned BiLSTM selector (MedSelect); needs checkpoint=RUN_DIR/selector.pt",
+    )
     register(
         "oracle-balanced",
         OracleBalancedSelector,

@@ -23,7 +23,7 @@ from xsel.errors import InputError
 from xsel.io.table import write_csv_atomic
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
-from xsel.selection import check_finite, create_selector, run_selector
+from xsel.selection import check_finite, check_identity, create_selector, parse_selector_spec, run_selector
 from xsel.store import Store, read_store
 
 REFERENCE = "random"
@@ -58,11 +58,19 @@ def episode_metrics(query_labels: np.ndarray, scores: np.ndarray) -> dict:
     }
 
 
-def _selector_specs(selectors: list[str]) -> list[str]:
-    names = [plugins.get("selector", s).name for s in selectors]
-    if len(set(names)) != len(names):
-        raise InputError(f"--selectors lists a selector twice: {', '.join(selectors)}")
-    return names if REFERENCE in names else [REFERENCE, *names]
+def _create_selectors(specs: list[str], store: Store) -> dict:
+    """Label → selector instance, ``random`` first; ``NAME=CHECKPOINT`` specs load learned selectors."""
+    parsed = [parse_selector_spec(spec) for spec in specs]
+    if REFERENCE not in [label for label, _, _ in parsed]:
+        parsed.insert(0, (REFERENCE, REFERENCE, {}))
+    labels = [label for label, _, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"--selectors lists a selector twice: {', '.join(specs)}")
+    instances = {}
+    for label, name, options in parsed:
+        instances[label] = create_selector(name, **options)
+        check_identity(instances[label], label, store)
+    return instances
 
 
 def evaluate(
@@ -92,8 +100,8 @@ def evaluate(
         raise InputError(f"--k {','.join(map(str, k))}: every K must be at least 1")
     if episodes < 1:
         raise InputError(f"--episodes {episodes}: run at least 1")
-    names = _selector_specs(list(selectors))
-    instances = {name: create_selector(name) for name in names}
+    instances = _create_selectors(list(selectors), store)
+    names = list(instances)
     classifier_factory = plugins.get("classifier", classifier).factory
     tasks = [
         EpisodeTask(

@@ -44,6 +44,31 @@ def create_selector(name: str, **options):
     return plugins.get("selector", name).factory(**options)
 
 
+def parse_selector_spec(spec: str) -> tuple[str, str, dict]:
+    """``NAME`` or ``NAME=CHECKPOINT`` (a learned selector) → (label, registered name, factory options)."""
+    name, _, checkpoint = spec.partition("=")
+    primary = plugins.get("selector", name.strip()).name
+    return (primary, primary, {"checkpoint": checkpoint.strip()}) if checkpoint else (primary, primary, {})
+
+
+def check_identity(selector, name: str, store: Store) -> None:
+    """A learned selector only fits embeddings of the encoder it was trained on: refuse others, naming both."""
+    expected = getattr(selector, "encoder_identity", None)
+    if expected is None:
+        return
+    found = {key: store.attrs.get(key) for key in expected}
+    if found != expected:
+
+        def describe(identity):
+            weights = str(identity.get("weights_sha256"))[:12]
+            return f"{identity.get('encoder')} (weights {weights}…, preprocessing {identity.get('preprocessing')})"
+
+        raise InputError(
+            f"selector {name!r} was trained on embeddings of {describe(expected)} but {store.path} was made by "
+            f"{describe(found)}; embed with the same encoder or train a selector on this store"
+        )
+
+
 def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None) -> np.ndarray:
     """Call a selector and hold it to the contract: ``min(k, N)`` distinct in-range integer indices."""
     picks = np.asarray(selector.select(embeddings, k, seed=seed, metadata=metadata))
@@ -82,18 +107,24 @@ def select(
     store: str | Path | Store,
     k: int,
     *,
-    selector: str = "typiclust",
+    selector: str | None = None,
+    checkpoint: str | Path | None = None,
     seed: int = 0,
     exclude: str | Path | None = None,
     allow_same_patient: bool = False,
 ) -> Selection:
-    """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning."""
+    """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning.
+
+    ``selector`` defaults to ``medselect`` when a ``checkpoint`` is given, else ``typiclust``.
+    """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
-    instance = create_selector(selector)
+    selector = selector or ("medselect" if checkpoint else "typiclust")
     name = plugins.get("selector", selector).name
+    instance = create_selector(name, **({"checkpoint": checkpoint} if checkpoint else {}))
+    check_identity(instance, name, store)
     if getattr(instance, "uses_labels", False):
         raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
     warnings = []
@@ -108,10 +139,12 @@ def select(
         warnings.append(f"kept one image per PatientID: the pool has {len(rows)} of {len(store)} images")
     if k > len(rows):
         warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
-    picks = run_selector(instance, name, store.embeddings[rows], k, seed=seed, metadata=store.meta.iloc[rows])
+    metadata = store.meta.iloc[rows]
+    picks = run_selector(instance, name, store.embeddings[rows], k, seed=seed, metadata=metadata)
     chosen = rows[picks]
+    scores = instance.scores(store.embeddings[rows], metadata)[picks] if hasattr(instance, "scores") else np.nan
     table = pd.DataFrame(
-        {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": np.nan}
+        {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": scores}
     )
     table["selector"] = name
     carried = store.meta.iloc[chosen].reset_index(drop=True)

@@ -83,7 +83,8 @@ def evaluate_command(
     conditions: Annotated[str, typer.Option(help="Comma-separated label columns to build episodes for.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for episodes.csv, summary.csv/json and plots.")],
     selectors: Annotated[
-        str, typer.Option(help="Comma-separated selectors; random is always added as the reference.")
+        str,
+        typer.Option(help="Comma-separated selectors, NAME=CHECKPOINT for learned ones; random is always added."),
     ] = "random,kmedoids,kcenter,typiclust,probcover,oracle-balanced",
     k: Annotated[str, typer.Option("--k", "-k", help="Labels per episode; several (10,20,40) draw a curve.")] = "20",
     episodes: Annotated[int, typer.Option(help="Episodes per condition.")] = 200,
@@ -109,6 +110,7 @@ def evaluate_command(
       xsel evaluate pool.h5 --conditions Atelectasis,Edema --out results/
       xsel evaluate pool.h5 --conditions Effusion --k 10,20,40 --selectors typiclust,kcenter --out curve/
       xsel evaluate pool.h5 --conditions Edema --episodes 50 --pool-size 300 --query-size 60 --out quick/
+      xsel evaluate pool.h5 --conditions Edema --selectors typiclust,medselect=runs/sel/selector.pt --out vs/
     """
     from xsel.evaluate import evaluate, write_report
 

@@ -18,7 +18,13 @@ def select_command(
     store: Annotated[Path, typer.Argument(help="Embedding store (from `xsel embed`) holding the pool.")],
     k: Annotated[int, typer.Option("--k", "-k", help="How many images to label.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection CSV to write (rank, Path, score, selector, …).")],
-    selector: Annotated[str, typer.Option(help="Selector plugin; see `xsel plugins`.")] = "typiclust",
+    selector: Annotated[
+        str | None, typer.Option(help="Selector plugin (default: medselect with --checkpoint, else typiclust).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="A learned selector's checkpoint (RUN_DIR/selector.pt from `xsel train selector`)."),
+    ] = None,
     exclude: Annotated[
         Path | None,
         typer.Option(help="CSV whose Path column lists images already labelled (e.g. an earlier selection)."),
@@ -38,11 +44,20 @@ def select_command(
       xsel select pool.h5 --k 20 --out to_label.csv
       xsel select pool.h5 --k 20 --out round2.csv --selector kcenter --exclude to_label.csv
       xsel select pool.h5 --k 50 --out picks.csv --selector probcover --seed 7 --json | jq '.[0]'
+      xsel select pool.h5 --k 20 --out picks.csv --checkpoint runs/sel/selector.pt
     """
     from xsel.io.table import write_csv_atomic
     from xsel.selection import select
 
-    selection = select(store, k, selector=selector, seed=seed, exclude=exclude, allow_same_patient=allow_same_patient)
+    selection = select(
+        store,
+        k,
+        selector=selector,
+        checkpoint=checkpoint,
+        seed=seed,
+        exclude=exclude,
+        allow_same_patient=allow_same_patient,
+    )
     for warning in selection.warnings:
         stderr.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True)
     write_csv_atomic(selection.table, out)

@@ -1,0 +1,233 @@
+"""The learned selector: sampling maths, learning on a toy problem, resume, checkpoints and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from xsel.errors import InputError
+from xsel.medselect import MedSelectSelector, SelectorConfig, build_scorer, load_checkpoint
+from xsel.selection import select
+from xsel.store import Store, read_store
+from xsel.train_selector import batch_auroc, gumbel_top_k, plackett_luce_log_prob, train_selector
+
+
+def test_plackett_luce_matches_brute_force_and_gumbel_sampling():
+    logits = torch.tensor([[0.3, -1.0, 1.2, 0.0]])
+    pairs = list(itertools.permutations(range(4), 2))
+    log_probs = plackett_luce_log_prob(logits.expand(len(pairs), 4), torch.tensor(pairs))
+    weights = logits[0].exp()
+    for (i, j), value in zip(pairs, log_probs, strict=True):
+        expected = weights[i] / weights.sum() * weights[j] / (weights.sum() - weights[i])
+        assert math.isclose(float(value.exp()), float(expected), rel_tol=1e-5)
+    assert math.isclose(float(log_probs.exp().sum()), 1.0, rel_tol=1e-5)
+    samples = gumbel_top_k(logits.expand(40_000, 4), 2, torch.Generator().manual_seed(0))
+    counts = {pair: 0 for pair in pairs}
+    for i, j in samples.tolist():
+        counts[(i, j)] += 1
+    for pair, value in zip(pairs, log_probs, strict=True):
+        assert abs(counts[pair] / 40_000 - float(value.exp())) < 0.01, pair
+
+
+def test_gradient_reaches_every_parameter():
+    scorer = build_scorer(6, hidden=8, use_metadata=True)
+    logits = scorer(torch.randn(3, 10, 9))
+    picks = gumbel_top_k(logits, 4, torch.Generator().manual_seed(0))
+    (-plackett_luce_log_prob(logits, picks).mean()).backward()
+    for name, parameter in scorer.named_parameters():
+        assert parameter.grad is not None, name
+        # a constant added to every logit leaves Plackett–Luce unchanged: the head's bias gets no gradient
+        assert name == "head.bias" or parameter.grad.abs().sum() > 0, name
+
+
+def test_batch_auroc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = np.tile([1] * 5 + [0] * 7, (4, 1))
+    scores = rng.integers(0, 4, size=(4, 12)).astype(float)  # ties included
+    expected = [roc_auc_score(labels[i], scores[i]) for i in range(4)]
+    assert np.allclose(batch_auroc(labels, scores), expected)
+
+
+def toy_store(n=400, seed=0) -> Store:
+    """Positives are rare (15%); dimension 0 flags them, the other dimensions hold the class signal
+    buried in noise. Picking flagged images (balanced labels) is what raises the query AUROC."""
+    rng = np.random.default_rng(seed)
+    positive = rng.random(n) < 0.15
+    embeddings = rng.normal(size=(n, 8)).astype(np.float32)
+    embeddings[:, 1] += np.where(positive, 1.5, -1.5)
+    embeddings[:, 0] = np.where(positive, 3.0, 0.0) + 0.1 * rng.normal(size=n)
+    meta = pd.DataFrame(
+        {
+            "PatientID": [f"p{i}" for i in range(n)],
+            "A": positive.astype(float),
+            "B": positive.astype(float),
+            "No Finding": np.where(positive, np.nan, 1.0),
+        }
+    )
+    attrs = {"encoder": "toy", "weights_sha256": "0", "preprocessing": {}}
+    return Store(path="toy", embeddings=embeddings, paths=[str(i) for i in range(n)], meta=meta, attrs=attrs)
+
+
+def toy_config(**changes) -> SelectorConfig:
+    settings = dict(
+        conditions=["A"],
+        val_conditions=["B"],
+        k=6,
+        pool_size=60,
+        query_size=20,
+        episodes=16 * 60,
+        batch_size=16,
+        hidden=16,
+        learning_rate=3e-3,
+        val_every=20,
+        val_episodes=10,
+        val_fraction=0.3,
+    )
+    return SelectorConfig(**(settings | changes))
+
+
+def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path):
+    store = toy_store()
+    result = train_selector(store, tmp_path, toy_config(), show_progress=False)
+    assert result.best_val_auroc > result.random_val_auroc + 0.02
+    selector = MedSelectSelector(tmp_path / "selector.pt")
+    picks = selector.select(store.embeddings[:100], 6, seed=0)
+    flagged = store.embeddings[:100, 0] > 1.5
+    assert flagged[picks].mean() >= 0.5 > flagged.mean(), "the learned selector prefers the flagged positives"
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert {"step", "reward", "baseline", "val_auroc", "val_auroc_B"} <= set(metrics.columns)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    store, config = toy_store(), toy_config(episodes=16 * 10, val_every=5)
+    train_selector(store, tmp_path / "straight", config, show_progress=False)
+    import xsel.train_selector as module
+
+    original, calls = module._append_metrics, []
+
+    def crash_after_seven(path, row, conditions):
+        original(path, row, conditions)
+        calls.append(row["step"])
+        if row["step"] == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_append_metrics", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        train_selector(store, tmp_path / "resumed", config, show_progress=False)
+    monkeypatch.setattr(module, "_append_metrics", original)
+    with pytest.raises(InputError, match="pass --resume"):
+        train_selector(store, tmp_path / "resumed", config, show_progress=False)
+    train_selector(store, tmp_path / "resumed", config, resume=True, show_progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    steps = pd.read_csv(tmp_path / "resumed" / "metrics.csv")["step"].tolist()
+    assert steps == list(range(1, 11)), "metrics rows after the last checkpoint are not duplicated"
+
+
+def test_a_checkpoint_is_written_even_when_the_budget_ends_first(tmp_path):
+    result = train_selector(toy_store(), tmp_path, toy_config(max_minutes=0), show_progress=False)
+    assert result.stopped_by == "time budget" and (tmp_path / "selector.pt").is_file()
+
+
+def test_checkpoint_is_weights_only_and_refuses_another_encoder(tmp_path, demo_store):
+    train_selector(toy_store(), tmp_path, toy_config(episodes=32, val_every=1), show_progress=False)
+    payload = torch.load(tmp_path / "selector.pt", weights_only=True)
+    assert payload["encoder_identity"]["encoder"] == "toy" and payload["config"]["k"] == 6
+    with pytest.raises(InputError, match=r"trained on embeddings of toy .* was made by pixels"):
+        select(demo_store, 5, checkpoint=tmp_path / "selector.pt")
+
+
+def test_same_pool_same_scores_and_shuffling_changes_them(tmp_path):
+    store = toy_store()
+    train_selector(store, tmp_path, toy_config(episodes=16 * 20), show_progress=False)
+    selector = MedSelectSelector(tmp_path / "selector.pt")
+    pool = store.embeddings[:50]
+    assert np.array_equal(selector.scores(pool), selector.scores(pool))
+    order = np.random.default_rng(0).permutation(50)
+    assert not np.allclose(selector.scores(pool)[order], selector.scores(pool[order]), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_train_select_and_evaluate(demo_store, tmp_path, cli):
+    run = tmp_path / "run"
+    result = cli(
+        "train",
+        "selector",
+        demo_store,
+        "--conditions",
+        "Cardiomegaly,Pleural Effusion",
+        "--val-conditions",
+        "Lung Opacity",
+        "--out",
+        run,
+        "--pool-size",
+        "60",
+        "--query-size",
+        "20",
+        "--k",
+        "5",
+        "--episodes",
+        "64",
+        "--batch-size",
+        "8",
+        "--val-every",
+        "4",
+        "--val-episodes",
+        "4",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    assert "Best validation AUROC" in result.stdout and (run / "selector.pt").is_file()
+    picked = cli("select", demo_store, "--k", "5", "--checkpoint", run / "selector.pt", "--out", tmp_path / "s.csv")
+    assert picked.exit_code == 0, picked.output
+    table = pd.read_csv(tmp_path / "s.csv")
+    assert set(table["selector"]) == {"medselect"} and table["score"].is_monotonic_decreasing
+    evaluated = cli(
+        "evaluate",
+        demo_store,
+        "--conditions",
+        "Edema",
+        "--selectors",
+        f"typiclust,medselect={run / 'selector.pt'}",
+        "--out",
+        tmp_path / "eval",
+        "--episodes",
+        "3",
+        "--pool-size",
+        "60",
+        "--query-size",
+        "20",
+        "--k",
+        "5",
+        "-q",
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "medselect" in set(pd.read_csv(tmp_path / "eval" / "episodes.csv")["selector"])
+
+
+def test_bad_input(demo_store, tmp_path, cli):
+    base = ["--out", str(tmp_path / "run"), "--pool-size", "60", "--query-size", "20", "-q"]
+    cases = [
+        (["--conditions", "Edema", "--val-conditions", "Edema"], "both a training and a validation condition"),
+        (["--conditions", "Oedema", "--val-conditions", "Edema"], "unknown condition 'Oedema'"),
+        (["--conditions", "Edema", "--val-conditions", "Nodule", "--episodes", "0"], "--episodes 0: use at least 1"),
+    ]
+    for args, message in cases:
+        result = cli("train", "selector", demo_store, *args, *base)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+    missing = cli("select", demo_store, "--k", "3", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "s.csv")
+    assert missing.exit_code == 2 and "selector checkpoint not found" in missing.stderr
+    spec = cli(
+        "evaluate", demo_store, "--conditions", "Edema", "--selectors", "medselect", "--out", tmp_path / "e", "-q"
+    )
+    assert spec.exit_code == 2 and "medselect=RUN_DIR/selector.pt" in spec.stderr
+    assert read_store(demo_store)  # the input store is untouched and readable

@@ -1,0 +1,189 @@
+"""The learned selector (MedSelect): a bidirectional LSTM that scores every image of a pool.
+
+Pool order: an LSTM reads the pool as a sequence, so xsel always presents a pool in store order (rows
+ascending), in training, evaluation, ``xsel select`` and the exported bundle; the same pool therefore
+always gets the same scores. Selection at inference is the deterministic top-k of the scores.
+
+Inputs per image: the embedding, L2-normalised and scaled by √D (components of order 1), minus the
+pool's mean of those vectors (what makes an image typical or unusual *in this pool*); with
+``use_metadata`` three more features, each 0 when unknown: sex (+1 M, −1 F), age z-scored with the
+training store's mean and standard deviation, and frontal view (+1 PA/AP, −1 lateral).
+
+Checkpoints (``selector.pt``) hold only tensors, numbers, strings, lists and dicts, so they load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xsel.errors import InputError
+
+METADATA_FEATURES = ("sex", "age", "frontal")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class SelectorConfig:
+    """Everything a training run was configured with; saved in every checkpoint."""
+
+    conditions: list[str]
+    val_conditions: list[str]
+    negative: str = "No Finding"
+    uncertain: str = "positive"
+    k: int = 20
+    pool_size: int = 1000
+    query_size: int = 100
+    episodes: int = 20_000
+    batch_size: int = 16
+    classifier: str = "cosine"
+    use_metadata: bool = False
+    hidden: int = 256
+    learning_rate: float = 1e-4
+    decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
+    val_every: int = 50  # training steps between validations
+    val_episodes: int = 20  # fixed validation episodes per validation condition
+    val_fraction: float = 0.2  # share of patients held out for validation
+    max_minutes: float = 10.0
+    seed: int = 0
+    age_mean: float = 0.0
+    age_std: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def metadata_features(meta: pd.DataFrame | None, rows: np.ndarray, age_mean: float, age_std: float) -> np.ndarray:
+    """(len(rows), 3) float32: sex, z-scored age, frontal view; 0 wherever the value is unknown."""
+    features = np.zeros((len(rows), len(METADATA_FEATURES)), dtype=np.float32)
+    if meta is None:
+        return features
+    subset = meta.iloc[rows]
+    if "Sex" in subset.columns:
+        sex = subset["Sex"].astype(str).str.upper().str[:1]
+        features[:, 0] = np.select([sex == "M", sex == "F"], [1.0, -1.0], 0.0)
+    if "Age" in subset.columns:
+        age = pd.to_numeric(subset["Age"], errors="coerce").to_numpy(dtype=np.float64)
+        features[:, 1] = np.nan_to_num((age - age_mean) / age_std, nan=0.0)
+    if "View" in subset.columns:
+        view = subset["View"].astype(str).str.upper()
+        frontal = view.str.contains("PA|AP|FRONTAL", regex=True)
+        lateral = view.str.startswith("L")
+        features[:, 2] = np.select([frontal, lateral], [1.0, -1.0], 0.0)
+    return features
+
+
+def build_scorer(embedding_dim: int, *, hidden: int = 256, use_metadata: bool = False):
+    """The exportable module: ``(B, N, D′)`` float32 → ``(B, N)`` logits, D′ = D (+3 with metadata)."""
+    import torch
+    from torch import nn
+
+    class MedSelectScorer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding_dim = embedding_dim
+            self.input_dim = embedding_dim + (len(METADATA_FEATURES) if use_metadata else 0)
+            self.lstm = nn.LSTM(self.input_dim, hidden, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(2 * hidden, 1)
+
+        def forward(self, pool: torch.Tensor) -> torch.Tensor:
+            embeddings = pool[..., : self.embedding_dim]
+            unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            scaled = unit * math.sqrt(self.embedding_dim)
+            centred = scaled - scaled.mean(dim=1, keepdim=True)
+            features = torch.cat([centred, pool[..., self.embedding_dim :]], dim=-1)
+            hidden_states, _ = self.lstm(features)
+            return self.head(hidden_states).squeeze(-1)
+
+    return MedSelectScorer()
+
+
+def pool_inputs(embeddings: np.ndarray, meta, rows: np.ndarray, config: SelectorConfig) -> np.ndarray:
+    """The scorer's input for one pool (rows in store order): (N, D′) float32."""
+    features = np.asarray(embeddings[rows], dtype=np.float32)
+    if config.use_metadata:
+        features = np.concatenate([features, metadata_features(meta, rows, config.age_mean, config.age_std)], axis=1)
+    return features
+
+
+def save_checkpoint(path: Path, *, scorer, config: SelectorConfig, identity: dict, extra: dict) -> None:
+    """Write ``selector.pt`` atomically (temporary file + rename)."""
+    import torch
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": scorer.state_dict(),
+        "config": asdict(config),
+        "embedding_dim": scorer.embedding_dim,
+        "encoder_identity": identity,
+        **extra,
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a ``selector.pt`` safely (``weights_only=True``); a wrong file is a one-line InputError."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "selector.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: selector checkpoint not found; train one with `xsel train selector`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"{path}: not a readable selector checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "state_dict" not in payload:
+        raise InputError(f"{path}: not an xsel selector checkpoint (format {payload.get('format')!r})")
+    payload["path"] = str(path)
+    return payload
+
+
+class MedSelectSelector:
+    """Selector plugin over a trained checkpoint: scores the pool, returns the top-k in score order."""
+
+    uses_labels = False
+
+    def __init__(self, checkpoint: str | Path | None = None):
+        if checkpoint is None:
+            raise InputError("medselect needs a trained checkpoint: medselect=RUN_DIR/selector.pt")
+        payload = load_checkpoint(checkpoint)
+        known = set(SelectorConfig.__dataclass_fields__)
+        self.config = SelectorConfig(**{k: v for k, v in payload["config"].items() if k in known})
+        self.scorer_module = build_scorer(
+            payload["embedding_dim"], hidden=self.config.hidden, use_metadata=self.config.use_metadata
+        )
+        self.scorer_module.load_state_dict(payload["state_dict"])
+        self.scorer_module.eval()
+        self.encoder_identity = payload["encoder_identity"]
+        self.checkpoint = payload["path"]
+
+    def scorer(self):
+        """The torch module of the plugin contract: (1, N, D′) → (1, N) scores."""
+        return self.scorer_module
+
+    def scores(self, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> np.ndarray:
+        """One score per pool row (rows in the order given: xsel passes store order)."""
+        import torch
+
+        if embeddings.shape[1] != self.scorer_module.embedding_dim:
+            raise InputError(
+                f"{self.checkpoint} was trained on {self.scorer_module.embedding_dim}-d embeddings, "
+                f"this store has {embeddings.shape[1]}-d"
+            )
+        rows = np.arange(len(embeddings))
+        inputs = pool_inputs(
+            embeddings, metadata.reset_index(drop=True) if metadata is not None else None, rows, self.config
+        )
+        with torch.inference_mode():
+            return self.scorer_module(torch.from_numpy(inputs)[None])[0].numpy()
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        scores = self.scores(np.asarray(embeddings, dtype=np.float32), metadata)
+        return np.argsort(-scores, kind="stable")[: min(k, len(scores))]

@@ -1,0 +1,346 @@
+"""``xsel train selector``: meta-learn the MedSelect scorer with REINFORCE over labeling episodes.
+
+Each step draws a batch of episodes of one seen condition (train patients only), samples K picks per
+episode *without* replacement by Gumbel-top-k on the scorer's logits, and rewards them with the query
+AUROC of the few-shot classifier fitted on their labels. The baseline is the AUROC of K random picks
+from the same pool; loss = −mean((R − R_random) · log p(picks)), where log p is the Plackett–Luce
+probability of the ordered sample. Validation runs a fixed set of episodes of the unseen validation
+conditions on held-out patients with the deterministic top-k; the best checkpoint is kept.
+
+Everything random derives from (seed, step), so ``resume`` continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xsel import plugins
+from xsel.episodes import EpisodeTask
+from xsel.errors import InputError
+from xsel.labels import patient_ids
+from xsel.medselect import SelectorConfig, build_scorer, load_checkpoint, pool_inputs, save_checkpoint
+from xsel.progress import stderr
+from xsel.selection import check_finite
+from xsel.store import Store, read_store
+
+BEST = "selector.pt"
+LAST = "last.pt"
+METRICS = "metrics.csv"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run wrote its files and how it ended."""
+
+    run_dir: Path
+    steps: int
+    episodes: int
+    best_val_auroc: float
+    best_step: int
+    random_val_auroc: float
+    seconds: float
+    stopped_by: str
+
+
+def plackett_luce_log_prob(logits, picks):
+    """log P(ordered picks) under Plackett–Luce: Σ_j [l(i_j) − logsumexp(l over items not yet picked)].
+
+    ``logits`` (B, N), ``picks`` (B, K) → (B,). This is the exact probability of the ordered sample that
+    Gumbel-top-k draws."""
+    import torch
+
+    chosen = logits.gather(1, picks)
+    taken = torch.zeros_like(logits, dtype=torch.bool)
+    total = torch.zeros(logits.shape[0], dtype=logits.dtype)
+    for step in range(picks.shape[1]):
+        total = total + chosen[:, step] - torch.logsumexp(logits.masked_fill(taken, float("-inf")), dim=1)
+        taken = taken.scatter(1, picks[:, step : step + 1], True)
+    return total
+
+
+def gumbel_top_k(logits, k: int, generator):
+    """K indices per row sampled without replacement with probabilities softmax(logits) (ordered)."""
+    import torch
+
+    uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
+    return torch.topk(logits.detach() - torch.log(-torch.log(uniform)), k, dim=1).indices
+
+
+def batch_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row-wise AUROC of (B, M) scores against (B, M) 0/1 labels, ties counted half (rank formula)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    positives = labels.sum(axis=1)
+    negatives = labels.shape[1] - positives
+    rank_sum = (ranks * labels).sum(axis=1)
+    return (rank_sum - positives * (positives + 1) / 2) / np.maximum(positives * negatives, 1)
+
+
+class _Episodes:
+    """Batches of episodes as arrays: pools (B, N, D′), labels, and query sets."""
+
+    def __init__(self, store: Store, config: SelectorConfig, conditions: list[str], rows: np.ndarray):
+        self.store, self.config = store, config
+        self.tasks = [
+            EpisodeTask(
+                store,
+                condition,
+                negative=config.negative,
+                uncertain=config.uncertain,
+                pool_size=config.pool_size,
+                query_size=config.query_size,
+                k=config.k,
+                rows=rows,
+            )
+            for condition in conditions
+        ]
+        self.classifier = plugins.get("classifier", config.classifier).factory
+
+    def batch(self, task: EpisodeTask, indices: list[int], seed: int):
+        episodes = [task.episode(i, seed) for i in indices]
+        size = min(len(e.pool) for e in episodes)  # equal lengths for one tensor (they rarely differ)
+        pools = np.stack(
+            [pool_inputs(self.store.embeddings, self.store.meta, e.pool[:size], self.config) for e in episodes]
+        )
+        labels = np.stack([e.pool_labels[:size] for e in episodes])
+        return episodes, pools, labels, size
+
+    def rewards(self, episodes, picks: np.ndarray) -> np.ndarray:
+        """Query AUROC per episode of the classifier fitted on each episode's picks (loop over episodes only)."""
+        scores, labels = [], []
+        for episode, chosen in zip(episodes, picks, strict=True):
+            pool = self.store.embeddings[episode.pool]
+            model = self.classifier().fit(pool[chosen], episode.pool_labels[chosen])
+            scores.append(model.decision_function(self.store.embeddings[episode.query]))
+            labels.append(episode.query_labels)
+        return batch_auroc(np.stack(labels), np.stack(scores))
+
+
+def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of training and validation patients; a patient (or an image without one) is on one side only."""
+    patients = patient_ids(store.meta)
+    keys = [f"row:{i}" if patients is None or patients[i] is None else patients[i] for i in range(len(store))]
+    held_out = np.asarray([(zlib.crc32(f"{seed}:{key}".encode()) % 10_000) < fraction * 10_000 for key in keys])
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def _identity(store: Store) -> dict:
+    return {
+        "encoder": store.attrs.get("encoder"),
+        "weights_sha256": store.attrs.get("weights_sha256"),
+        "preprocessing": store.attrs.get("preprocessing"),
+    }
+
+
+def train_selector(
+    store: str | Path | Store,
+    run_dir: str | Path,
+    config: SelectorConfig,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a selector on ``config.conditions``, validate on ``config.val_conditions``; files in ``run_dir``.
+
+    Writes ``selector.pt`` (best validation), ``last.pt`` (for ``resume``) and ``metrics.csv``.
+    """
+    import torch
+
+    from xsel.runtime import resolve_device
+
+    store = store if isinstance(store, Store) else read_store(store)
+    check_finite(store)
+    run_dir = Path(run_dir)
+    if not config.conditions:
+        raise InputError("--conditions is empty: name the seen conditions to train on")
+    if not config.val_conditions:
+        raise InputError("--val-conditions is empty: name conditions held out for validation")
+    if set(config.conditions) & set(config.val_conditions):
+        both = ", ".join(sorted(set(config.conditions) & set(config.val_conditions)))
+        raise InputError(f"{both} is both a training and a validation condition; validation must be unseen")
+    for name, value in (("--episodes", config.episodes), ("--batch-size", config.batch_size), ("--k", config.k)):
+        if value < 1:
+            raise InputError(f"{name} {value}: use at least 1")
+    if (run_dir / LAST).exists() and not resume:
+        raise InputError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    torch_device = resolve_device(device)
+    if config.use_metadata:
+        ages = np.asarray(store.meta["Age"], dtype=np.float64) if "Age" in store.meta.columns else np.array([])
+        ages = ages[np.isfinite(ages)]
+        config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
+    train_rows, val_rows = split_patients(store, config.val_fraction, config.seed)
+    train = _Episodes(store, config, config.conditions, train_rows)
+    val = _Episodes(store, config, config.val_conditions, val_rows)
+    for task in [*train.tasks, *val.tasks]:
+        if task.warning:
+            stderr.print(f"[yellow]note:[/yellow] {task.warning}", soft_wrap=True)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        scorer = build_scorer(store.embeddings.shape[1], hidden=config.hidden, use_metadata=config.use_metadata)
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=config.learning_rate)
+    total_steps = max(1, config.episodes // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, int(total_steps * config.decay_at)), gamma=0.1
+    )
+    step, best, best_step, elapsed = 0, -np.inf, 0, 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / LAST).exists():
+        state = load_checkpoint(run_dir / LAST)
+        scorer.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best, best_step, elapsed = state["step"], state["best_val"], state["best_step"], state["seconds"]
+        _truncate_metrics(run_dir / METRICS, step)  # rows logged after the last checkpoint are redone
+    scorer.to(torch_device)
+    random_val = _validate(val, None, config, torch_device)
+    identity = _identity(store)
+    started = time.perf_counter() - elapsed
+    stopped_by = "episodes"
+    from xsel.progress import progress_bar
+
+    with progress_bar("Training", total=total_steps, unit="steps", show=show_progress) as advance:
+        advance(step)
+        while step < total_steps:
+            if time.perf_counter() - started > config.max_minutes * 60:
+                stopped_by = "time budget"
+                break
+            task = train.tasks[step % len(train.tasks)]
+            indices = list(range(step * config.batch_size, (step + 1) * config.batch_size))
+            episodes, pools, labels, size = train.batch(task, indices, config.seed)
+            generator = torch.Generator().manual_seed(int(zlib.crc32(f"{config.seed}:{step}".encode())))
+            scorer.train()
+            logits = scorer(torch.from_numpy(pools).to(torch_device)).cpu()
+            picks = gumbel_top_k(logits, config.k, generator)
+            log_prob = plackett_luce_log_prob(logits, picks)
+            reward = train.rewards(episodes, picks.numpy())
+            random_picks = np.stack([torch.randperm(size, generator=generator)[: config.k].numpy() for _ in episodes])
+            baseline = train.rewards(episodes, random_picks)
+            advantage = torch.from_numpy(reward - baseline).float()
+            loss = -(advantage * log_prob).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            row = {
+                "step": step,
+                "episodes": step * config.batch_size,
+                "condition": task.condition,
+                "reward": float(reward.mean()),
+                "baseline": float(baseline.mean()),
+                "loss": float(loss.detach()),
+                "learning_rate": scheduler.get_last_lr()[0],
+            }
+            if step % config.val_every == 0 or step == total_steps:
+                per_condition = _validate(val, scorer, config, torch_device)
+                mean = float(np.mean(list(per_condition.values())))
+                row |= {f"val_auroc_{c}": v for c, v in per_condition.items()} | {"val_auroc": mean}
+                row["val_random_auroc"] = float(np.mean(list(random_val.values())))
+                if mean > best:
+                    best, best_step = mean, step
+                    save_checkpoint(
+                        run_dir / BEST,
+                        scorer=scorer.cpu(),
+                        config=config,
+                        identity=identity,
+                        extra={"step": step, "val_auroc": mean, "val_random_auroc": row["val_random_auroc"]},
+                    )
+                    scorer.to(torch_device)
+                elapsed = time.perf_counter() - started
+                save_checkpoint(
+                    run_dir / LAST,
+                    scorer=scorer.cpu(),
+                    config=config,
+                    identity=identity,
+                    extra={
+                        "step": step,
+                        "best_val": best,
+                        "best_step": best_step,
+                        "seconds": elapsed,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                )
+                scorer.to(torch_device)
+            _append_metrics(run_dir / METRICS, row, config.val_conditions)
+            advance(1)
+    if not (run_dir / BEST).exists():  # stopped before the first validation: a checkpoint is always written
+        per_condition = _validate(val, scorer, config, torch_device)
+        best, best_step = float(np.mean(list(per_condition.values()))), step
+        save_checkpoint(
+            run_dir / BEST,
+            scorer=scorer.cpu(),
+            config=config,
+            identity=identity,
+            extra={"step": step, "val_auroc": best, "val_random_auroc": float(np.mean(list(random_val.values())))},
+        )
+    return TrainResult(
+        run_dir=run_dir,
+        steps=step,
+        episodes=step * config.batch_size,
+        best_val_auroc=float(best),
+        best_step=best_step,
+        random_val_auroc=float(np.mean(list(random_val.values()))),
+        seconds=time.perf_counter() - started,
+        stopped_by=stopped_by,
+    )
+
+
+def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[str, float]:
+    """Mean query AUROC per validation condition over its fixed episodes (deterministic top-k, or random picks
+    when ``scorer`` is None)."""
+    import torch
+
+    results = {}
+    for task in val.tasks:
+        episodes, pools, _, size = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
+        if scorer is None:
+            rng = np.random.default_rng([config.seed, 99])
+            picks = np.stack([rng.permutation(size)[: config.k] for _ in episodes])
+        else:
+            scorer.eval()
+            with torch.inference_mode():
+                logits = scorer(torch.from_numpy(pools).to(device)).cpu()
+            picks = torch.topk(logits, config.k, dim=1).indices.numpy()
+        results[task.condition] = float(val.rewards(episodes, picks).mean())
+    return results
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [lines[0], *[line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]]
+        path.write_text("".join(kept))
+
+
+def _append_metrics(path: Path, row: dict, val_conditions: list[str]) -> None:
+    columns = [
+        "step",
+        "episodes",
+        "condition",
+        "reward",
+        "baseline",
+        "loss",
+        "learning_rate",
+        "val_auroc",
+        "val_random_auroc",
+        *[f"val_auroc_{c}" for c in val_conditions],
+    ]
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow({c: row.get(c, "") for c in columns})
