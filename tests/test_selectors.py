@@ -12,7 +12,8 @@ from hypothesis.extra.numpy import arrays
 from xsel import plugins
 from xsel.selection import create_selector, run_selector
 
-SELECTORS = plugins.names("selector")
+# medselect needs a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it
+SELECTORS = [name for name in plugins.names("selector") if name != "medselect"]
 
 
 def labelled(n: int, seed: int = 0) -> pd.DataFrame:
