@@ -107,7 +107,7 @@ def select(
     store: str | Path | Store,
     k: int,
     *,
-    selector: str | None = None,
+    selector: str | object | None = None,
     checkpoint: str | Path | None = None,
     seed: int = 0,
     exclude: str | Path | None = None,
@@ -115,15 +115,18 @@ def select(
 ) -> Selection:
     """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning.
 
-    ``selector`` defaults to ``medselect`` when a ``checkpoint`` is given, else ``typiclust``.
+    ``selector`` is a plugin name — by default ``medselect`` when a ``checkpoint`` is given, else
+    ``typiclust`` — or a ready selector object with a ``name`` (the site runtime passes its ONNX selector).
     """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
-    selector = selector or ("medselect" if checkpoint else "typiclust")
-    name = plugins.get("selector", selector).name
-    instance = create_selector(name, **({"checkpoint": checkpoint} if checkpoint else {}))
+    if isinstance(selector, str) or selector is None:
+        name = plugins.get("selector", selector or ("medselect" if checkpoint else "typiclust")).name
+        instance = create_selector(name, **({"checkpoint": checkpoint} if checkpoint else {}))
+    else:
+        name, instance = selector.name, selector
     check_identity(instance, name, store)
     if getattr(instance, "uses_labels", False):
         raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")

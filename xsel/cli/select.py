@@ -10,12 +10,18 @@ from rich.console import Console
 from rich.table import Table
 
 from xsel.cli import app
+from xsel.cli.embed import Device
 from xsel.progress import stderr
 
 
 @app.command("select")
 def select_command(
-    store: Annotated[Path, typer.Argument(help="Embedding store (from `xsel embed`) holding the pool.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="STORE_OR_CSV", help="Embedding store (from `xsel embed`); with --bundle, the image CSV."
+        ),
+    ],
     k: Annotated[int, typer.Option("--k", "-k", help="How many images to label.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection CSV to write (rank, Path, score, selector, …).")],
     selector: Annotated[
@@ -36,8 +42,26 @@ def select_command(
         bool, typer.Option(help="Allow several images of one PatientID (default: first image per patient).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the selection as JSON records on stdout.")] = False,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Site mode: an exported bundle folder; encodes the CSV's images with onnxruntime."),
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Site mode: keep (or reuse) the computed embeddings in this store.")
+    ] = None,
+    device: Annotated[Device, typer.Option(help="Site mode: where onnxruntime runs.")] = Device.auto,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Site mode: folder the CSV's Path values are relative to.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Site mode: images per encoder call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Site mode: decode worker processes.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Choose K images to label from the pool in STORE and write them, best first, to a CSV.
+    """Choose K images to label from the pool and write them, best first, to a CSV.
+
+    Workstation: STORE is an embedding store. Hospital site: with [bold]--bundle[/bold], the argument is the
+    CSV of images; they are encoded by the bundle's ONNX encoder (no PyTorch needed) and ranked by its
+    learned selector, or by --selector.
 
     [bold]Examples[/bold]
 
@@ -45,19 +69,41 @@ def select_command(
       xsel select pool.h5 --k 20 --out round2.csv --selector kcenter --exclude to_label.csv
       xsel select pool.h5 --k 50 --out picks.csv --selector probcover --seed 7 --json | jq '.[0]'
       xsel select pool.h5 --k 20 --out picks.csv --checkpoint runs/sel/selector.pt
+      xsel select images.csv --bundle exports/cxr --k 20 --out to_label.csv --store site.h5
     """
     from xsel.io.table import write_csv_atomic
-    from xsel.selection import select
 
-    selection = select(
-        store,
-        k,
-        selector=selector,
-        checkpoint=checkpoint,
-        seed=seed,
-        exclude=exclude,
-        allow_same_patient=allow_same_patient,
-    )
+    if bundle is not None:
+        from xsel.site import site_select
+
+        selection = site_select(
+            source,
+            bundle,
+            k,
+            out=out,
+            selector=selector,
+            device=device.value,
+            store=store,
+            image_root=image_root,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            exclude=exclude,
+            allow_same_patient=allow_same_patient,
+            show_progress=not quiet,
+        )
+    else:
+        from xsel.selection import select
+
+        selection = select(
+            source,
+            k,
+            selector=selector,
+            checkpoint=checkpoint,
+            seed=seed,
+            exclude=exclude,
+            allow_same_patient=allow_same_patient,
+        )
     for warning in selection.warnings:
         stderr.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True)
     write_csv_atomic(selection.table, out)

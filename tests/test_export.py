@@ -1,0 +1,260 @@
+"""ONNX bundles: export with parity checks, verification on load, and the torch-free site runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pandas as pd
+import pytest
+
+from tests.conftest import write_png_folder
+from xsel.bundle import Bundle
+from xsel.export import export_bundle
+from xsel.medselect import SelectorConfig
+from xsel.selection import select
+from xsel.site import site_select
+from xsel.train_selector import train_selector
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_TORCH = """
+import sys
+class _BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError("torch is blocked: the site runtime must not need it")
+sys.meta_path.insert(0, _BlockTorch())
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(demo_store, tmp_path_factory):
+    """A small learned selector on the pixels demo store, and a bundle with it."""
+    folder = tmp_path_factory.mktemp("export")
+    config = SelectorConfig(
+        conditions=["Cardiomegaly", "Pleural Effusion"],
+        val_conditions=["Lung Opacity"],
+        k=5,
+        pool_size=60,
+        query_size=20,
+        episodes=64,
+        batch_size=8,
+        hidden=16,
+        val_every=4,
+        val_episodes=4,
+    )
+    train_selector(demo_store, folder / "run", config, show_progress=False)
+    bundle = folder / "bundle"
+    export_bundle(bundle, encoder="pixels", selector_checkpoint=folder / "run" / "selector.pt")
+    return folder / "run" / "selector.pt", bundle
+
+
+@pytest.fixture
+def bundle_copy(trained, tmp_path):
+    target = tmp_path / "bundle"
+    shutil.copytree(trained[1], target)
+    return target
+
+
+def test_manifest_lists_everything_a_site_needs(trained):
+    bundle = Bundle.load(trained[1])
+    manifest = bundle.manifest
+    assert manifest["schema_version"] == 1 and manifest["opset"] >= 17
+    assert manifest["encoder"]["preprocessing"] == {"image_size": 128, "channels": 1, "mean": [0.0], "std": [1.0]}
+    assert set(manifest["sha256"]) == {"encoder.onnx", "selector.onnx"}
+    assert manifest["parity"]["passed"] and len(manifest["parity"]["encoder"]) == 2
+    pools = [check["case"] for check in manifest["parity"]["selector"]]
+    assert pools == ["selector pool 7", "selector pool 61", "selector pool 250"]
+    assert all(check["max_abs_diff"] < 1e-4 for check in manifest["parity"]["selector"])
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(trained[1] / "selector.onnx")).metadata_props}
+    assert props["xsel_encoder"]["name"] == "pixels"
+
+
+def test_site_selects_what_the_workstation_selects(trained, demo_store, tmp_path):
+    csv = demo_store.parent / "labels.csv"
+    site = site_select(csv, trained[1], 12, out=tmp_path / "s.csv", show_progress=False)
+    workstation = select(demo_store, 12, checkpoint=trained[0])
+    assert site.table["Path"].tolist() == workstation.table["Path"].tolist()
+    assert (site.table["score"] - workstation.table["score"]).abs().max() < 1e-4
+
+
+def test_site_cli_runs_without_torch(trained, demo_store, tmp_path):
+    code = BLOCK_TORCH + (
+        "from typer.testing import CliRunner\nfrom xsel.cli import app\n"
+        f"r = CliRunner().invoke(app, ['select', {str(demo_store.parent / 'labels.csv')!r}, '--bundle', "
+        f"{str(trained[1])!r}, '--k', '6', '--out', {str(tmp_path / 'site.csv')!r}, '-q'])\n"
+        "assert r.exit_code == 0, r.output\nprint('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr
+    assert len(pd.read_csv(tmp_path / "site.csv")) == 6
+
+
+def test_store_is_kept_and_reused(trained, demo_store, tmp_path):
+    csv = demo_store.parent / "labels.csv"
+    first = site_select(csv, trained[1], 5, out=tmp_path / "a.csv", store=tmp_path / "site.h5", show_progress=False)
+    assert (tmp_path / "site.h5").is_file()
+    again = site_select(tmp_path / "nothing.csv", trained[1], 5, out=tmp_path / "b.csv", store=tmp_path / "site.h5")
+    assert again.table["Path"].tolist() == first.table["Path"].tolist()
+
+
+def test_baselines_run_on_an_encoder_only_bundle(demo_store, tmp_path, cli):
+    export_bundle(tmp_path / "enc", encoder="pixels")
+    csv = demo_store.parent / "labels.csv"
+    refused = cli("select", csv, "--bundle", tmp_path / "enc", "--k", "5", "--out", tmp_path / "s.csv", "-q")
+    assert refused.exit_code == 2 and "holds no learned selector" in refused.stderr
+    result = cli(
+        "select",
+        csv,
+        "--bundle",
+        tmp_path / "enc",
+        "--k",
+        "5",
+        "--out",
+        tmp_path / "s.csv",
+        "--selector",
+        "typiclust",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    workstation = select(demo_store, 5, selector="typiclust")
+    assert pd.read_csv(tmp_path / "s.csv")["Path"].tolist() == workstation.table["Path"].tolist()
+
+
+def test_undecodable_images_are_skipped_and_listed(trained, tmp_path):
+    csv = write_png_folder(tmp_path / "imgs", 8)
+    (tmp_path / "imgs" / "img" / "0003.png").write_bytes(b"broken")
+    out = tmp_path / "sel.csv"
+    result = site_select(csv, trained[1], 20, out=out, show_progress=False)
+    errors = pd.read_csv(tmp_path / "sel.csv.errors.csv")
+    assert errors["Path"].tolist() == ["img/0003.png"]
+    assert len(result.table) == 4, "8 images, 7 readable, one per patient (pairs share a PatientID)"
+    assert any("larger than the pool" in w for w in result.warnings)
+
+
+def test_encoder_export_parity_for_a_cnn(tmp_path):
+    manifest = export_bundle(tmp_path / "r18", encoder="resnet18", weights="none", image_size=32)
+    assert all(check["max_abs_diff"] < 1e-3 for check in manifest["parity"]["encoder"])
+    assert manifest["selector"] is None and manifest["encoder"]["embedding_dim"] == 512
+
+
+def _tamper(bundle: Path, how: str) -> None:
+    if how == "modified":
+        data = bytearray((bundle / "selector.onnx").read_bytes())
+        data[-10] ^= 0xFF
+        (bundle / "selector.onnx").write_bytes(bytes(data))
+    elif how == "missing":
+        (bundle / "encoder.onnx").unlink()
+    elif how == "newer":
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    elif how == "not json":
+        (bundle / "manifest.json").write_text("{oops")
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("modified", "selector.onnx: SHA-256 does not match the manifest"),
+        ("missing", "encoder.onnx is missing"),
+        ("newer", "bundle schema 2, this xsel reads schema 1"),
+        ("not json", "manifest.json: not valid JSON"),
+    ],
+)
+def test_a_tampered_or_incomplete_bundle_is_refused(bundle_copy, demo_store, tmp_path, cli, how, message):
+    _tamper(bundle_copy, how)
+    result = cli(
+        "select",
+        demo_store.parent / "labels.csv",
+        "--bundle",
+        bundle_copy,
+        "--k",
+        "3",
+        "--out",
+        tmp_path / "s.csv",
+        "-q",
+    )
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_store_from_another_encoder_is_refused(trained, demo_store, tmp_path, cli):
+    from xsel.embed import embed
+
+    csv = demo_store.parent / "labels.csv"
+    other = tmp_path / "r18.h5"
+    embed(csv, other, encoder="resnet18", weights="none", image_size=32, show_progress=False)
+    result = cli("select", csv, "--bundle", trained[1], "--k", "3", "--out", tmp_path / "s.csv", "--store", other, "-q")
+    assert result.exit_code == 2 and "was made by resnet18" in result.stderr and "encodes with pixels" in result.stderr
+
+
+def test_export_refusals(trained, tmp_path, cli):
+    result = cli("export", "--encoder", "pixels", "--out", trained[1])
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
+    mismatch = cli(
+        "export", "--encoder", "resnet18", "--weights", "none", "--selector", trained[0], "--out", tmp_path / "b"
+    )
+    assert mismatch.exit_code == 2 and "trained on embeddings of pixels" in mismatch.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="a CUDA provider exists"
+)
+def test_device_cuda_without_a_cuda_provider_is_an_error(trained, demo_store, tmp_path, cli):
+    result = cli(
+        "select",
+        demo_store.parent / "labels.csv",
+        "--bundle",
+        trained[1],
+        "--k",
+        "3",
+        "--out",
+        tmp_path / "s.csv",
+        "--device",
+        "cuda",
+        "-q",
+    )
+    assert result.exit_code == 2 and "--device cuda" in result.stderr
+
+
+@pytest.mark.slow
+def test_site_install_without_torch_selects_the_same_paths(trained, demo_store, tmp_path):
+    """A fresh, non-editable environment with only the `cpu` extra runs the bundle exported in this test run."""
+    venv = tmp_path / "site-venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", f"{ROOT}[cpu]"], capture_output=True, text=True, timeout=1200
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.lower()
+    assert "torch" not in freeze and "onnxruntime" in freeze
+    out = tmp_path / "site.csv"
+    run = subprocess.run(
+        [
+            venv / "bin" / "xsel",
+            "select",
+            demo_store.parent / "labels.csv",
+            "--bundle",
+            trained[1],
+            "--k",
+            "15",
+            "--out",
+            out,
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "XSEL_LOAD_PLUGINS": ""},
+    )
+    assert run.returncode == 0, run.stderr
+    workstation = select(demo_store, 15, checkpoint=trained[0])
+    assert pd.read_csv(out)["Path"].tolist() == workstation.table["Path"].tolist()

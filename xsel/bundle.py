@@ -1,0 +1,180 @@
+"""Exported bundles at a hospital site: verify, load and run them with onnxruntime only (no torch).
+
+A bundle is a folder with ``encoder.onnx``, optionally ``selector.onnx`` (a learned selector), and
+``manifest.json`` (schema version, preprocessing, input/output names, SHA-256 of every file, parity
+results). Loading verifies the schema and every hash and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xsel.errors import InputError
+from xsel.io.images import ImageDecodeError, load_image
+from xsel.io.table import file_sha256
+from xsel.progress import progress_bar, stderr
+
+BUNDLE_SCHEMA = 1
+MANIFEST = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+SELECTOR_FILE = "selector.onnx"
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise InputError(
+            "onnxruntime is not installed: pip install 'xsel[cpu]' (or 'xsel[gpu]' on a CUDA machine; install one)"
+        ) from None
+    return onnxruntime
+
+
+def make_session(path: Path, device: str = "auto"):
+    """An onnxruntime session on CUDA when asked for (or available with ``auto``), else on CPU.
+
+    ``cuda`` that ends up on the CPU is an error; ``auto`` falls back with a one-line notice.
+    """
+    ort = import_onnxruntime()
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device {device}: choose one of auto, cpu, cuda")
+    wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers())
+    providers = ["CPUExecutionProvider"]
+    if wants_cuda:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # lets the CUDA provider find the CUDA/cuDNN libraries of the nvidia wheels
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.log_severity_level = 3  # the fallback is reported below, in one line
+    with warnings.catch_warnings():  # onnxruntime warns when a requested provider is absent: reported below
+        warnings.simplefilter("ignore")
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    running = session.get_providers()
+    if wants_cuda and running[0] != "CUDAExecutionProvider":
+        if device == "cuda":
+            raise InputError("--device cuda: onnxruntime could not start its CUDA provider; use --device cpu or auto")
+        stderr.print("[yellow]note:[/yellow] CUDA provider unavailable, running on the CPU", soft_wrap=True)
+    return session
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: its folder and manifest; sessions are created on demand."""
+
+    path: Path
+    manifest: dict
+    device: str = "auto"
+    _sessions: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Bundle:
+        """Read and verify a bundle: manifest schema, the files it names, and each file's SHA-256."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise InputError(f"{path}: not a bundle (no {MANIFEST}); export one with `xsel export`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{manifest_path}: not valid JSON; re-export the bundle") from None
+        version = manifest.get("schema_version")
+        if version != BUNDLE_SCHEMA:
+            raise InputError(
+                f"{manifest_path}: bundle schema {version!r}, this xsel reads schema {BUNDLE_SCHEMA}; "
+                "update xsel or re-export the bundle with this version"
+            )
+        files = manifest.get("sha256", {})
+        if ENCODER_FILE not in files:
+            raise InputError(f"{manifest_path}: lists no {ENCODER_FILE}; re-export the bundle")
+        for name, digest in files.items():
+            if Path(name).name != name:
+                raise InputError(f"{manifest_path}: file name {name!r} leaves the bundle folder")
+            if not (path / name).is_file():
+                raise InputError(f"{path}: {name} is missing; the bundle is incomplete, copy it again")
+            if file_sha256(path / name) != digest:
+                raise InputError(f"{path / name}: SHA-256 does not match the manifest; the bundle was modified")
+        return cls(path=path, manifest=manifest, device=device)
+
+    @property
+    def encoder(self) -> dict:
+        return self.manifest["encoder"]
+
+    @property
+    def selector(self) -> dict | None:
+        return self.manifest.get("selector")
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            self._sessions[name] = make_session(self.path / name, self.device)
+        return self._sessions[name]
+
+    def embed_files(self, files: list[Path], *, batch_size: int = 32, workers: int | None = None, show_progress=True):
+        """Decode (worker processes) and encode images: (embeddings of the readable ones, their indices, errors)."""
+        preprocessing = self.encoder["preprocessing"]
+        session = self.session(ENCODER_FILE)
+        input_name, output_name = self.encoder["input"], self.encoder["output"]
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        kept, outputs, errors, batch, batch_rows = [], [], [], [], []
+
+        def flush():
+            if batch:
+                outputs.append(session.run([output_name], {input_name: np.stack(batch)})[0])
+                kept.extend(batch_rows)
+                batch.clear()
+                batch_rows.clear()
+
+        with progress_bar("Encoding", total=len(files), show=show_progress) as advance:
+            decoded = _decode_all(files, preprocessing, workers)
+            for row, (array, error) in enumerate(decoded):
+                if error is not None:
+                    errors.append((row, error))
+                else:
+                    batch.append(array)
+                    batch_rows.append(row)
+                    if len(batch) == batch_size:
+                        flush()
+                advance(1)
+            flush()
+        dim = int(self.encoder["embedding_dim"])
+        embeddings = np.concatenate(outputs) if outputs else np.zeros((0, dim), np.float32)
+        return embeddings.astype(np.float32), np.asarray(kept, dtype=np.int64), errors
+
+    def scores(self, pool_inputs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The learned selector on one pool (N, D′) in store order: (scores (N,), top-k indices)."""
+        selector = self.selector
+        session = self.session(SELECTOR_FILE)
+        scores, top = session.run(
+            [selector["outputs"]["scores"], selector["outputs"]["top_indices"]],
+            {
+                selector["inputs"]["pool"]: pool_inputs[None].astype(np.float32),
+                selector["inputs"]["k"]: np.array(k, np.int64),
+            },
+        )
+        return scores[0], top[0]
+
+
+def _decode_one(args):
+    path, preprocessing = args
+    try:
+        return load_image(path, preprocessing), None
+    except ImageDecodeError as error:
+        return None, str(error)
+
+
+def _decode_all(files, preprocessing, workers, window: int = 256):
+    """Decoded images in order; at most ``window`` are in flight, so memory stays flat for any number."""
+    jobs = [(path, preprocessing) for path in files]
+    if workers <= 1:
+        yield from map(_decode_one, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        for start in range(0, len(jobs), window):
+            yield from pool.map(_decode_one, jobs[start : start + window], chunksize=8)

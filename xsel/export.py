@@ -1,0 +1,238 @@
+"""``xsel export``: an encoder (and optionally a learned selector) → an ONNX bundle a site runs without torch.
+
+The legacy TorchScript-based exporter (``dynamo=False``) is used on purpose: it keeps the batch, pool
+length and K symbolic for the bidirectional LSTM, where the dynamo exporter freezes the pool length.
+Every model is checked with ``onnx.checker`` and against PyTorch on seeded inputs — encoder at several
+batch sizes, selector at pool sizes other than the export example, one smaller than K — and a failed
+check writes no bundle. The bundle appears in one rename when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from xsel import __version__, plugins
+from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, make_session
+from xsel.encoders import create_encoder, weights_sha256
+from xsel.errors import InputError, XselError
+from xsel.io.table import file_sha256
+
+OPSET = 17
+ENCODER_BATCHES = (1, 3)
+SELECTOR_POOLS = (7, 61, 250)  # the export example has 50; 7 is smaller than the default K
+SELECTOR_K = 20
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def _selector_module(scorer):
+    """Scores plus the top-k indices, k clamped to the pool length inside the graph (ONNX TopK needs k ≤ N)."""
+    import torch
+
+    class ExportedSelector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scorer = scorer
+
+        def forward(self, pool, k):
+            scores = self.scorer(pool)
+            k_in_pool = torch.minimum(k, torch._shape_as_tensor(pool)[1])
+            return scores, torch.topk(scores, k_in_pool, dim=1).indices
+
+    return ExportedSelector().eval()
+
+
+def _onnx_export(module, example, path: Path, **options) -> None:
+    """torch.onnx.export with the legacy exporter, chosen on purpose: silence its deprecation notices."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*LSTM can cause an error.*")
+        torch.onnx.export(module, example, str(path), dynamo=False, **options)
+
+
+def _check(name: str, reference: np.ndarray, exported: np.ndarray) -> dict:
+    difference = float(np.abs(reference - exported).max()) if reference.size else 0.0
+    if reference.shape != exported.shape or not np.allclose(exported, reference, rtol=RTOL, atol=ATOL):
+        raise XselError(
+            f"parity check failed for {name}: shapes {reference.shape} vs {exported.shape}, max abs difference "
+            f"{difference:.2e} (tolerance rtol {RTOL}, atol {ATOL}); no bundle was written"
+        )
+    return {"case": name, "max_abs_diff": difference}
+
+
+def _add_metadata(path: Path, metadata: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value, sort_keys=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_bundle(
+    out: str | Path,
+    *,
+    encoder: str = "resnet18",
+    weights: str | None = None,
+    image_size: int | None = None,
+    selector_checkpoint: str | Path | None = None,
+    overwrite: bool = False,
+    opset: int = OPSET,
+) -> dict:
+    """Write the bundle folder ``out``; returns its manifest."""
+    import torch
+
+    from xsel.medselect import MedSelectSelector
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    model = create_encoder(encoder, weights, image_size=image_size).cpu().eval()
+    identity = {
+        "encoder": plugins.get("encoder", encoder).name,
+        "weights_sha256": weights_sha256(model),
+        "preprocessing": model.preprocessing,
+    }
+    learned = MedSelectSelector(selector_checkpoint) if selector_checkpoint is not None else None
+    if learned is not None and learned.encoder_identity != identity:
+        raise InputError(
+            f"{selector_checkpoint} was trained on embeddings of {learned.encoder_identity['encoder']} "
+            f"(weights {str(learned.encoder_identity['weights_sha256'])[:12]}…), not of {identity['encoder']} "
+            f"(weights {identity['weights_sha256'][:12]}…); export the encoder the selector was trained with"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _write_models(staging, model, identity, learned, opset, torch)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_models(folder: Path, model, identity: dict, learned, opset: int, torch) -> dict:
+    import onnx
+
+    pre = model.preprocessing
+    size, channels = int(pre["image_size"]), int(pre["channels"])
+    generator = torch.Generator().manual_seed(0)
+    encoder_path = folder / ENCODER_FILE
+    _onnx_export(
+        model,
+        (torch.randn(2, channels, size, size, generator=generator),),
+        encoder_path,
+        input_names=["images"],
+        output_names=["embeddings"],
+        dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        opset_version=opset,
+    )
+    onnx.checker.check_model(str(encoder_path))
+    session = make_session(encoder_path, "cpu")
+    parity = {"tolerance": {"rtol": RTOL, "atol": ATOL}, "encoder": [], "selector": []}
+    for batch in ENCODER_BATCHES:
+        images = torch.randn(batch, channels, size, size, generator=generator)
+        with torch.inference_mode():
+            reference = model(images).numpy()
+        exported = session.run(["embeddings"], {"images": images.numpy()})[0]
+        parity["encoder"].append(_check(f"encoder batch {batch}", reference, exported))
+    encoder_entry = {
+        "name": identity["encoder"],
+        "weights_sha256": identity["weights_sha256"],
+        "preprocessing": pre,
+        "embedding_dim": int(model.embedding_dim),
+        "input": "images",
+        "output": "embeddings",
+        "file": ENCODER_FILE,
+    }
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA,
+        "xsel_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "opset": opset,
+        "encoder": encoder_entry,
+        "selector": None,
+    }
+    if learned is not None:
+        manifest["selector"] = _write_selector(folder, learned, opset, parity, generator, torch)
+    parity["passed"] = True
+    manifest["parity"] = parity
+    for name in (ENCODER_FILE, SELECTOR_FILE):
+        if (folder / name).exists():
+            _add_metadata(folder / name, {"xsel_encoder": encoder_entry, "xsel_version": __version__})
+    manifest["sha256"] = {
+        name: file_sha256(folder / name) for name in (ENCODER_FILE, SELECTOR_FILE) if (folder / name).exists()
+    }
+    return manifest
+
+
+def _write_selector(folder: Path, learned, opset: int, parity: dict, generator, torch) -> dict:
+    import onnx
+
+    scorer = learned.scorer().cpu().eval()
+    module = _selector_module(scorer)
+    width = scorer.input_dim
+    path = folder / SELECTOR_FILE
+    _onnx_export(
+        module,
+        (torch.randn(1, 50, width, generator=generator), torch.tensor(5, dtype=torch.int64)),
+        path,
+        input_names=["pool", "k"],
+        output_names=["scores", "top_indices"],
+        dynamic_axes={
+            "pool": {0: "batch", 1: "pool_size"},
+            "scores": {0: "batch", 1: "pool_size"},
+            "top_indices": {0: "batch", 1: "k_in_pool"},
+        },
+        opset_version=opset,
+    )
+    onnx.checker.check_model(str(path))
+    session = make_session(path, "cpu")
+    for pool_size in SELECTOR_POOLS:
+        pool = torch.randn(1, pool_size, width, generator=generator)
+        with torch.inference_mode():
+            reference = scorer(pool).numpy()
+        scores, top = session.run(
+            ["scores", "top_indices"], {"pool": pool.numpy(), "k": np.array(SELECTOR_K, np.int64)}
+        )
+        check = _check(f"selector pool {pool_size}", reference, scores)
+        expected = np.argsort(-reference[0], kind="stable")[: min(SELECTOR_K, pool_size)]
+        # the same picks, in the same order (a swap is only tolerated between tied scores)
+        if not np.allclose(reference[0][top[0]], reference[0][expected], rtol=0, atol=ATOL):
+            raise XselError(f"parity check failed for selector top-k at pool {pool_size}; no bundle was written")
+        check["same_top_k"] = bool(np.array_equal(top[0], expected))
+        parity["selector"].append(check)
+    config = learned.config
+    return {
+        "name": "medselect",
+        "file": SELECTOR_FILE,
+        "inputs": {"pool": "pool", "k": "k"},
+        "outputs": {"scores": "scores", "top_indices": "top_indices"},
+        "input_dim": int(width),
+        "embedding_dim": int(scorer.embedding_dim),
+        "use_metadata": bool(config.use_metadata),
+        "age_mean": float(config.age_mean),
+        "age_std": float(config.age_std),
+        "trained_k": int(config.k),
+        "conditions": list(config.conditions),
+        "checkpoint": str(learned.checkpoint),
+    }

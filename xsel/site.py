@@ -1,0 +1,146 @@
+"""``xsel select CSV --bundle DIR``: selection at a hospital site with an exported bundle (no torch).
+
+Images are decoded with the same code as ``xsel embed`` (``xsel.io.images``), encoded by the bundle's
+``encoder.onnx``, reduced by the same pool rules as ``xsel select`` (exclusions, one image per patient),
+and ranked by the bundle's learned selector or by any baseline selector plugin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xsel.bundle import Bundle
+from xsel.errors import InputError
+from xsel.io.table import PATH_COLUMN, read_image_table, write_csv_atomic
+from xsel.medselect import SelectorConfig, pool_inputs
+from xsel.selection import Selection, select
+from xsel.store import Store, errors_path, read_store, write_store
+
+
+class BundleSelector:
+    """The bundle's learned selector as a selector plugin object, run by onnxruntime."""
+
+    uses_labels = False
+    name = "medselect"
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        entry = bundle.selector
+        self.config = SelectorConfig(
+            conditions=entry["conditions"],
+            val_conditions=[],
+            use_metadata=entry["use_metadata"],
+            age_mean=entry["age_mean"],
+            age_std=entry["age_std"],
+        )
+        encoder = bundle.encoder
+        self.encoder_identity = {
+            "encoder": encoder["name"],
+            "weights_sha256": encoder["weights_sha256"],
+            "preprocessing": encoder["preprocessing"],
+        }
+
+    def _inputs(self, embeddings, metadata):
+        meta = metadata.reset_index(drop=True) if metadata is not None else None
+        return pool_inputs(np.asarray(embeddings, np.float32), meta, np.arange(len(embeddings)), self.config)
+
+    def scores(self, embeddings, metadata=None):
+        return self.bundle.scores(self._inputs(embeddings, metadata), 1)[0]
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        return self.bundle.scores(self._inputs(embeddings, metadata), k)[1].astype(np.int64)
+
+
+def bundle_store(
+    bundle: Bundle,
+    csv: str | Path,
+    *,
+    store: str | Path | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    errors_csv: Path,
+    show_progress: bool = True,
+) -> Store:
+    """Embeddings of the CSV's images from the bundle's encoder, or from ``store`` when it already holds them."""
+    encoder = bundle.encoder
+    identity = {
+        "encoder": encoder["name"],
+        "weights_sha256": encoder["weights_sha256"],
+        "preprocessing": encoder["preprocessing"],
+    }
+    if store is not None and Path(store).exists():
+        existing = read_store(store)
+        found = {key: existing.attrs.get(key) for key in identity}
+        if found != identity:
+            raise InputError(
+                f"{store} was made by {found['encoder']} (weights {str(found['weights_sha256'])[:12]}…), the bundle "
+                f"encodes with {identity['encoder']} (weights {identity['weights_sha256'][:12]}…); "
+                "pass another --store to encode again"
+            )
+        return existing
+    table = read_image_table(csv, image_root)
+    embeddings, kept, errors = bundle.embed_files(
+        table.files, batch_size=batch_size, workers=workers, show_progress=show_progress
+    )
+    if errors:
+        write_csv_atomic(
+            pd.DataFrame({PATH_COLUMN: [table.paths[r] for r, _ in errors], "error": [e for _, e in errors]}),
+            errors_csv,
+        )
+    if len(kept) == 0:
+        raise InputError(f"{table.csv_path}: none of the {len(table.files)} images could be read; see {errors_csv}")
+    meta = table.frame.drop(columns=[PATH_COLUMN]).iloc[kept].reset_index(drop=True)
+    paths = [table.paths[row] for row in kept]
+    attrs = {
+        **identity,
+        "encoder_options": {"bundle": str(bundle.path)},
+        "xsel_version": bundle.manifest["xsel_version"],
+    }
+    if store is not None:
+        write_store(store, embedding_chunks=[embeddings], paths=paths, meta=meta, attrs=attrs)
+    return Store(path=Path(store or csv), embeddings=embeddings, paths=paths, meta=meta, attrs=attrs)
+
+
+def site_select(
+    csv: str | Path,
+    bundle: str | Path,
+    k: int,
+    *,
+    out: str | Path,
+    selector: str | None = None,
+    device: str = "auto",
+    store: str | Path | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    seed: int = 0,
+    exclude: str | Path | None = None,
+    allow_same_patient: bool = False,
+    show_progress: bool = True,
+) -> Selection:
+    """Select K images of ``csv`` with a bundle; the learned selector unless ``selector`` names a baseline."""
+    if k < 1:
+        raise InputError(f"--k {k}: choose at least 1 image")
+    loaded = Bundle.load(bundle, device=device)
+    if selector in (None, "medselect") and loaded.selector is None:
+        raise InputError(f"{bundle} holds no learned selector; choose a baseline with --selector (e.g. typiclust)")
+    errors_csv = errors_path(store) if store is not None else Path(str(out) + ".errors.csv")
+    pool = bundle_store(
+        loaded,
+        csv,
+        store=store,
+        image_root=image_root,
+        batch_size=batch_size,
+        workers=workers,
+        errors_csv=errors_csv,
+        show_progress=show_progress,
+    )
+    chosen = BundleSelector(loaded) if selector in (None, "medselect") else selector
+    result = select(pool, k, selector=chosen, seed=seed, exclude=exclude, allow_same_patient=allow_same_patient)
+    if errors_csv.exists() and store is None:
+        result.warnings.append(f"some images could not be read; they are listed in {errors_csv}")
+    return result
