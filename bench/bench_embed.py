@@ -21,22 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchlib import has_realcxr, image_csv, summary
 from PIL import Image
-
-REALCXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"
-
-
-def image_table(n_images: int, workdir: Path) -> Path:
-    """A CSV of ``n_images`` images: realcxr when available, else synthetic demo images."""
-    if (REALCXR / "labels.csv").is_file():
-        frame = pd.read_csv(REALCXR / "labels.csv").head(n_images)
-        frame["Path"] = [str(REALCXR / p) for p in frame["Path"]]
-        csv = workdir / "images.csv"
-        frame[["Path"]].to_csv(csv, index=False)
-        return csv
-    from xsel.demo import generate_demo_data
-
-    return generate_demo_data(workdir / "demo", n_images=n_images, image_size=256)
 
 
 def naive_loop(files: list[Path], encoder) -> float:
@@ -89,7 +75,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        csv = image_table(args.images, workdir)
+        csv = image_csv(args.images, workdir)
         frame = pd.read_csv(csv)
         files = [Path(p) if Path(p).is_absolute() else csv.parent / p for p in frame["Path"]]
         encoder = create_encoder(args.encoder)
@@ -104,18 +90,13 @@ def main() -> None:
         "benchmark": "embed",
         "encoder": args.encoder,
         "images": len(files),
-        "source": "realcxr" if (REALCXR / "labels.csv").is_file() else "synthetic demo",
+        "source": "realcxr" if has_realcxr() else "synthetic demo",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "images_per_s": {
-            name: {
-                "median": statistics.median(v),
-                "min": min(v),
-                "max": max(v),
-                "ratio_to_naive": statistics.median(v) / naive,
-            }
-            for name, v in runs.items()
+            name: {**summary(values), "ratio_to_naive": statistics.median(values) / naive}
+            for name, values in runs.items()
         },
     }
     print(f"{args.encoder} on {result['images']} {result['source']} images, {args.repeats} runs each (images/s):")

@@ -18,14 +18,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from benchlib import REALCXR, overall_row, print_markdown, subset
 
 from xsel.embed import embed
 from xsel.evaluate import evaluate
 from xsel.medselect import SelectorConfig
-from xsel.store import Store, read_store
+from xsel.store import read_store
 from xsel.train_selector import train_selector
 
-REALCXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"
 NIH = ("nih-talo", "nih-zech")
 SEEN = ["Effusion", "Infiltration", "Pneumonia", "Consolidation", "Pleural_Thickening"]
 VALIDATION = ["Mass", "Nodule"]
@@ -33,14 +33,23 @@ UNSEEN_NIH = ["Atelectasis", "Edema", "Cardiomegaly"]
 UNSEEN_KERMANY = ["Bacterial Pneumonia", "Viral Pneumonia"]
 
 
-def subset(store: Store, mask: np.ndarray) -> Store:
-    return Store(
-        path=store.path,
-        embeddings=store.embeddings[mask],
-        paths=[p for p, keep in zip(store.paths, mask, strict=True) if keep],
-        meta=store.meta[mask].reset_index(drop=True),
-        attrs=store.attrs,
-    )
+def shuffled_order_overlap(store, checkpoint, mask, args, pools: int = 50) -> float:
+    """How much the LSTM's picks depend on pool order: mean share of K picks kept when a pool is shuffled."""
+    from xsel.episodes import EpisodeTask
+    from xsel.medselect import MedSelectSelector
+
+    selector = MedSelectSelector(checkpoint)
+    test = subset(store, mask)
+    task = EpisodeTask(test, UNSEEN_NIH[0], pool_size=args.pool_size, query_size=args.query_size, k=args.k)
+    rng = np.random.default_rng(0)
+    shared = []
+    for index in range(pools):
+        pool = test.embeddings[task.episode(index, 0).pool]
+        order = rng.permutation(len(pool))
+        in_order = set(selector.select(pool, args.k, seed=0).tolist())
+        shuffled = set(order[selector.select(pool[order], args.k, seed=0)].tolist())
+        shared.append(len(in_order & shuffled) / args.k)
+    return float(np.mean(shared))
 
 
 def main() -> None:
@@ -92,6 +101,10 @@ def main() -> None:
             flush=True,
         )
         specs = [*selectors, f"medselect={run_dir / 'selector.pt'}"]
+        order_overlap = shuffled_order_overlap(
+            store, run_dir / "selector.pt", source.isin(NIH).to_numpy() & test_patient, args
+        )
+        print(f"{encoder}: picks shared between a pool in store order and the same pool shuffled: {order_overlap:.0%}")
         for group, sources, conditions in (("NIH unseen", NIH, UNSEEN_NIH), ("Kermany", ("kermany",), UNSEEN_KERMANY)):
             test_store = subset(store, source.isin(sources).to_numpy() & test_patient)
             result = evaluate(
@@ -104,21 +117,14 @@ def main() -> None:
                 query_size=args.query_size,
                 show_progress=False,
             )
-            overall = result.summary[result.summary["condition"] == "all"].set_index("selector")
-            row = {
-                "encoder": encoder,
-                "group": group,
-                "train_minutes": trained.seconds / 60,
-                "train_steps": trained.steps,
-            }
-            for selector in overall.index:
-                r = overall.loc[selector]
-                row[selector] = {
-                    "auroc": r["auroc"],
-                    "ci": [r["auroc_low"], r["auroc_high"]],
-                    "diff": r["diff_vs_random"],
-                    "diff_ci": [r["diff_low"], r["diff_high"]],
-                }
+            row = overall_row(
+                result,
+                encoder=encoder,
+                group=group,
+                train_minutes=trained.seconds / 60,
+                train_steps=trained.steps,
+                shuffled_order_overlap=order_overlap,
+            )
             report.append(row)
             for warning in result.warnings:
                 print("  note:", warning)
@@ -127,15 +133,7 @@ def main() -> None:
         f"\nTest patients only; K={args.k}, pool {args.pool_size}, query {args.query_size}, {args.episodes} episodes "
         "per condition, cosine classifier. random: mean AUROC [95% CI]; others: paired Δ vs random [95% CI]\n"
     )
-    print("| encoder | unseen tasks | random | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
-    for row in report:
-        cells = [f"{row['random']['auroc']:.3f} [{row['random']['ci'][0]:.3f}, {row['random']['ci'][1]:.3f}]"]
-        for name in names:
-            d = row[name]
-            mark = "**" if d["diff_ci"][0] > 0 else ""
-            cells.append(f"{mark}{d['diff']:+.3f}{mark} [{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}]")
-        print(f"| {row['encoder']} | {row['group']} | " + " | ".join(cells) + " |")
+    print_markdown(report, names, ("encoder", "unseen tasks"))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float))
 

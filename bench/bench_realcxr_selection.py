@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import REALCXR, has_realcxr, overall_row, print_markdown, subset
 
 from xsel.embed import embed
 from xsel.evaluate import evaluate
-from xsel.store import Store, read_store
+from xsel.store import read_store
 
-REALCXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"
 GROUPS = {
     "NIH": (
         ("nih-talo", "nih-zech"),
@@ -43,17 +43,6 @@ GROUPS = {
 WEIGHTS = {"resnet18": "none"}  # the CNN baseline: random init (no ImageNet download here)
 
 
-def subset(store: Store, sources: tuple[str, ...]) -> Store:
-    mask = store.meta["Source"].isin(sources).to_numpy()
-    return Store(
-        path=store.path,
-        embeddings=store.embeddings[mask],
-        paths=[p for p, keep in zip(store.paths, mask, strict=True) if keep],
-        meta=store.meta[mask].reset_index(drop=True),
-        attrs=store.attrs,
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", default="pixels,resnet18,efficientnet-lite0")
@@ -65,7 +54,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (REALCXR / "labels.csv").is_file():
+    if not has_realcxr():
         raise SystemExit(f"realcxr pack not found at {REALCXR}")
     args.cache.mkdir(parents=True, exist_ok=True)
     selectors = args.selectors.split(",")
@@ -80,7 +69,7 @@ def main() -> None:
         for group, (sources, conditions) in GROUPS.items():
             began = time.perf_counter()
             result = evaluate(
-                subset(store, sources),
+                subset(store, store.meta["Source"].isin(sources).to_numpy()),
                 conditions,
                 selectors=selectors,
                 k=[args.k],
@@ -89,17 +78,7 @@ def main() -> None:
                 query_size=args.query_size,
                 show_progress=False,
             )
-            overall = result.summary[result.summary["condition"] == "all"].set_index("selector")
-            row = {"encoder": encoder, "group": group, "seconds": time.perf_counter() - began}
-            for selector in overall.index:
-                r = overall.loc[selector]
-                row[selector] = {
-                    "auroc": r["auroc"],
-                    "ci": [r["auroc_low"], r["auroc_high"]],
-                    "diff": r["diff_vs_random"],
-                    "diff_ci": [r["diff_low"], r["diff_high"]],
-                    "win_rate": r["win_rate"],
-                }
+            row = overall_row(result, encoder=encoder, group=group, seconds=time.perf_counter() - began)
             report.append(row)
             print(f"{encoder} / {group}: {len(conditions)} conditions in {row['seconds']:.0f} s", flush=True)
 
@@ -108,15 +87,7 @@ def main() -> None:
         f"\nK={args.k}, pool {args.pool_size}, query {args.query_size}, {args.episodes} episodes per condition, "
         "cosine classifier; random: mean AUROC [95% CI]; others: paired Δ vs random [95% CI]\n"
     )
-    print("| encoder | tasks | random | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
-    for row in report:
-        cells = [f"{row['random']['auroc']:.3f} [{row['random']['ci'][0]:.3f}, {row['random']['ci'][1]:.3f}]"]
-        for name in names:
-            d = row[name]
-            mark = "**" if d["diff_ci"][0] > 0 else ""
-            cells.append(f"{mark}{d['diff']:+.3f}{mark} [{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}]")
-        print(f"| {row['encoder']} | {row['group']} | " + " | ".join(cells) + " |")
+    print_markdown(report, names, ("encoder", "tasks"))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float))
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from xsel.cli import app
 
+QUICK_EVALUATION = ["--episodes", "3", "--pool-size", "60", "--query-size", "20", "--k", "5", "-q"]
 REALCXR = Path(os.environ.get("XSEL_REALCXR", Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from xsel.demo import CONDITIONS, NEGATIVE, generate_demo_data
+from xsel.demo import CONDITIONS, NEGATIVE, generate_demo_data, reset_demo_dir
 from xsel.store import read_store
 
 
@@ -46,17 +46,18 @@ def test_cardiomegaly_enlarges_the_heart_shadow(tmp_path):
     assert enlarged.mean() > normal.mean() + 0.02
 
 
-def test_demo_command_generates_embeds_and_summarises(tmp_path, cli):
+def test_demo_command_runs_the_whole_pipeline(tmp_path, cli):
     out = tmp_path / "demo"
-    result = cli("demo", "--out", out, "--images", "200", "--episodes", "2", "-q")
+    result = cli("demo", "--out", out, "--images", "400", "--episodes", "2", "--train-minutes", "0.05", "-q")
     assert result.exit_code == 0, result.output
-    assert "200 synthetic images" in result.stdout and "Cardiomegaly" in result.stdout
-    assert "K=20: query AUROC" in result.stdout and "Selected 20 of" in result.stdout
+    assert "400 synthetic images" in result.stdout and "Learned selector:" in result.stdout
+    assert "K=20: query AUROC" in result.stdout and "medselect" in result.stdout
+    assert "the same images as the workstation's selection" in result.stdout
     store = read_store(out / "demo.h5")
-    assert len(store) == 200 and store.attrs["encoder"] == "pixels"
-    assert (out / "evaluation" / "summary.csv").is_file() and len(pd.read_csv(out / "selection.csv")) == 20
-    rerun = cli("demo", "--out", out, "--images", "200", "--episodes", "2", "-q")  # a demo folder may be rebuilt
-    assert rerun.exit_code == 0, rerun.output
+    assert len(store) == 400 and store.attrs["encoder"] == "pixels"
+    assert (out / "evaluation" / "summary.csv").is_file() and (out / "bundle" / "manifest.json").is_file()
+    assert len(pd.read_csv(out / "selection.csv")) == 20
+    assert reset_demo_dir(out) == out and not any(out.iterdir()), "a demo folder may be rebuilt"
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, cli):

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import QUICK_EVALUATION
 from xsel.evaluate import evaluate, summarize, write_report
 
 SMALL = {"pool_size": 80, "query_size": 20, "episodes": 6}
@@ -96,15 +97,7 @@ def test_cli_end_to_end_with_a_single_selector(demo_store, tmp_path, cli):
         "random",
         "--out",
         tmp_path,
-        "--episodes",
-        "3",
-        "--pool-size",
-        "60",
-        "--query-size",
-        "20",
-        "--k",
-        "5",
-        "-q",
+        *QUICK_EVALUATION,
     )
     assert result.exit_code == 0, result.output
     assert "K=5" in result.stdout and (tmp_path / "summary.csv").is_file()
@@ -120,15 +113,7 @@ def test_cli_json(demo_store, tmp_path, cli):
         "kcenter",
         "--out",
         tmp_path,
-        "--episodes",
-        "3",
-        "--pool-size",
-        "60",
-        "--query-size",
-        "20",
-        "--k",
-        "5",
-        "-q",
+        *QUICK_EVALUATION,
         "--json",
     )
     payload = json.loads(result.stdout)

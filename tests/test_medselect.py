@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import QUICK_EVALUATION
 from xsel.errors import InputError
 from xsel.medselect import MedSelectSelector, SelectorConfig, build_scorer, load_checkpoint
 from xsel.selection import select
@@ -199,15 +200,7 @@ def test_cli_train_select_and_evaluate(demo_store, tmp_path, cli):
         f"typiclust,medselect={run / 'selector.pt'}",
         "--out",
         tmp_path / "eval",
-        "--episodes",
-        "3",
-        "--pool-size",
-        "60",
-        "--query-size",
-        "20",
-        "--k",
-        "5",
-        "-q",
+        *QUICK_EVALUATION,
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert "medselect" in set(pd.read_csv(tmp_path / "eval" / "episodes.csv")["selector"])

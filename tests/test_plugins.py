@@ -136,9 +136,10 @@ def test_xsel_load_plugins_narrows_third_party_plugins_only(value, has_example):
     assert ("efficientnet-lite0" in names) is has_example
 
 
-@pytest.mark.parametrize(
-    "args", [["--help"], ["plugins"], ["plugins", "--json"], ["embed", "--help"], ["demo", "--help"]]
-)
+COMMANDS = [["embed"], ["select"], ["evaluate"], ["train", "selector"], ["export"], ["plugins"], ["demo"]]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], *[[*c, "--help"] for c in COMMANDS]])
 def test_cli_start_up_does_not_import_torch(args):
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom xsel.cli import app\n"
@@ -147,6 +148,12 @@ def test_cli_start_up_does_not_import_torch(args):
     )
     result = run_python(code)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_help_has_examples(cli, command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0 and "Examples" in result.stdout, result.output
 
 
 def test_version_flag(cli):

@@ -200,6 +200,12 @@ def reset_demo_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
+# MedSelect's protocol on the demo: train on seen conditions, validate on one, report unseen ones
+SEEN = ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Pneumothorax")
+VALIDATION = ("Nodule",)
+UNSEEN = ("Atelectasis", "Edema")
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """Where the demo wrote its files and what each step returned."""
@@ -209,8 +215,11 @@ class DemoResult:
     store: Path
     labels: pd.DataFrame
     embed: object  # xsel.embed.EmbedResult
+    training: object  # xsel.train_selector.TrainResult
     evaluation: object  # xsel.evaluate.Evaluation
-    selection: object  # xsel.selection.Selection
+    bundle: Path
+    selection: object  # xsel.selection.Selection (site runtime, from the bundle)
+    site_matches_workstation: bool
 
 
 def run_demo(
@@ -221,33 +230,70 @@ def run_demo(
     n_images: int = 600,
     image_size: int = 128,
     episodes: int = 20,
+    train_minutes: float = 1.0,
     k: int = 20,
     seed: int = 0,
     show_progress: bool = True,
 ) -> DemoResult:
-    """The pipeline on synthetic data: generate images, embed them, compare selectors over paired
-    episodes of every condition, then pick the K images to label from the whole set."""
+    """The whole pipeline on synthetic data: generate images, embed them, train a selector on seen
+    conditions, compare it with the baselines on unseen ones, export a bundle, and let the bundle pick
+    the K images to label exactly as a hospital site would (checked against the workstation's picks)."""
     from xsel.embed import embed
     from xsel.evaluate import evaluate, write_report
-    from xsel.io.table import write_csv_atomic
+    from xsel.export import export_bundle
+    from xsel.medselect import SelectorConfig
     from xsel.selection import select
+    from xsel.site import site_select
+    from xsel.train_selector import train_selector
 
     out_dir = reset_demo_dir(out_dir)
     csv = generate_demo_data(out_dir, n_images=n_images, image_size=image_size, seed=seed)
     store = out_dir / "demo.h5"
     embedded = embed(csv, store, encoder=encoder, weights=weights, show_progress=show_progress)
-    pool = max(2 * k, n_images // 3)
+    pool_size, query_size = max(2 * k, n_images // 3), max(10, min(40, n_images // 15))
+    config = SelectorConfig(
+        conditions=list(SEEN),
+        val_conditions=list(VALIDATION),
+        k=k,
+        pool_size=pool_size,
+        query_size=query_size,
+        episodes=4000,
+        batch_size=16,
+        val_every=10,
+        val_episodes=10,
+        val_fraction=0.3,
+        max_minutes=train_minutes,
+        seed=seed,
+    )
+    run_dir = out_dir / "selector-run"
+    training = train_selector(store, run_dir, config, show_progress=show_progress)
+    checkpoint = run_dir / "selector.pt"
+    selectors = [
+        "random",
+        "kmedoids",
+        "kcenter",
+        "typiclust",
+        "probcover",
+        "oracle-balanced",
+        f"medselect={checkpoint}",
+    ]
     evaluation = evaluate(
         store,
-        list(CONDITIONS),
+        list(UNSEEN),
+        selectors=selectors,
         k=[k],
         episodes=episodes,
-        pool_size=pool,
-        query_size=max(10, min(40, n_images // 15)),
+        pool_size=pool_size,
+        query_size=query_size,
         seed=seed,
         show_progress=show_progress,
     )
     write_report(evaluation, out_dir / "evaluation")
-    selection = select(store, k, selector="typiclust", seed=seed)
-    write_csv_atomic(selection.table, out_dir / "selection.csv")
-    return DemoResult(out_dir, csv, store, pd.read_csv(csv), embedded, evaluation, selection)
+    bundle = out_dir / "bundle"
+    export_bundle(bundle, encoder=encoder, weights=weights, selector_checkpoint=checkpoint)
+    selection_csv = out_dir / "selection.csv"
+    selection = site_select(csv, bundle, k, out=selection_csv, show_progress=show_progress)
+    write_csv_atomic(selection.table, selection_csv)
+    workstation = select(store, k, checkpoint=checkpoint, seed=seed)
+    matches = selection.table["Path"].tolist() == workstation.table["Path"].tolist()
+    return DemoResult(out_dir, csv, store, pd.read_csv(csv), embedded, training, evaluation, bundle, selection, matches)

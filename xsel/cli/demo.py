@@ -22,23 +22,31 @@ def demo_command(
     weights: Annotated[str | None, typer.Option(help="Weights for the encoder (see `xsel embed --help`).")] = None,
     images: Annotated[int, typer.Option(help="How many synthetic images to generate.")] = 600,
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per condition.")] = 20,
+    train_minutes: Annotated[float, typer.Option(help="Time budget for training the learned selector.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Generate synthetic chest X-rays with labels, embed them, compare selectors and pick K to label.
+    """Run the whole pipeline on synthetic chest X-rays: embed, train a selector, evaluate, export, select.
 
     [bold]Examples[/bold]
 
       xsel demo
       xsel demo --out /tmp/xsel-demo --encoder efficientnet-lite0 --images 1000
     """
-    from xsel.demo import CONDITIONS, NEGATIVE, run_demo
+    from xsel.demo import CONDITIONS, NEGATIVE, SEEN, UNSEEN, VALIDATION, run_demo
     from xsel.errors import InputError
 
-    if images < 200:
-        raise InputError(f"--images {images}: use at least 200 so every condition has enough images for episodes")
+    if images < 400:
+        raise InputError(f"--images {images}: use at least 400 so every condition has enough images for episodes")
     result = run_demo(
-        out, encoder=encoder, weights=weights, n_images=images, episodes=episodes, seed=seed, show_progress=not quiet
+        out,
+        encoder=encoder,
+        weights=weights,
+        n_images=images,
+        episodes=episodes,
+        train_minutes=train_minutes,
+        seed=seed,
+        show_progress=not quiet,
     )
     labels = result.labels
     table = Table(title=f"xsel demo: {len(labels)} synthetic images, {labels['PatientID'].nunique()} patients")
@@ -61,11 +69,20 @@ def demo_command(
         f"{embedded.seconds:.1f} s, {embedded.images_per_second:.1f} images/s → {result.store}",
         soft_wrap=True,
     )
+    trained = result.training
+    console.print(
+        f"Learned selector: {trained.steps} steps ({trained.episodes} episodes) on {', '.join(SEEN)} in "
+        f"{trained.seconds:.0f} s; validation AUROC on {', '.join(VALIDATION)} {trained.best_val_auroc:.3f} "
+        f"(random picks {trained.random_val_auroc:.3f})",
+        soft_wrap=True,
+    )
+    console.print(f"[bold]Unseen conditions ({', '.join(UNSEEN)}):[/bold]")
     print_summary(result.evaluation, console)
     picked = result.selection.table
+    agreement = "the same images as" if result.site_matches_workstation else "[red]different images from[/red]"
     console.print(
-        f"Selected {len(picked)} of {result.selection.pool_size} images to label with typiclust → "
-        f"{result.out_dir / 'selection.csv'}",
+        f"Bundle {result.bundle} (ONNX, no PyTorch needed) picked {len(picked)} of {result.selection.pool_size} "
+        f"images to label → {result.out_dir / 'selection.csv'}; {agreement} the workstation's selection.",
         soft_wrap=True,
     )
     console.print(f"Images and labels: {result.csv}; evaluation: {result.out_dir / 'evaluation'}", soft_wrap=True)

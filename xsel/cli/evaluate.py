@@ -64,16 +64,16 @@ def print_summary(result, console: Console) -> None:
             per_condition = Table(
                 title=f"K={budget}: mean AUROC per condition (green/red: Δ vs random CI above/below 0)"
             )
-            per_condition.add_column("condition", no_wrap=True)
-            for selector in settings["selectors"]:
-                per_condition.add_column(selector, justify="right", overflow="fold")
+            per_condition.add_column("selector", no_wrap=True)
             for condition in settings["conditions"]:
+                per_condition.add_column(condition, justify="right")
+            for selector in settings["selectors"]:
                 cells = []
-                for selector in settings["selectors"]:
+                for condition in settings["conditions"]:
                     row = rows[(rows["condition"] == condition) & (rows["selector"] == selector)].iloc[0]
                     style = "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
                     cells.append(f"[{style}]{row['auroc']:.3f}[/{style}]")
-                per_condition.add_row(condition, *cells)
+                per_condition.add_row(selector, *cells)
             console.print(per_condition)
 
 
