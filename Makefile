@@ -11,7 +11,7 @@ STAMP := $(VENV)/.xsel-installed
 
 $(STAMP): pyproject.toml plugins/xsel-efficientnet-lite/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e ".[train,cpu,dev]"
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e ".[train,cpu,dev,ray]"
 	$(BIN)/python -m pip install --quiet ./plugins/xsel-efficientnet-lite  # the example plugin, as a user would
 	touch $@
 

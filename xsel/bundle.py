@@ -19,7 +19,7 @@ import numpy as np
 from xsel.errors import InputError
 from xsel.io.images import ImageDecodeError, load_image
 from xsel.io.table import file_sha256
-from xsel.progress import progress_bar, stderr
+from xsel.progress import notify, progress_bar
 
 BUNDLE_SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -61,7 +61,7 @@ def make_session(path: Path, device: str = "auto"):
     if wants_cuda and running[0] != "CUDAExecutionProvider":
         if device == "cuda":
             raise InputError("--device cuda: onnxruntime could not start its CUDA provider; use --device cpu or auto")
-        stderr.print("[yellow]note:[/yellow] CUDA provider unavailable, running on the CPU", soft_wrap=True)
+        notify("CUDA provider unavailable, running on the CPU")
     return session
 
 

@@ -137,6 +137,10 @@ def embed(
     resume: bool = False,
     overwrite: bool = False,
     chunk_rows: int = 1024,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus_per_worker: float = 0.0,
+    concurrency: int | None = None,
     show_progress: bool = True,
 ) -> EmbedResult:
     """Embed every image of ``csv`` with the named encoder plugin into the store ``out``.
@@ -144,10 +148,14 @@ def embed(
     Undecodable images are skipped and listed in ``<out>.errors.csv``; at least one image must embed.
     ``precision``: ``auto`` = fp16 autocast on CUDA, exact fp32 on CPU; ``bf16`` roughly doubles CPU
     throughput on processors with AVX-512 BF16/AMX at a relative error of about 3e-3.
+    ``engine="ray"`` runs decoding and the encoder on a Ray cluster (``address``; a local one when None),
+    writing the same shards and store as the local engine.
     """
     out = Path(out)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: use 1 or more")
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine {engine}: choose local or ray")
     if workers is not None and workers < 0:
         raise InputError(f"--workers {workers}: use 0 (decode in this process) or more")
     partial = out.with_name(out.name + ".partial")
@@ -157,6 +165,10 @@ def embed(
         if not resume:
             raise InputError(f"{out} already exists; pass --overwrite to replace it or --resume to finish it")
     table = read_image_table(csv, image_root)
+    if engine == "ray":
+        from xsel.ray_engine import import_ray
+
+        import_ray()  # fail before anything is written
     torch_device = resolve_device(device)
     amp_dtype = autocast_dtype(precision, torch_device)
     model = create_encoder(encoder, weights, image_size=image_size)
@@ -181,18 +193,29 @@ def embed(
     resumed_rows = len(table.files) - len(todo_rows)
 
     began = time.perf_counter()
-    _embed_rows(
-        model,
-        table.files,
-        todo_rows,
-        partial,
-        chunk_rows,
-        batch_size,
-        workers,
-        torch_device,
-        amp_dtype,
-        show_progress,
-    )
+    if todo_rows:
+        writer = ShardWriter(partial, chunk_rows, todo_rows[0], int(model.embedding_dim))
+        if engine == "ray":
+            from xsel.ray_engine import embed_rows_ray
+
+            spec = {"encoder": encoder, "weights": weights, "image_size": image_size, "precision": precision}
+            embed_rows_ray(
+                spec,
+                model.preprocessing,
+                table.files,
+                todo_rows,
+                writer,
+                batch_size=batch_size,
+                address=address,
+                num_gpus_per_worker=num_gpus_per_worker,
+                concurrency=concurrency,
+                show_progress=show_progress,
+            )
+        else:
+            _embed_rows_local(
+                model, table.files, todo_rows, writer, batch_size, workers, torch_device, amp_dtype, show_progress
+            )
+        writer.flush()
     seconds = time.perf_counter() - began
 
     result_rows, error_rows, error_messages = [], [], []
@@ -238,7 +261,7 @@ def embed(
         failed=len(error_rows),
         resumed_rows=resumed_rows,
         seconds=seconds,
-        device=str(torch_device),
+        device=f"ray ({address or 'local cluster'})" if engine == "ray" else str(torch_device),
         encoder=entry_name,
         embedding_dim=int(model.embedding_dim),
         errors_csv=errors_csv,
@@ -279,13 +302,55 @@ def _write_errors(out: Path, paths: list[str], messages: list[str]) -> Path | No
     return write_csv_atomic(pd.DataFrame({PATH_COLUMN: paths, "error": messages}), target)
 
 
-def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, workers, device, amp_dtype, show_progress):
-    """Run decode workers and the model over ``todo_rows``, flushing a shard whenever a block completes."""
+class ShardWriter:
+    """Takes results in row order, from either engine, and writes one shard per finished block of rows."""
+
+    def __init__(self, partial: Path, chunk_rows: int, first_row: int, embedding_dim: int):
+        self.partial, self.chunk_rows, self.dim = partial, chunk_rows, embedding_dim
+        self.block_start = first_row - first_row % chunk_rows
+        self.rows, self.embeddings, self.error_rows, self.errors = [], [], [], []
+
+    def add(self, rows: np.ndarray, embeddings: np.ndarray, errors: list[tuple[int, str]]) -> int:
+        """Add a batch (rows embedded, their embeddings, and (row, message) failures); returns its size."""
+        error_map = dict(errors)
+        position = {row: i for i, row in enumerate(rows.tolist())}
+        ordered = sorted([*position, *error_map])
+        for row in ordered:  # a batch may straddle block boundaries
+            start = row - row % self.chunk_rows
+            if start != self.block_start:
+                self.flush()
+                self.block_start = start
+            if row in error_map:
+                self.error_rows.append(row)
+                self.errors.append(error_map[row])
+            else:
+                self.rows.append(row)
+                self.embeddings.append(embeddings[position[row] : position[row] + 1])
+        return len(ordered)
+
+    def flush(self) -> None:
+        embeddings = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, self.dim), np.float32)
+        _write_shard(self.partial, self.block_start, self.rows, embeddings, self.error_rows, self.errors)
+        self.rows, self.embeddings, self.error_rows, self.errors = [], [], [], []
+
+
+def run_encoder(model, batch, device, amp_dtype) -> np.ndarray:
+    """One forward pass in inference mode (channels-last, autocast when asked), checked for shape."""
+    import torch
+
+    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        output = model(batch).float().cpu().numpy()
+    if output.shape != (len(batch), model.embedding_dim):
+        raise XselError(f"encoder returned shape {output.shape}, expected {(len(batch), model.embedding_dim)}")
+    return output
+
+
+def _embed_rows_local(model, files, todo_rows, writer, batch_size, workers, device, amp_dtype, show_progress):
+    """Decode in DataLoader worker processes, run the model here, hand results to the shard writer."""
     import torch
     from torch.utils.data import DataLoader
 
-    if not todo_rows:
-        return
     if workers is None:
         workers = min(8, os.cpu_count() or 1)  # decoding is the bottleneck once the model is fast
     loader = DataLoader(
@@ -296,45 +361,7 @@ def _embed_rows(model, files, todo_rows, partial, chunk_rows, batch_size, worker
         pin_memory=device.type == "cuda",
     )
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    block_start = todo_rows[0] - todo_rows[0] % chunk_rows
-    block = {"rows": [], "embeddings": [], "error_rows": [], "errors": []}
-
-    def flush(start: int) -> None:
-        embeddings = np.concatenate(block["embeddings"]) if block["embeddings"] else np.zeros((0, model.embedding_dim))
-        _write_shard(partial, start, block["rows"], embeddings, block["error_rows"], block["errors"])
-        for values in block.values():
-            values.clear()
-
     with progress_bar("Embedding", total=len(todo_rows), show=show_progress) as advance:
         for rows, batch, errors in loader:
-            if batch is not None:
-                batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-                ):
-                    output = model(batch)
-                output = output.float().cpu().numpy()
-                if output.shape != (len(rows), model.embedding_dim):
-                    raise XselError(
-                        f"encoder returned shape {output.shape}, expected {(len(rows), model.embedding_dim)}"
-                    )
-            else:
-                output = np.zeros((0, model.embedding_dim), dtype=np.float32)
-            # a batch may straddle block boundaries: split it by block
-            all_rows = sorted([*rows.tolist(), *(row for row, _ in errors)])
-            error_map = dict(errors)
-            position = {row: i for i, row in enumerate(rows.tolist())}
-            for row in all_rows:
-                start = row - row % chunk_rows
-                if start != block_start:
-                    flush(block_start)
-                    block_start = start
-                if row in error_map:
-                    block["error_rows"].append(row)
-                    block["errors"].append(error_map[row])
-                else:
-                    block["rows"].append(row)
-                    block["embeddings"].append(output[position[row] : position[row] + 1])
-            advance(len(all_rows))
-        flush(block_start)
+            output = run_encoder(model, batch, device, amp_dtype) if batch is not None else None
+            advance(writer.add(rows, output, errors))

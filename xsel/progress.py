@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +17,11 @@ from rich.progress import (
 )
 
 stderr = Console(stderr=True)
+
+
+def notify(message: str, *, label: str = "note", style: str = "yellow") -> None:
+    """One diagnostic line on stderr; the message is printed literally (brackets are not markup)."""
+    stderr.print(f"[{style}]{label}:[/{style}] {escape(message)}", soft_wrap=True, highlight=False)
 
 
 class _RateColumn(TextColumn):

@@ -25,7 +25,7 @@ from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.labels import patient_ids
 from xsel.medselect import SelectorConfig, build_scorer, load_checkpoint, pool_inputs, save_checkpoint
-from xsel.progress import stderr
+from xsel.progress import notify
 from xsel.selection import check_finite
 from xsel.store import Store, read_store
 
@@ -183,7 +183,7 @@ def train_selector(
     val = _Episodes(store, config, config.val_conditions, val_rows)
     for task in [*train.tasks, *val.tasks]:
         if task.warning:
-            stderr.print(f"[yellow]note:[/yellow] {task.warning}", soft_wrap=True)
+            notify(task.warning)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -7,7 +7,7 @@ from typer.core import TyperGroup
 
 from xsel import __version__
 from xsel.errors import XselError
-from xsel.progress import stderr
+from xsel.progress import notify
 
 
 class _XselGroup(TyperGroup):
@@ -17,7 +17,7 @@ class _XselGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except XselError as error:
-            stderr.print(f"[bold red]error:[/bold red] {error}", soft_wrap=True, highlight=False, markup=True)
+            notify(str(error), label="error", style="bold red")
             ctx.exit(error.exit_code)
 
 

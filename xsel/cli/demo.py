@@ -85,4 +85,6 @@ def demo_command(
         f"images to label → {result.out_dir / 'selection.csv'}; {agreement} the workstation's selection.",
         soft_wrap=True,
     )
-    console.print(f"Images and labels: {result.csv}; evaluation: {result.out_dir / 'evaluation'}", soft_wrap=True)
+    console.print(
+        f"Images and labels: {result.csv}; evaluation: {result.out_dir / 'evaluation'}", soft_wrap=True, markup=False
+    )

@@ -17,6 +17,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -49,6 +54,14 @@ def embed_command(
     image_size: Annotated[int | None, typer.Option(help="Override the encoder's input size in pixels.")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run, embedding only what is missing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store (the old one stays until done).")] = False,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this machine; ray: a Ray cluster (pip install 'xsel[ray]').")
+    ] = Engine.local,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (auto, ray://host:port); default: start a local one.")
+    ] = None,
+    num_gpus_per_worker: Annotated[float, typer.Option(help="Ray engine: GPUs per encoder actor.")] = 0.0,
+    concurrency: Annotated[int | None, typer.Option(help="Ray engine: number of encoder actors.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed every image of CSV with an encoder plugin into an HDF5 store.
@@ -62,6 +75,7 @@ def embed_command(
       xsel embed pool.csv --out pool.h5 --encoder resnet18 --weights moco.pth.tar --image-size 320
       xsel embed pool.csv --out pool.h5 --encoder pixels          # no weights, no GPU needed
       xsel embed pool.csv --out pool.h5 --resume                  # after an interruption
+      xsel embed pool.csv --out pool.h5 --engine ray --address auto --num-gpus-per-worker 1
     """
     from xsel.embed import embed
 
@@ -78,6 +92,10 @@ def embed_command(
         image_size=image_size,
         resume=resume,
         overwrite=overwrite,
+        engine=engine.value,
+        address=address,
+        num_gpus_per_worker=num_gpus_per_worker,
+        concurrency=concurrency,
         show_progress=not quiet,
     )
     if result.resumed_rows == result.rows:

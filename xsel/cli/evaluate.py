@@ -12,7 +12,7 @@ from rich.table import Table
 
 from xsel.cli import app
 from xsel.errors import InputError
-from xsel.progress import stderr
+from xsel.progress import notify
 
 
 def split_list(value: str, option: str) -> list[str]:
@@ -130,11 +130,11 @@ def evaluate_command(
         show_progress=not quiet,
     )
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        notify(warning, label="warning")
     written = write_report(result, out)
     if as_json:
         typer.echo(json.dumps({"settings": result.settings, "summary": result.summary.to_dict("records")}, indent=2))
         return
     console = Console()
     print_summary(result, console)
-    console.print(f"Wrote {', '.join(p.name for p in written)} to {out}", soft_wrap=True)
+    console.print(f"Wrote {', '.join(p.name for p in written)} to {out}", soft_wrap=True, markup=False)

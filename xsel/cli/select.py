@@ -11,7 +11,7 @@ from rich.table import Table
 
 from xsel.cli import app
 from xsel.cli.embed import Device
-from xsel.progress import stderr
+from xsel.progress import notify
 
 
 @app.command("select")
@@ -105,7 +105,7 @@ def select_command(
             allow_same_patient=allow_same_patient,
         )
     for warning in selection.warnings:
-        stderr.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True)
+        notify(warning)
     write_csv_atomic(selection.table, out)
     table = selection.table
     if as_json:
