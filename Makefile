@@ -21,8 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/python bench/bench_embed.py
+bench: $(STAMP)  ## speed benchmarks → BENCHMARKS.md (about 10 minutes)
+	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check xsel plugins tests bench

@@ -85,7 +85,7 @@ def embed_rows_ray(
 ) -> None:
     """Embed ``todo_rows`` on Ray and hand each batch, in row order, to ``writer``."""
     ray = import_ray()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver shows its own progress bar
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver shows its own progress bar
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
@@ -105,7 +105,7 @@ def embed_rows_ray(
             fn_constructor_kwargs={"spec": spec},
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=num_gpus_per_worker,
         )
     )
