@@ -71,8 +71,15 @@ def select_command(
       xsel select pool.h5 --k 20 --out picks.csv --checkpoint runs/sel/selector.pt
       xsel select images.csv --bundle exports/cxr --k 20 --out to_label.csv --store site.h5
     """
+    from xsel.errors import InputError
     from xsel.io.table import write_csv_atomic
 
+    if bundle is None and (store is not None or image_root is not None):
+        raise InputError(
+            "--store and --image-root apply to site mode only: add --bundle DIR (the argument is then a CSV)"
+        )
+    if bundle is not None and checkpoint is not None:
+        raise InputError("--checkpoint and --bundle exclude each other: a bundle carries its own learned selector")
     if bundle is not None:
         from xsel.site import site_select
 
