@@ -67,3 +67,23 @@ def demo_store(tmp_path_factory) -> Path:
     csv = generate_demo_data(folder, n_images=300, image_size=64, seed=1)
     embed(csv, folder / "demo.h5", encoder="pixels", workers=0, show_progress=False)
     return folder / "demo.h5"
+
+
+def interrupt_embedding(monkeypatch, after_blocks: int, run) -> list[int]:
+    """Run ``run()`` with the shard writer raising KeyboardInterrupt once ``after_blocks`` shards are on disk,
+    as a Ctrl-C mid-run would; returns the block starts that were written."""
+    import xsel.embed as module
+
+    real, written = module._write_shard, []
+
+    def write_then_stop(partial, start, *args):
+        if len(written) == after_blocks:
+            raise KeyboardInterrupt
+        written.append(start)
+        real(partial, start, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "_write_shard", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    return written

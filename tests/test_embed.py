@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import write_png_folder
+from tests.conftest import interrupt_embedding, write_png_folder
 from xsel.embed import embed
 from xsel.encoders import create_encoder
 from xsel.io.images import load_image
@@ -117,21 +117,12 @@ def test_example_plugin_through_the_cli(tmp_path, cli):
 def test_resume_after_an_interruption_embeds_only_the_missing_blocks(tmp_path, monkeypatch):
     csv = write_png_folder(tmp_path, 20)
     out = tmp_path / "s.h5"
-    import xsel.embed as embed_module
-
-    real_write, written = embed_module._write_shard, []
-
-    def crash_after_two(partial, start, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(start)
-        real_write(partial, start, *args)
-
-    monkeypatch.setattr(embed_module, "_write_shard", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, show_progress=False)
+    written = interrupt_embedding(
+        monkeypatch,
+        2,
+        lambda: embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, show_progress=False),
+    )
     assert not out.exists() and written == [0, 4]
-    monkeypatch.setattr(embed_module, "_write_shard", real_write)
     resumed = embed(csv, out, encoder="pixels", chunk_rows=4, batch_size=3, workers=0, resume=True, show_progress=False)
     assert resumed.resumed_rows == 8 and resumed.embedded == 20
     fresh = embed(csv, tmp_path / "fresh.h5", encoder="pixels", workers=0, show_progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import write_png_folder
+from tests.conftest import interrupt_embedding, write_png_folder
 from xsel.embed import embed
 from xsel.store import errors_path, read_store
 
@@ -48,20 +48,11 @@ def test_ray_and_local_engines_write_the_same_store(images, tmp_path, encoder, o
 
 
 def test_ray_resumes_a_run_the_local_engine_started(images, tmp_path, monkeypatch):
-    import xsel.embed as module
-
-    real, written = module._write_shard, []
-
-    def stop_after_two(partial, start, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(start)
-        real(partial, start, *args)
-
-    monkeypatch.setattr(module, "_write_shard", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        embed(images, tmp_path / "s.h5", encoder="pixels", chunk_rows=64, workers=0, show_progress=False)
-    monkeypatch.setattr(module, "_write_shard", real)
+    interrupt_embedding(
+        monkeypatch,
+        2,
+        lambda: embed(images, tmp_path / "s.h5", encoder="pixels", chunk_rows=64, workers=0, show_progress=False),
+    )
     resumed = embed(
         images, tmp_path / "s.h5", encoder="pixels", chunk_rows=64, engine="ray", resume=True, show_progress=False
     )
