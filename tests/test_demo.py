@@ -57,11 +57,12 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path, cli):
     assert len(store) == 400 and store.attrs["encoder"] == "pixels"
     assert (out / "evaluation" / "summary.csv").is_file() and (out / "bundle" / "manifest.json").is_file()
     assert len(pd.read_csv(out / "selection.csv")) == 20
-    assert reset_demo_dir(out) == out and not any(out.iterdir()), "a demo folder may be rebuilt"
+    assert reset_demo_dir(out) == out and [p.name for p in out.iterdir()] == [".xsel-demo"], "a demo may be rebuilt"
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, cli):
     (tmp_path / "precious.txt").write_text("keep me")
+    (tmp_path / "labels.csv").write_text("Path\nmine.png\n")  # a common name is no proof of a demo
     result = cli("demo", "--out", tmp_path, "-q")
-    assert result.exit_code == 2 and "holds no demo" in result.stderr
+    assert result.exit_code == 2 and "holds no xsel demo" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -188,15 +188,21 @@ def generate_demo_data(out_dir: str | Path, *, n_images: int = 600, image_size: 
     return write_csv_atomic(pd.DataFrame(rows), out_dir / "labels.csv")
 
 
-def reset_demo_dir(out_dir: str | Path) -> Path:
-    """Empty the demo folder (only one xsel made: it must hold a demo ``labels.csv`` or nothing)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "labels.csv").is_file():
-        from xsel.errors import InputError
+DEMO_MARKER = ".xsel-demo"
 
-        raise InputError(f"{out_dir} is not empty and holds no demo; choose another --out folder")
+
+def reset_demo_dir(out_dir: str | Path) -> Path:
+    """Empty the demo folder: only one that is empty or that an earlier demo marked as its own."""
+    from xsel.errors import InputError
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; choose a folder for the demo")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / DEMO_MARKER).is_file():
+        raise InputError(f"{out_dir} is not empty and holds no xsel demo; choose another --out folder")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
+    (out_dir / DEMO_MARKER).write_text("made by `xsel demo`; the next demo run may empty this folder\n")
     return out_dir
 
 

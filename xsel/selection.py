@@ -40,8 +40,17 @@ def check_finite(store: Store) -> None:
 
 
 def create_selector(name: str, **options):
-    """Instantiate a selector plugin by name (or alias)."""
-    return plugins.get("selector", name).factory(**options)
+    """Instantiate a selector plugin by name (or alias); options it does not take are an input error."""
+    import inspect
+
+    entry = plugins.get("selector", name)
+    accepted = inspect.signature(entry.factory).parameters
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise InputError(
+            f"selector {entry.name!r} takes no {', '.join(unknown)}: checkpoints are for learned selectors"
+        )
+    return entry.factory(**options)
 
 
 def parse_selector_spec(spec: str) -> tuple[str, str, dict]:
@@ -94,12 +103,18 @@ def excluded_paths(exclude_csv: str | Path) -> set[str]:
 
 
 def pool_rows(store: Store, *, exclude: set[str] | None = None, allow_same_patient: bool = False) -> np.ndarray:
-    """Store rows eligible for selection: not excluded, one per patient unless allowed."""
+    """Store rows eligible for selection: one per patient (its first row) unless allowed, then without the
+    excluded images — and, under the patient rule, without any patient who already has a labelled image."""
     rows = np.arange(len(store))
-    if exclude:
-        rows = rows[[path not in exclude for path in store.paths]]
+    patients = patient_ids(store.meta)
     if not allow_same_patient:
-        rows = first_image_per_patient(patient_ids(store.meta), rows)
+        rows = first_image_per_patient(patients, rows)
+    if exclude:
+        labelled = {i for i, path in enumerate(store.paths) if path in exclude}
+        labelled_patients = (
+            {patients[i] for i in labelled} - {None} if patients is not None and not allow_same_patient else set()
+        )
+        rows = rows[[r not in labelled and (patients is None or patients[r] not in labelled_patients) for r in rows]]
     return rows
 
 

@@ -166,10 +166,19 @@ def train_selector(
     if set(config.conditions) & set(config.val_conditions):
         both = ", ".join(sorted(set(config.conditions) & set(config.val_conditions)))
         raise InputError(f"{both} is both a training and a validation condition; validation must be unseen")
-    for name, value in (("--episodes", config.episodes), ("--batch-size", config.batch_size), ("--k", config.k)):
+    checks = (
+        ("--episodes", config.episodes),
+        ("--batch-size", config.batch_size),
+        ("--k", config.k),
+        ("--val-every", config.val_every),
+        ("--val-episodes", config.val_episodes),
+    )
+    for name, value in checks:
         if value < 1:
             raise InputError(f"{name} {value}: use at least 1")
-    if (run_dir / LAST).exists() and not resume:
+    if config.learning_rate <= 0 or config.seed < 0:
+        raise InputError("--learning-rate must be positive and --seed 0 or more")
+    if not resume and any((run_dir / name).exists() for name in (LAST, BEST, METRICS)):
         raise InputError(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
@@ -197,6 +206,13 @@ def train_selector(
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / LAST).exists():
         state = load_checkpoint(run_dir / LAST)
+        saved = {key: value for key, value in state["config"].items() if key != "max_minutes"}
+        changed = sorted(key for key, value in saved.items() if getattr(config, key, None) != value)
+        if changed:
+            raise InputError(
+                f"{run_dir / LAST} was trained with other settings ({', '.join(changed)}); resume with the same "
+                "settings (only --max-minutes may change) or start a new --out"
+            )
         scorer.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -205,7 +221,7 @@ def train_selector(
     scorer.to(torch_device)
     random_val = _validate(val, None, config, torch_device)
     identity = _identity(store)
-    started = time.perf_counter() - elapsed
+    started = time.perf_counter()  # --max-minutes budgets this invocation; `elapsed` carries the run's total
     stopped_by = "episodes"
     from xsel.progress import progress_bar
 
@@ -258,7 +274,6 @@ def train_selector(
                         extra={"step": step, "val_auroc": mean, "val_random_auroc": row["val_random_auroc"]},
                     )
                     scorer.to(torch_device)
-                elapsed = time.perf_counter() - started
                 save_checkpoint(
                     run_dir / LAST,
                     scorer=scorer.cpu(),
@@ -268,7 +283,7 @@ def train_selector(
                         "step": step,
                         "best_val": best,
                         "best_step": best_step,
-                        "seconds": elapsed,
+                        "seconds": elapsed + time.perf_counter() - started,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                     },
@@ -276,7 +291,7 @@ def train_selector(
                 scorer.to(torch_device)
             _append_metrics(run_dir / METRICS, row, config.val_conditions)
             advance(1)
-    if not (run_dir / BEST).exists():  # stopped before the first validation: a checkpoint is always written
+    if best_step == 0:  # stopped before the first validation: a checkpoint is always written
         per_condition = _validate(val, scorer, config, torch_device)
         best, best_step = float(np.mean(list(per_condition.values()))), step
         save_checkpoint(
@@ -293,7 +308,7 @@ def train_selector(
         best_val_auroc=float(best),
         best_step=best_step,
         random_val_auroc=float(np.mean(list(random_val.values()))),
-        seconds=time.perf_counter() - started,
+        seconds=elapsed + time.perf_counter() - started,
         stopped_by=stopped_by,
     )
 

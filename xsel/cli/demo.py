@@ -23,7 +23,7 @@ def demo_command(
     images: Annotated[int, typer.Option(help="How many synthetic images to generate.")] = 600,
     episodes: Annotated[int, typer.Option(help="Evaluation episodes per condition.")] = 20,
     train_minutes: Annotated[float, typer.Option(help="Time budget for training the learned selector.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the synthetic data.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole pipeline on synthetic chest X-rays: embed, train a selector, evaluate, export, select.

@@ -97,7 +97,7 @@ def evaluate_command(
     uncertain: Annotated[
         str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
     ] = "positive",
-    seed: Annotated[int, typer.Option(help="Seed of the episodes and selectors.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the episodes and selectors.")] = 0,
     allow_same_patient: Annotated[bool, typer.Option(help="Allow several images of one PatientID.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of a table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

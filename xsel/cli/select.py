@@ -36,7 +36,7 @@ def select_command(
         typer.Option(help="CSV whose Path column lists images already labelled (e.g. an earlier selection)."),
     ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed for every random choice; the same seed gives the same selection.")
+        int, typer.Option(min=0, help="Seed for every random choice; the same seed gives the same selection.")
     ] = 0,
     allow_same_patient: Annotated[
         bool, typer.Option(help="Allow several images of one PatientID (default: first image per patient).")

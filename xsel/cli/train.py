@@ -38,7 +38,7 @@ def train_selector_command(
     max_minutes: Annotated[
         float, typer.Option(help="Stop after this many minutes, keeping the best checkpoint.")
     ] = 10.0,
-    seed: Annotated[int, typer.Option(help="Seed of episodes, sampling and initialisation.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of episodes, sampling and initialisation.")] = 0,
     device: Annotated[
         Device, typer.Option(help="Where the selector trains; auto takes CUDA when present.")
     ] = Device.auto,

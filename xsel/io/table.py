@@ -43,7 +43,7 @@ def read_csv_checked(csv_path: str | Path) -> pd.DataFrame:
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: CSV file not found; pass the CSV that lists your images")
     try:
-        frame = pd.read_csv(csv_path, dtype={PATH_COLUMN: str}, keep_default_na=True)
+        frame = pd.read_csv(csv_path, dtype={PATH_COLUMN: str, "PatientID": str}, keep_default_na=True)
     except pd.errors.EmptyDataError:
         raise InputError(f"{csv_path}: the CSV is empty; it needs a header with a 'Path' column") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
