@@ -36,7 +36,13 @@ def build_torchvision(arch: str, weights: str | None = None, image_size: int = 2
         model = getattr(torchvision.models, arch)(weights=None)
     setattr(model, head, torch.nn.Identity())
     if weights == "imagenet":
-        state = getattr(torchvision.models, enum_name).DEFAULT.get_state_dict(progress=True)
+        try:
+            state = getattr(torchvision.models, enum_name).DEFAULT.get_state_dict(progress=True)
+        except OSError as error:  # no network, proxy, full disk…
+            raise InputError(
+                f"--weights imagenet: cannot download torchvision's {arch} weights ({error}); "
+                "download them once where there is internet, or pass a local state-dict file"
+            ) from None
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith(f"{head}.")}, strict=True)
     elif weights is not None:
         load_weights(model, weights, drop_prefixes=(f"{head}.",))

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import write_png_folder
 from xsel.bundle import Bundle
+from xsel.errors import InputError
 from xsel.export import export_bundle
 from xsel.medselect import SelectorConfig
 from xsel.selection import select
@@ -99,8 +100,18 @@ def test_store_is_kept_and_reused(trained, demo_store, tmp_path):
     csv = demo_store.parent / "labels.csv"
     first = site_select(csv, trained[1], 5, out=tmp_path / "a.csv", store=tmp_path / "site.h5", show_progress=False)
     assert (tmp_path / "site.h5").is_file()
-    again = site_select(tmp_path / "nothing.csv", trained[1], 5, out=tmp_path / "b.csv", store=tmp_path / "site.h5")
+    import xsel.bundle
+
+    encode = xsel.bundle.Bundle.embed_files
+    xsel.bundle.Bundle.embed_files = None  # a reused store must not encode again
+    try:
+        again = site_select(csv, trained[1], 5, out=tmp_path / "b.csv", store=tmp_path / "site.h5")
+    finally:
+        xsel.bundle.Bundle.embed_files = encode
     assert again.table["Path"].tolist() == first.table["Path"].tolist()
+    other = write_png_folder(tmp_path / "other", 4)
+    with pytest.raises(InputError, match="holds the embeddings of another CSV"):
+        site_select(other, trained[1], 5, out=tmp_path / "c.csv", store=tmp_path / "site.h5")
 
 
 def test_baselines_run_on_an_encoder_only_bundle(demo_store, tmp_path, cli):

@@ -43,6 +43,24 @@ def test_exclude_removes_labelled_images(demo_store, tmp_path):
     assert not set(first.table["Path"]) & set(second.table["Path"])
 
 
+def test_exclude_removes_every_patient_already_labelled(demo_store, tmp_path):
+    store = read_store(demo_store)
+    repeat = store.meta["PatientID"].duplicated(keep=False)
+    patient = store.meta.loc[repeat, "PatientID"].iloc[0]
+    first = store.meta.index[store.meta["PatientID"] == patient][0]
+    pd.DataFrame({"Path": [store.paths[first]]}).to_csv(tmp_path / "labelled.csv", index=False)
+    everything = select(store, len(store), selector="random", exclude=tmp_path / "labelled.csv")
+    assert patient not in set(everything.table["PatientID"]), "the patient's follow-up image is not offered again"
+
+
+def test_checkpoint_with_a_baseline_and_negative_seed_are_input_errors(demo_store, tmp_path, cli):
+    out = ["--out", str(tmp_path / "s.csv")]
+    result = cli("select", demo_store, "--k", "2", *out, "--selector", "typiclust", "--checkpoint", tmp_path / "c.pt")
+    assert result.exit_code == 2 and "takes no checkpoint" in result.stderr
+    result = cli("select", demo_store, "--k", "2", *out, "--seed", "-1")
+    assert result.exit_code == 2 and "greater than or equal to 0" in result.output
+
+
 def test_same_seed_same_selection_other_seed_other(demo_store):
     a = select(demo_store, 15, selector="kmedoids", seed=4).table["Path"].tolist()
     assert a == select(demo_store, 15, selector="kmedoids", seed=4).table["Path"].tolist()

@@ -85,15 +85,19 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{manifest_path}: not valid JSON; re-export the bundle") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+            raise InputError(f"{manifest_path}: not an xsel bundle manifest; re-export the bundle")
         version = manifest.get("schema_version")
         if version != BUNDLE_SCHEMA:
             raise InputError(
                 f"{manifest_path}: bundle schema {version!r}, this xsel reads schema {BUNDLE_SCHEMA}; "
                 "update xsel or re-export the bundle with this version"
             )
-        files = manifest.get("sha256", {})
-        if ENCODER_FILE not in files:
-            raise InputError(f"{manifest_path}: lists no {ENCODER_FILE}; re-export the bundle")
+        files = manifest["sha256"]
+        needed = [ENCODER_FILE, *([SELECTOR_FILE] if manifest.get("selector") else [])]
+        missing = [name for name in needed if name not in files] + [k for k in ("encoder",) if k not in manifest]
+        if missing:
+            raise InputError(f"{manifest_path}: lists no {', '.join(missing)}; re-export the bundle")
         for name, digest in files.items():
             if Path(name).name != name:
                 raise InputError(f"{manifest_path}: file name {name!r} leaves the bundle folder")

@@ -169,7 +169,7 @@ def embed(
         from xsel.ray_engine import import_ray
 
         import_ray()  # fail before anything is written
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device if engine == "local" else "cpu")  # Ray workers resolve their own
     amp_dtype = autocast_dtype(precision, torch_device)
     model = create_encoder(encoder, weights, image_size=image_size)
     job = {
@@ -198,7 +198,13 @@ def embed(
         if engine == "ray":
             from xsel.ray_engine import embed_rows_ray
 
-            spec = {"encoder": encoder, "weights": weights, "image_size": image_size, "precision": precision}
+            spec = {
+                "encoder": encoder,
+                "weights": weights,
+                "image_size": image_size,
+                "precision": precision,
+                "device": device,  # resolved on each worker: CUDA is theirs to have, not the driver's
+            }
             embed_rows_ray(
                 spec,
                 model.preprocessing,

@@ -22,6 +22,7 @@ from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, ma
 from xsel.encoders import create_encoder, weights_sha256
 from xsel.errors import InputError, XselError
 from xsel.io.table import file_sha256
+from xsel.selection import describe_identity
 
 OPSET = 17
 ENCODER_BATCHES = (1, 3)
@@ -109,9 +110,8 @@ def export_bundle(
     learned = MedSelectSelector(selector_checkpoint) if selector_checkpoint is not None else None
     if learned is not None and learned.encoder_identity != identity:
         raise InputError(
-            f"{selector_checkpoint} was trained on embeddings of {learned.encoder_identity['encoder']} "
-            f"(weights {str(learned.encoder_identity['weights_sha256'])[:12]}…), not of {identity['encoder']} "
-            f"(weights {identity['weights_sha256'][:12]}…); export the encoder the selector was trained with"
+            f"{selector_checkpoint} was trained on embeddings of {describe_identity(learned.encoder_identity)}, not "
+            f"of {describe_identity(identity)}; export the encoder (weights, --image-size) it was trained with"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as error:
         raise InputError(f"{path}: not a readable selector checkpoint ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "state_dict" not in payload:
-        raise InputError(f"{path}: not an xsel selector checkpoint (format {payload.get('format')!r})")
+        raise InputError(f"{path}: not an xsel selector checkpoint; pass the selector.pt of `xsel train selector`")
     payload["path"] = str(path)
     return payload
 

@@ -52,7 +52,7 @@ class EncoderActor:
         from xsel.encoders import create_encoder
         from xsel.runtime import autocast_dtype, resolve_device
 
-        self.device = resolve_device("auto")
+        self.device = resolve_device(spec["device"])
         self.amp_dtype = autocast_dtype(spec["precision"], self.device)
         self.model = create_encoder(spec["encoder"], spec["weights"], image_size=spec["image_size"])
         self.model = self.model.to(self.device)

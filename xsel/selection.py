@@ -60,6 +60,12 @@ def parse_selector_spec(spec: str) -> tuple[str, str, dict]:
     return (primary, primary, {"checkpoint": checkpoint.strip()}) if checkpoint else (primary, primary, {})
 
 
+def describe_identity(identity: dict) -> str:
+    """An encoder identity in words: name, the start of the weights hash, and the preprocessing."""
+    weights = str(identity.get("weights_sha256"))[:12]
+    return f"{identity.get('encoder')} (weights {weights}…, preprocessing {identity.get('preprocessing')})"
+
+
 def check_identity(selector, name: str, store: Store) -> None:
     """A learned selector only fits embeddings of the encoder it was trained on: refuse others, naming both."""
     expected = getattr(selector, "encoder_identity", None)
@@ -67,14 +73,9 @@ def check_identity(selector, name: str, store: Store) -> None:
         return
     found = {key: store.attrs.get(key) for key in expected}
     if found != expected:
-
-        def describe(identity):
-            weights = str(identity.get("weights_sha256"))[:12]
-            return f"{identity.get('encoder')} (weights {weights}…, preprocessing {identity.get('preprocessing')})"
-
         raise InputError(
-            f"selector {name!r} was trained on embeddings of {describe(expected)} but {store.path} was made by "
-            f"{describe(found)}; embed with the same encoder or train a selector on this store"
+            f"selector {name!r} was trained on embeddings of {describe_identity(expected)} but {store.path} was "
+            f"made by {describe_identity(found)}; embed with the same encoder or train a selector on this store"
         )
 
 

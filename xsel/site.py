@@ -7,6 +7,7 @@ and ranked by the bundle's learned selector or by any baseline selector plugin.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pandas as pd
 
 from xsel.bundle import Bundle
 from xsel.errors import InputError
-from xsel.io.table import PATH_COLUMN, read_image_table, write_csv_atomic
+from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_csv_atomic
 from xsel.medselect import SelectorConfig, pool_inputs
 from xsel.selection import Selection, select
 from xsel.store import Store, errors_path, read_store, write_store
@@ -54,6 +55,10 @@ class BundleSelector:
         return self.bundle.scores(self._inputs(embeddings, metadata), k)[1].astype(np.int64)
 
 
+def _count_errors(errors_csv: Path) -> int:
+    return len(pd.read_csv(errors_csv)) if errors_csv.is_file() else 0
+
+
 def bundle_store(
     bundle: Bundle,
     csv: str | Path,
@@ -64,14 +69,17 @@ def bundle_store(
     workers: int | None = None,
     errors_csv: Path,
     show_progress: bool = True,
-) -> Store:
-    """Embeddings of the CSV's images from the bundle's encoder, or from ``store`` when it already holds them."""
+) -> tuple[Store, int]:
+    """Embeddings of the CSV's images from the bundle's encoder, or from ``store`` when it already holds
+    them (same encoder, same CSV); returns the store and how many images failed to decode."""
     encoder = bundle.encoder
     identity = {
         "encoder": encoder["name"],
         "weights_sha256": encoder["weights_sha256"],
         "preprocessing": encoder["preprocessing"],
     }
+    table = read_image_table(csv, image_root)
+    csv_sha256 = file_sha256(table.csv_path)
     if store is not None and Path(store).exists():
         existing = read_store(store)
         found = {key: existing.attrs.get(key) for key in identity}
@@ -81,11 +89,13 @@ def bundle_store(
                 f"encodes with {identity['encoder']} (weights {identity['weights_sha256'][:12]}…); "
                 "pass another --store to encode again"
             )
-        return existing
-    table = read_image_table(csv, image_root)
+        if existing.attrs.get("source_csv_sha256") != csv_sha256:
+            raise InputError(f"{store} holds the embeddings of another CSV than {csv}; pass another --store")
+        return existing, _count_errors(errors_csv)
     embeddings, kept, errors = bundle.embed_files(
         table.files, batch_size=batch_size, workers=workers, show_progress=show_progress
     )
+    errors_csv.unlink(missing_ok=True)  # a list from an earlier run would mislead
     if errors:
         write_csv_atomic(
             pd.DataFrame({PATH_COLUMN: [table.paths[r] for r, _ in errors], "error": [e for _, e in errors]}),
@@ -99,10 +109,12 @@ def bundle_store(
         **identity,
         "encoder_options": {"bundle": str(bundle.path)},
         "xsel_version": bundle.manifest["xsel_version"],
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_csv_sha256": csv_sha256,
     }
     if store is not None:
         write_store(store, embedding_chunks=[embeddings], paths=paths, meta=meta, attrs=attrs)
-    return Store(path=Path(store or csv), embeddings=embeddings, paths=paths, meta=meta, attrs=attrs)
+    return Store(path=Path(store or csv), embeddings=embeddings, paths=paths, meta=meta, attrs=attrs), len(errors)
 
 
 def site_select(
@@ -129,7 +141,7 @@ def site_select(
     if selector in (None, "medselect") and loaded.selector is None:
         raise InputError(f"{bundle} holds no learned selector; choose a baseline with --selector (e.g. typiclust)")
     errors_csv = errors_path(store) if store is not None else Path(str(out) + ".errors.csv")
-    pool = bundle_store(
+    pool, failed = bundle_store(
         loaded,
         csv,
         store=store,
@@ -141,6 +153,6 @@ def site_select(
     )
     chosen = BundleSelector(loaded) if selector in (None, "medselect") else selector
     result = select(pool, k, selector=chosen, seed=seed, exclude=exclude, allow_same_patient=allow_same_patient)
-    if errors_csv.exists() and store is None:
-        result.warnings.append(f"some images could not be read; they are listed in {errors_csv}")
+    if failed:
+        result.warnings.append(f"{failed} images could not be read; they are listed in {errors_csv}")
     return result
