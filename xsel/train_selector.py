@@ -197,6 +197,7 @@ def train_selector(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         scorer = build_scorer(store.embeddings.shape[1], hidden=config.hidden, use_metadata=config.use_metadata)
+    scorer.to(torch_device)  # before any state is loaded, so the optimizer's state lands on the same device
     optimizer = torch.optim.Adam(scorer.parameters(), lr=config.learning_rate)
     total_steps = max(1, config.episodes // config.batch_size)
     scheduler = torch.optim.lr_scheduler.StepLR(
@@ -218,7 +219,6 @@ def train_selector(
         scheduler.load_state_dict(state["scheduler"])
         step, best, best_step, elapsed = state["step"], state["best_val"], state["best_step"], state["seconds"]
         _truncate_metrics(run_dir / METRICS, step)  # rows logged after the last checkpoint are redone
-    scorer.to(torch_device)
     random_val = _validate(val, None, config, torch_device)
     identity = _identity(store)
     started = time.perf_counter()  # --max-minutes budgets this invocation; `elapsed` carries the run's total
