@@ -276,3 +276,18 @@ def test_real_chest_xrays_embed_one_finite_row_per_image(realcxr, tmp_path):
     with torch.inference_mode():
         alone = model(torch.from_numpy(load_image(realcxr / store.paths[row], model.preprocessing))[None])
     assert np.allclose(store.embeddings[row], alone.numpy()[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(("encoder", "options"), [("pixels", {}), ("resnet18", {"weights": "none", "image_size": 32})])
+def test_onnx_runtime_matches_torch(png_csv, tmp_path, encoder, options):
+    torch_store = embed(png_csv, tmp_path / "t.h5", encoder=encoder, show_progress=False, **options)
+    onnx_store = embed(png_csv, tmp_path / "o.h5", encoder=encoder, runtime="onnx", show_progress=False, **options)
+    a, b = read_store(torch_store.store), read_store(onnx_store.store)
+    assert a.paths == b.paths and np.allclose(a.embeddings, b.embeddings, atol=1e-4)
+    assert a.attrs["weights_sha256"] == b.attrs["weights_sha256"], "same encoder identity"
+    assert not (tmp_path / "o.h5.partial").exists()
+
+
+def test_onnx_runtime_refuses_bf16(png_csv, tmp_path, cli):
+    result = cli("embed", png_csv, "--out", tmp_path / "s.h5", "--runtime", "onnx", "--precision", "bf16", "-q")
+    assert result.exit_code == 2 and "--runtime onnx runs locally in fp32" in result.stderr

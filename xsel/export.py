@@ -132,31 +132,47 @@ def export_bundle(
     return manifest
 
 
-def _write_models(folder: Path, model, identity: dict, learned, opset: int, torch) -> dict:
+def export_encoder(model, path: Path, opset: int = OPSET, device: str = "cpu") -> list[dict]:
+    """Write ``model`` as ONNX (dynamic batch, input ``images``, output ``embeddings``), check it, and
+    compare it with PyTorch at each of ``ENCODER_BATCHES``; returns the parity results."""
     import onnx
+    import torch
 
     pre = model.preprocessing
     size, channels = int(pre["image_size"]), int(pre["channels"])
     generator = torch.Generator().manual_seed(0)
-    encoder_path = folder / ENCODER_FILE
+    model = model.cpu().eval()
     _onnx_export(
         model,
         (torch.randn(2, channels, size, size, generator=generator),),
-        encoder_path,
+        path,
         input_names=["images"],
         output_names=["embeddings"],
         dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
         opset_version=opset,
     )
-    onnx.checker.check_model(str(encoder_path))
-    session = make_session(encoder_path, "cpu")
-    parity = {"tolerance": {"rtol": RTOL, "atol": ATOL}, "encoder": [], "selector": []}
+    onnx.checker.check_model(str(path))
+    session = make_session(path, device)
+    checks = []
     for batch in ENCODER_BATCHES:
         images = torch.randn(batch, channels, size, size, generator=generator)
         with torch.inference_mode():
             reference = model(images).numpy()
-        exported = session.run(["embeddings"], {"images": images.numpy()})[0]
-        parity["encoder"].append(_check(f"encoder batch {batch}", reference, exported))
+        checks.append(
+            _check(f"encoder batch {batch}", reference, session.run(["embeddings"], {"images": images.numpy()})[0])
+        )
+    return checks
+
+
+def _write_models(folder: Path, model, identity: dict, learned, opset: int, torch) -> dict:
+    pre = model.preprocessing
+    generator = torch.Generator().manual_seed(0)
+    encoder_path = folder / ENCODER_FILE
+    parity = {
+        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "encoder": export_encoder(model, encoder_path, opset),
+        "selector": [],
+    }
     encoder_entry = {
         "name": identity["encoder"],
         "weights_sha256": identity["weights_sha256"],
