@@ -31,7 +31,7 @@ def untrained_checkpoint(store_path: Path, run_dir: Path) -> Path:
     store = read_store(store_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     scorer = build_scorer(store.embeddings.shape[1])
-    identity = {key: store.attrs.get(key) for key in ("encoder", "weights_sha256", "preprocessing")}
+    identity = store.encoder_identity
     config = SelectorConfig(conditions=["x"], val_conditions=["y"])
     save_checkpoint(run_dir / "selector.pt", scorer=scorer, config=config, identity=identity, extra={})
     return run_dir / "selector.pt"

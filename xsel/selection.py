@@ -71,7 +71,7 @@ def check_identity(selector, name: str, store: Store) -> None:
     expected = getattr(selector, "encoder_identity", None)
     if expected is None:
         return
-    found = {key: store.attrs.get(key) for key in expected}
+    found = store.encoder_identity
     if found != expected:
         raise InputError(
             f"selector {name!r} was trained on embeddings of {describe_identity(expected)} but {store.path} was "

@@ -40,10 +40,9 @@ class Store:
     attrs: dict = field(default_factory=dict)
 
     @property
-    def encoder_identity(self) -> tuple[str, str, str]:
-        """(encoder name, weights_sha256, preprocessing JSON): what checkpoints and bundles must match."""
-        preprocessing = json.dumps(self.attrs.get("preprocessing"), sort_keys=True)
-        return (str(self.attrs.get("encoder")), str(self.attrs.get("weights_sha256")), preprocessing)
+    def encoder_identity(self) -> dict:
+        """Encoder name, weights_sha256 and preprocessing: what selector checkpoints and bundles must match."""
+        return {key: self.attrs.get(key) for key in ("encoder", "weights_sha256", "preprocessing")}
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -25,7 +25,7 @@ from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.labels import patient_ids
 from xsel.medselect import SelectorConfig, build_scorer, load_checkpoint, pool_inputs, save_checkpoint
-from xsel.progress import notify
+from xsel.progress import notify, progress_bar
 from xsel.selection import check_finite
 from xsel.store import Store, read_store
 
@@ -131,14 +131,6 @@ def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def _identity(store: Store) -> dict:
-    return {
-        "encoder": store.attrs.get("encoder"),
-        "weights_sha256": store.attrs.get("weights_sha256"),
-        "preprocessing": store.attrs.get("preprocessing"),
-    }
-
-
 def train_selector(
     store: str | Path | Store,
     run_dir: str | Path,
@@ -220,10 +212,9 @@ def train_selector(
         step, best, best_step, elapsed = state["step"], state["best_val"], state["best_step"], state["seconds"]
         _truncate_metrics(run_dir / METRICS, step)  # rows logged after the last checkpoint are redone
     random_val = _validate(val, None, config, torch_device)
-    identity = _identity(store)
+    identity = store.encoder_identity
     started = time.perf_counter()  # --max-minutes budgets this invocation; `elapsed` carries the run's total
     stopped_by = "episodes"
-    from xsel.progress import progress_bar
 
     with progress_bar("Training", total=total_steps, unit="steps", show=show_progress) as advance:
         advance(step)
