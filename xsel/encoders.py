@@ -36,12 +36,37 @@ def weights_sha256(encoder) -> str:
     return digest.hexdigest()
 
 
+def weights_record(weights: str | None) -> dict | None:
+    """The ``xsel`` record inside a weights file written by xsel (``encoder.pt``, ``classifier.pt``), if any:
+    the encoder it was trained as and the preprocessing it was trained with."""
+    import torch
+
+    if weights is None or not Path(weights).is_file():
+        return None
+    try:
+        loaded = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # not a zip checkpoint: load_weights reports what is wrong with it
+    record = loaded.get("xsel") if isinstance(loaded, dict) else None
+    return record if isinstance(record, dict) else None
+
+
 def create_encoder(name: str, weights: str | None = None, *, image_size: int | None = None, **options):
     """Build the named encoder in eval mode; ``image_size`` overrides its preprocessing size.
 
-    ``weights=None`` leaves the plugin's default; ``"none"`` asks for its seeded random init.
+    ``weights=None`` leaves the plugin's default; ``"none"`` asks for its seeded random init. A weights file
+    written by xsel brings its preprocessing (an encoder pretrained at 96 px is run at 96 px) and must
+    have been trained as the same encoder.
     """
     entry = plugins.get("encoder", name)
+    record = weights_record(weights)
+    if record is not None:
+        trained_as = record.get("encoder")
+        if trained_as is not None and plugins.get("encoder", trained_as).name != entry.name:
+            raise InputError(
+                f"--weights {weights} was trained as encoder {trained_as!r}, not {entry.name!r}; "
+                f"pass --encoder {trained_as}"
+            )
     if weights is not None:
         options["weights"] = None if weights == NO_WEIGHTS else weights
     encoder = entry.factory(**options)
@@ -52,10 +77,12 @@ def create_encoder(name: str, weights: str | None = None, *, image_size: int | N
             f"encoder {name!r} from plugin {entry.plugin!r} breaks the encoder contract "
             f"(missing preprocessing keys {missing} or embedding_dim); report it to the plugin's author"
         )
+    if record is not None and isinstance(record.get("preprocessing"), dict):
+        encoder.preprocessing = {**encoder.preprocessing, **record["preprocessing"]}
     if image_size is not None:
         if image_size < 8:
             raise InputError(f"--image-size {image_size}: use at least 8 pixels")
-        encoder.preprocessing = {**preprocessing, "image_size": int(image_size)}
+        encoder.preprocessing = {**encoder.preprocessing, "image_size": int(image_size)}
     return encoder.eval()
 
 

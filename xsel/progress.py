@@ -39,7 +39,8 @@ class _RateColumn(TextColumn):
 
 @contextmanager
 def progress_bar(description: str, total: int, *, unit: str = "images", show: bool = True) -> Iterator[Callable]:
-    """Yield ``advance(n)``; draws a bar with count, rate and ETA on stderr when ``show`` is true."""
+    """Yield ``advance(n, status="")``; draws a bar with count, rate, ETA and the latest status text (a
+    training loss, say) on stderr when ``show`` is true."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -48,8 +49,13 @@ def progress_bar(description: str, total: int, *, unit: str = "images", show: bo
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
         console=stderr,
         disable=not show,
     ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({} if status is None else {"status": status}))
+
+        yield advance

@@ -1,17 +1,21 @@
-"""``xsel train …``: learn models from a store (``train selector``)."""
+"""``xsel train …``: learn models (``train selector`` from a store, ``train encoder`` from images)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from xsel.cli import app
-from xsel.cli.embed import Device
+from xsel.cli.embed import Device, Precision
 from xsel.cli.evaluate import split_list
 
-train_app = typer.Typer(help="Train models: a learned selector from labelled episodes.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train models: a learned selector from labelled episodes, a self-supervised encoder from images.",
+    no_args_is_help=True,
+)
 app.add_typer(train_app, name="train")
 
 
@@ -80,4 +84,116 @@ def train_selector_command(
         f"Trained {result.steps} steps ({result.episodes} episodes) in {result.seconds / 60:.1f} min, stopped by "
         f"{result.stopped_by}. Best validation AUROC {result.best_val_auroc:.3f} at step {result.best_step} "
         f"(random picks: {result.random_val_auroc:.3f}) → {result.run_dir / 'selector.pt'}"
+    )
+
+
+class Method(str, Enum):
+    moco = "moco"
+    simclr = "simclr"
+    byol = "byol"
+    swav = "swav"
+
+
+@train_app.command("encoder")
+def train_encoder_command(
+    csv: Annotated[Path, typer.Argument(help="CSV with a Path column listing the (unlabeled) images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: encoder.pt, last.pt, metrics.csv.")],
+    method: Annotated[Method, typer.Option(help="Self-supervised objective.")] = Method.moco,
+    arch: Annotated[str, typer.Option(help="Encoder plugin to pretrain: resnet18, resnet50, densenet121, …")] = (
+        "resnet18"
+    ),
+    weights: Annotated[
+        str, typer.Option(help="Starting weights: none (random), imagenet or a state-dict file.")
+    ] = "none",
+    image_size: Annotated[int, typer.Option(help="Training (and later embedding) size; 96–128 px suit CPUs.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Passes over the images (the learning-rate schedule spans them).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per step (each seen as two or more views).")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate of the OneCycle schedule.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = 3.0,
+    temperature: Annotated[
+        float | None, typer.Option(help="Softmax temperature (default: moco/simclr 0.2, swav 0.1).")
+    ] = None,
+    queue_size: Annotated[
+        int | None, typer.Option(help="MoCo: negatives kept in the queue (default 4096, at most half the images).")
+    ] = None,
+    momentum: Annotated[float, typer.Option(help="MoCo key / BYOL target EMA rate.")] = 0.99,
+    prototypes: Annotated[int, typer.Option(help="SwAV: number of prototypes.")] = 100,
+    small_crops: Annotated[int, typer.Option(help="SwAV: extra half-size crops (multi-crop).")] = 2,
+    balance_by: Annotated[
+        str | None, typer.Option(help="Draw images with a WeightedRandomSampler balancing this CSV column's values.")
+    ] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder the CSV's paths are relative to.")] = None,
+    probe_store: Annotated[
+        Path | None, typer.Option(help="Labelled store whose images probe each checkpoint (few-shot AUROC).")
+    ] = None,
+    probe_conditions: Annotated[str, typer.Option(help="Comma-separated conditions of the probe.")] = "",
+    probe_negative: Annotated[str, typer.Option(help="Probe: label column of the negative class.")] = "No Finding",
+    probe_image_root: Annotated[
+        Path | None, typer.Option(help="Folder the probe store's paths are relative to (default: the CSV's).")
+    ] = None,
+    probe_episodes: Annotated[int, typer.Option(help="Probe: episodes per condition (K random labels each).")] = 30,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop after this many minutes (a checkpoint is written; --resume goes on).")
+    ] = None,
+    precision: Annotated[Precision, typer.Option(help="auto: fp16 AMP on CUDA, fp32 on CPU.")] = Precision.auto,
+    workers: Annotated[int | None, typer.Option(help="Image decoding workers (default: half the cores).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of initialisation, image order and augmentations.")] = 0,
+    device: Annotated[Device, typer.Option(help="Where to train; auto takes CUDA when present.")] = Device.auto,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Pretrain an encoder self-supervised (MoCo v2, SimCLR, BYOL or SwAV) on unlabeled radiographs;
+    RUN_DIR/encoder.pt then works with `xsel embed` and `xsel export` at the size it was trained at.
+
+    [bold]Examples[/bold]
+
+      xsel train encoder images.csv --method moco --arch resnet18 --image-size 112 --out runs/moco
+      xsel train encoder images.csv --method byol --out runs/byol --max-minutes 20 \\
+          --probe-store labelled.h5 --probe-conditions Effusion,Edema
+      xsel train encoder images.csv --method moco --out runs/moco --resume
+      xsel embed images.csv --out pool.h5 --encoder resnet18 --weights runs/moco/encoder.pt
+    """
+    from xsel.train_encoder import EncoderTrainingConfig, train_encoder
+
+    config = EncoderTrainingConfig(
+        method=method.value,
+        arch=arch,
+        weights=weights,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        temperature=temperature,
+        queue_size=queue_size,
+        momentum=momentum,
+        prototypes=prototypes,
+        small_crops=small_crops,
+        balance_by=balance_by,
+        probe_conditions=split_list(probe_conditions, "--probe-conditions") if probe_conditions else [],
+        probe_negative=probe_negative,
+        probe_episodes=probe_episodes,
+        precision=precision.value,
+        max_minutes=max_minutes,
+        workers=workers,
+        seed=seed,
+    )
+    result = train_encoder(
+        csv,
+        out,
+        config,
+        image_root=image_root,
+        probe_store=probe_store,
+        probe_image_root=probe_image_root,
+        resume=resume,
+        device=device.value,
+        show_progress=not quiet,
+    )
+    probe = f", probe AUROC {result.probe_auroc:.3f}" if result.probe_auroc is not None else ""
+    typer.echo(
+        f"Pretrained {config.arch} with {config.method} for {result.epochs:.1f} epochs ({result.steps} steps, "
+        f"{result.images_per_second:.0f} images/s) in {result.seconds / 60:.1f} min, stopped by {result.stopped_by}; "
+        f"final loss {result.final_loss:.3f}{probe} → {result.encoder_path}"
     )
