@@ -197,3 +197,108 @@ def train_encoder_command(
         f"{result.images_per_second:.0f} images/s) in {result.seconds / 60:.1f} min, stopped by {result.stopped_by}; "
         f"final loss {result.final_loss:.3f}{probe} → {result.encoder_path}"
     )
+
+
+class Loss(str, Enum):
+    weighted_bce = "weighted-bce"
+    focal = "focal"
+
+
+@train_app.command("classifier")
+def train_classifier_command(
+    csv: Annotated[Path, typer.Argument(help="CSV with a [bold]Path[/bold] column and the label columns.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated label columns to learn (1/0/-1/blank, or NIH names).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: classifier.pt, metrics.csv, report.csv, roc.png.")
+    ],
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Fast path: train only a linear head on this store's embeddings (rows matched by Path)."),
+    ] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder plugin to fine-tune; see `xsel plugins`.")] = "densenet121",
+    weights: Annotated[
+        str | None, typer.Option(help="Starting weights as in `xsel embed`: none, imagenet or a file.")
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder the Path values are relative to (default: the CSV's folder).")
+    ] = None,
+    loss: Annotated[Loss, typer.Option(help="weighted-bce (class weights from prevalence) or focal (γ=2).")] = (
+        Loss.weighted_bce
+    ),
+    uncertain: Annotated[
+        str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
+    ] = "positive",
+    epochs: Annotated[
+        int, typer.Option(help="Training epochs (with --store: linear-probe refits, used by --pseudo-labels).")
+    ] = 10,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the encoder's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak OneCycle learning rate (default 3e-4; 1e-2 with --store).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of patients held out for validation.")] = 0.2,
+    balanced_sampler: Annotated[
+        bool, typer.Option(help="Draw positives and negatives equally often (WeightedRandomSampler).")
+    ] = False,
+    augment: Annotated[bool, typer.Option(help="Light augmentation: small rotation, scale, shift, contrast.")] = True,
+    pseudo_labels: Annotated[
+        bool, typer.Option(help="After a warm-up epoch, add confidently predicted unlabeled images (FlexMatch).")
+    ] = False,
+    unlabeled: Annotated[
+        Path | None, typer.Option(help="More unlabeled images for --pseudo-labels (a CSV with a Path column).")
+    ] = None,
+    pseudo_threshold: Annotated[float, typer.Option(help="FlexMatch's τ: the threshold of well-learned classes.")] = (
+        0.95
+    ),
+    workers: Annotated[int, typer.Option(help="Decode worker processes (0 = decode in this process).")] = 0,
+    device: Annotated[Device, typer.Option(help="Where the network trains; auto takes CUDA when present.")] = (
+        Device.auto
+    ),
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the split, sampling, augmentation and the head.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the classifier.pt already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a multi-label classifier on the labelled images of CSV: fine-tune an encoder (default) or fit a
+    linear head on a store's embeddings (--store); patient-level validation split, best epoch by mean AUROC.
+
+    [bold]Examples[/bold]
+
+      xsel train classifier labeled.csv --labels Effusion,Edema --out runs/clf --weights imagenet
+      xsel train classifier labeled.csv --labels Effusion --out runs/clf --loss focal --balanced-sampler
+      xsel train classifier labeled.csv --labels Effusion,Edema --store pool.h5 --out runs/probe
+      xsel train classifier labeled.csv --labels Effusion --out runs/clf --pseudo-labels --unlabeled pool.csv
+      xsel embed pool.csv --out tuned.h5 --encoder densenet121 --weights runs/clf/classifier.pt
+    """
+    from xsel.train_classifier import ClassifierConfig, train_classifier
+
+    config = ClassifierConfig(
+        labels=split_list(labels, "--labels"),
+        encoder=encoder,
+        weights=weights,
+        store=None if store is None else str(store),
+        loss=loss.value,
+        uncertain=uncertain,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        val_fraction=val_fraction,
+        balanced_sampler=balanced_sampler,
+        augment=augment,
+        pseudo_labels=pseudo_labels,
+        unlabeled=None if unlabeled is None else str(unlabeled),
+        pseudo_threshold=pseudo_threshold,
+        workers=workers,
+        seed=seed,
+    )
+    result = train_classifier(
+        csv, out, config, image_root=image_root, device=device.value, overwrite=overwrite, show_progress=not quiet
+    )
+    for row in result.report.itertuples():
+        typer.echo(f"  {row.label}: AUROC {row.auroc:.3f}, AP {row.ap:.3f}, F1 {row.f1:.3f} at {row.threshold:.3f}")
+    skipped = f"; {result.skipped} rows skipped (listed in {result.run_dir / 'errors.csv'})" if result.skipped else ""
+    typer.echo(
+        f"Trained on {result.train_images} images ({result.val_images} for validation) on {result.device} in "
+        f"{result.seconds:.1f} s{skipped}. Best epoch {result.best_epoch}: mean validation AUROC "
+        f"{result.best_val_auroc:.3f} → {result.checkpoint}"
+    )
