@@ -117,8 +117,9 @@ def label_matrix(frame: pd.DataFrame, labels: list[str], *, uncertain: str, sour
             bad = (raw.notna() & ~values.isin([1, 0, -1])).to_numpy()
             if bad.any():
                 row = int(bad.nonzero()[0][0])
+                value = str(raw.iloc[row])
                 raise InputError(
-                    f"{source}: row {row + 2}, column {label!r} holds {raw.iloc[row]!r}; labels are 1, 0, -1 or blank"
+                    f"{source}: row {row + 2}, column {label!r} holds {value!r}; labels are 1, 0, -1 or blank"
                 )
             if values.isna().all():
                 raise InputError(f"{source}: column {label!r} is empty in every row; label some images first")

@@ -47,9 +47,9 @@ def _root(
     """Choose which K medical images to label."""
 
 
-from xsel.cli import demo, embed, evaluate, export, plugins, select, train  # noqa: E402  (commands register on `app`)
+from xsel.cli import demo, embed, evaluate, explain, export, plugins, select, train  # noqa: E402  (commands register on `app`)
 
-__all__ = ["app", "demo", "embed", "evaluate", "export", "main", "plugins", "select", "train"]
+__all__ = ["app", "demo", "embed", "evaluate", "explain", "export", "main", "plugins", "select", "train"]
 
 
 def main() -> None:
