@@ -275,7 +275,8 @@ def plot_roc(labels: list[str], targets: np.ndarray, probabilities: np.ndarray, 
     axes.set_ylabel("true positive rate")
     axes.set_title("Validation ROC")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    if axes.get_legend_handles_labels()[0]:  # no curve when no label has both classes in validation
+        axes.legend(fontsize=8, loc="lower right")
     return plots._save(figure, path)
 
 
