@@ -12,8 +12,10 @@ from hypothesis.extra.numpy import arrays
 from xsel import plugins
 from xsel.selection import create_selector, run_selector
 
-# medselect needs a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it
-SELECTORS = [name for name in plugins.names("selector") if name != "medselect"]
+# medselect needs a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it;
+# uncertainty and boostmis need a classifier: MODEL_SELECTORS, tested below with a toy one
+MODEL_SELECTORS = ["uncertainty", "boostmis"]
+SELECTORS = [name for name in plugins.names("selector") if name not in ("medselect", *MODEL_SELECTORS)]
 
 
 def labelled(n: int, seed: int = 0) -> pd.DataFrame:
@@ -140,4 +142,112 @@ def test_contract_holds_on_random_embeddings(embeddings, k, seed):
 def test_large_pool_path_uses_a_subsample_and_stays_within_the_pool(name):
     embeddings = np.random.default_rng(0).normal(size=(25_000, 32)).astype(np.float32)
     picks = pick(name, embeddings, 20, metadata=labelled(25_000))
+    assert len(set(picks.tolist())) == 20 and picks.max() < 25_000
+
+
+def toy_classifier(embeddings: np.ndarray, targets: np.ndarray, labels=("A",)):
+    """An in-memory ``Classifier`` fitted on the given points (what active learning passes to selectors)."""
+    from pathlib import Path
+
+    from xsel.classifier import Classifier, fit_linear_head
+
+    head = fit_linear_head(embeddings, np.asarray(targets, dtype=np.float32).reshape(len(embeddings), -1), epochs=100)
+    return Classifier(
+        path=Path("toy"), labels=list(labels), head=head, encoder_identity={"encoder": "toy"}, thresholds=[0.5]
+    )
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A 2-D problem and a linear classifier with logit 3·x₀ + 0.5 (decision boundary x₀ = −1/6)."""
+    import torch
+
+    points = np.random.default_rng(0).normal(size=(400, 2)).astype(np.float32)
+    model = toy_classifier(points, points[:, 0] > 0)
+    with torch.no_grad():
+        model.head.linear.weight.copy_(torch.tensor([[3.0, 0.0]]))
+        model.head.linear.bias.fill_(0.5)
+        model.head.input_mean.zero_()
+        model.head.input_scale.fill_(1.0)
+    return points, model
+
+
+@pytest.mark.parametrize("name", MODEL_SELECTORS)
+def test_model_selectors_keep_the_contract_and_are_deterministic(name, toy):
+    points, model = toy
+    selector = create_selector(name, model=model)
+    first = run_selector(selector, name, points, 25, seed=3, metadata=None)
+    assert len(set(first.tolist())) == 25
+    assert np.array_equal(first, run_selector(create_selector(name, model=model), name, points, 25, seed=3))
+    for n in (1, 2, 7):
+        assert sorted(run_selector(selector, name, points[:n], 10, seed=0).tolist()) == list(range(n))
+    duplicates = np.ones((30, 2), dtype=np.float32)
+    assert len(set(run_selector(selector, name, duplicates, 6, seed=0).tolist())) == 6
+
+
+def test_adversarial_score_is_finite_and_larger_near_the_decision_boundary(toy):
+    points, model = toy
+    selector = create_selector("boostmis", model=model)
+    score = selector.adversarial_kl(points, seed=0)
+    assert np.isfinite(score).all() and (score >= 0).all()
+    probability = model.probabilities(points)[:, 0]
+    near, far = np.abs(probability - 0.5) < 0.1, np.abs(probability - 0.5) > 0.4
+    assert near.sum() > 10 and far.sum() > 10
+    assert score[near].min() > score[far].max()
+    far_away = np.array([[0.0, 0.0], [40.0, 0.0]], dtype=np.float32)  # a saturated prediction stays finite
+    assert np.isfinite(selector.adversarial_kl(far_away, seed=0)).all()
+
+
+def test_uncertainty_picks_the_points_nearest_p_one_half(toy):
+    points, model = toy
+    distance = np.abs(model.probabilities(points)[:, 0] - 0.5)
+    for measure in ("entropy", "margin"):
+        picks = run_selector(create_selector("uncertainty", model=model, measure=measure), "u", points, 10, seed=0)
+        assert set(picks.tolist()) == set(np.argsort(distance)[:10].tolist())
+
+
+def test_boostmis_takes_the_union_of_both_rankings(toy):
+    points, model = toy
+    selector = create_selector("boostmis", model=model)
+    by_adversarial, by_uncertain = selector._positions(points, 0)
+    picks = run_selector(selector, "boostmis", points, 6, seed=0)
+    assert set(np.flatnonzero(by_adversarial < 3)) | set(np.flatnonzero(by_uncertain < 3)) >= set(picks.tolist())
+    assert np.minimum(by_adversarial, by_uncertain)[picks].max() <= 5
+
+
+def test_density_weight_favours_dense_regions():
+    from xsel_plugins.selectors import BoostMISSelector
+
+    points, _ = blobs(sizes=(50, 5), spread=0.02)
+    points[50:] += np.random.default_rng(1).normal(scale=0.5, size=(5, points.shape[1])).astype(np.float32)
+    model = toy_classifier(points, np.arange(55) % 2)
+    density = BoostMISSelector(model=model).density(points, seed=0)
+    assert density[:50].mean() > density[50:].mean() and density.max() == 1.0
+
+
+def test_one_label_of_a_multilabel_classifier(toy):
+    points, _ = toy
+    model = toy_classifier(points, np.stack([points[:, 0] > 0, points[:, 1] > 1], axis=1), labels=("A", "B"))
+    distance = np.abs(model.probabilities(points)[:, 1] - 0.5)
+    picks = run_selector(create_selector("uncertainty", model=model, label="B"), "u", points, 5, seed=0)
+    assert set(picks.tolist()) == set(np.argsort(distance)[:5].tolist())
+
+
+def test_model_selectors_refuse_a_missing_model_and_bad_options(toy):
+    from xsel.errors import InputError
+
+    for name in MODEL_SELECTORS:
+        with pytest.raises(InputError, match=f"{name} needs a trained classifier: add --model"):
+            create_selector(name)
+    with pytest.raises(InputError, match="choose one of entropy, margin"):
+        create_selector("uncertainty", model=toy[1], measure="variance")
+    with pytest.raises(InputError, match="takes no checkpoint"):
+        create_selector("boostmis", model=toy[1], checkpoint="x.pt")
+
+
+@pytest.mark.parametrize("name", MODEL_SELECTORS)
+def test_model_selectors_on_a_large_pool(name):
+    embeddings = np.random.default_rng(0).normal(size=(25_000, 32)).astype(np.float32)
+    model = toy_classifier(embeddings[:500], embeddings[:500, 0] > 0)
+    picks = run_selector(create_selector(name, model=model), name, embeddings, 20, seed=0)
     assert len(set(picks.tolist())) == 20 and picks.max() < 25_000

@@ -41,23 +41,41 @@ def check_finite(store: Store) -> None:
 
 def create_selector(name: str, **options):
     """Instantiate a selector plugin by name (or alias); options it does not take are an input error."""
-    import inspect
-
     entry = plugins.get("selector", name)
-    accepted = inspect.signature(entry.factory).parameters
-    unknown = [key for key in options if key not in accepted]
+    unknown = [key for key in options if key not in factory_options(entry.factory)]
     if unknown:
-        raise InputError(
-            f"selector {entry.name!r} takes no {', '.join(unknown)}: checkpoints are for learned selectors"
-        )
+        hints = [OPTION_HINTS.get(key, f"{key} is not one of its options") for key in unknown]
+        raise InputError(f"selector {entry.name!r} takes no {', '.join(unknown)}: {'; '.join(hints)}")
     return entry.factory(**options)
 
 
+OPTION_HINTS = {
+    "checkpoint": "checkpoints are for learned selectors (medselect)",
+    "model": "--model is for the selectors that read a classifier (uncertainty, boostmis)",
+    "label": "--label picks one label of a classifier (uncertainty, boostmis)",
+}
+
+
+def factory_options(factory) -> set[str]:
+    """The keyword options a selector factory takes."""
+    import inspect
+
+    return set(inspect.signature(factory).parameters)
+
+
+def takes_model(name: str) -> bool:
+    """Whether a selector reads a classifier (a ``model`` option): uncertainty, boostmis, or a plugin's own."""
+    return "model" in factory_options(plugins.get("selector", name).factory)
+
+
 def parse_selector_spec(spec: str) -> tuple[str, str, dict]:
-    """``NAME`` or ``NAME=CHECKPOINT`` (a learned selector) → (label, registered name, factory options)."""
-    name, _, checkpoint = spec.partition("=")
+    """``NAME`` or ``NAME=FILE`` → (label, registered name, factory options). FILE is the ``model`` of a
+    selector that reads a classifier, else the ``checkpoint`` of a learned selector."""
+    name, _, path = spec.partition("=")
     primary = plugins.get("selector", name.strip()).name
-    return (primary, primary, {"checkpoint": checkpoint.strip()}) if checkpoint else (primary, primary, {})
+    if not path:
+        return primary, primary, {}
+    return primary, primary, {"model" if takes_model(primary) else "checkpoint": path.strip()}
 
 
 def describe_identity(identity: dict) -> str:
@@ -67,15 +85,17 @@ def describe_identity(identity: dict) -> str:
 
 
 def check_identity(selector, name: str, store: Store) -> None:
-    """A learned selector only fits embeddings of the encoder it was trained on: refuse others, naming both."""
+    """A learned selector, or a classifier a selector reads, only fits embeddings of the encoder it was trained
+    on: refuse others, naming both."""
     expected = getattr(selector, "encoder_identity", None)
     if expected is None:
         return
     found = store.encoder_identity
     if found != expected:
+        trained = "its classifier was" if hasattr(selector, "classifier") else "it was"
         raise InputError(
-            f"selector {name!r} was trained on embeddings of {describe_identity(expected)} but {store.path} was "
-            f"made by {describe_identity(found)}; embed with the same encoder or train a selector on this store"
+            f"selector {name!r}: {trained} trained on embeddings of {describe_identity(expected)} but {store.path} "
+            f"was made by {describe_identity(found)}; embed with the same encoder or train on this store"
         )
 
 
@@ -95,6 +115,16 @@ def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: i
             f"got {picks[:10]!r}); report it to the plugin's author"
         )
     return picks.astype(np.int64)
+
+
+def selection_scores(selector, embeddings: np.ndarray, metadata, seed: int) -> np.ndarray:
+    """The score a selector gives each pool row (NaN when it has none); seeded scores get the seed."""
+    if not hasattr(selector, "scores"):
+        return np.full(len(embeddings), np.nan)
+    import inspect
+
+    seeded = "seed" in inspect.signature(selector.scores).parameters
+    return np.asarray(selector.scores(embeddings, metadata, **({"seed": seed} if seeded else {})))
 
 
 def excluded_paths(exclude_csv: str | Path) -> set[str]:
@@ -125,22 +155,32 @@ def select(
     *,
     selector: str | object | None = None,
     checkpoint: str | Path | None = None,
+    model: str | Path | object | None = None,
+    label: str | None = None,
     seed: int = 0,
     exclude: str | Path | None = None,
     allow_same_patient: bool = False,
 ) -> Selection:
     """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning.
 
-    ``selector`` is a plugin name — by default ``medselect`` when a ``checkpoint`` is given, else
-    ``typiclust`` — or a ready selector object with a ``name`` (the site runtime passes its ONNX selector).
+    ``selector`` is a plugin name — by default ``medselect`` when a ``checkpoint`` is given, ``uncertainty``
+    when a ``model`` (a classifier.pt, its run folder or a loaded ``Classifier``) is, else ``typiclust`` — or
+    a ready selector object with a ``name`` (the site runtime passes its ONNX selector). ``checkpoint``,
+    ``model`` and ``label`` become the selector's options; one it does not take is an input error.
     """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
+    options = {
+        key: value
+        for key, value in (("checkpoint", checkpoint), ("model", model), ("label", label))
+        if value is not None
+    }
     if isinstance(selector, str) or selector is None:
-        name = plugins.get("selector", selector or ("medselect" if checkpoint else "typiclust")).name
-        instance = create_selector(name, **({"checkpoint": checkpoint} if checkpoint else {}))
+        default = "medselect" if checkpoint else "uncertainty" if model is not None else "typiclust"
+        name = plugins.get("selector", selector or default).name
+        instance = create_selector(name, **options)
     else:
         name, instance = selector.name, selector
     check_identity(instance, name, store)
@@ -161,7 +201,7 @@ def select(
     metadata = store.meta.iloc[rows]
     picks = run_selector(instance, name, store.embeddings[rows], k, seed=seed, metadata=metadata)
     chosen = rows[picks]
-    scores = instance.scores(store.embeddings[rows], metadata)[picks] if hasattr(instance, "scores") else np.nan
+    scores = selection_scores(instance, store.embeddings[rows], metadata, seed)[picks]
     table = pd.DataFrame(
         {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": scores}
     )

@@ -29,6 +29,41 @@ def parse_budgets(value: str) -> list[int]:
         raise InputError(f"--k {value}: give whole numbers, e.g. --k 20 or --k 10,20,40") from None
 
 
+def _style(row) -> str:
+    return "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
+
+
+def print_rounds(result, console: Console) -> None:
+    """Active learning: per strategy, mean AUROC after each round (columns: labelled images) and, below it,
+    the paired Δ to random with its 95% CI, green/red where the CI is above/below 0."""
+    from xsel.evaluate import OVERALL, REFERENCE
+
+    settings = result.settings
+    summary = result.summary[result.summary["condition"] == OVERALL]
+    view = Table(
+        title=f"Active learning: query AUROC of the linear probe over {len(settings['conditions'])} conditions × "
+        f"{settings['episodes_per_condition']} episodes (cold start {settings['cold_start']}, then "
+        f"{settings['rounds']} rounds of {settings['k']})"
+    )
+    view.add_column("strategy", no_wrap=True)
+    for labelled in settings["labelled"]:
+        view.add_column(f"{labelled} labels", justify="right")
+    for strategy in settings["strategies"]:
+        cells = []
+        for labelled in settings["labelled"]:
+            row = summary[(summary["strategy"] == strategy) & (summary["labelled"] == labelled)].iloc[0]
+            cell = f"{row['auroc']:.3f} [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]"
+            if strategy != REFERENCE and row["round"] > 0:
+                style = _style(row)
+                cell += (
+                    f"\n[{style}]Δ {row['diff_vs_random']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]"
+                    f"[/{style}]"
+                )
+            cells.append(cell)
+        view.add_row(strategy, *cells)
+    console.print(view)
+
+
 def print_summary(result, console: Console) -> None:
     """Per K: an overall table (mean AUROC, 95% CI, paired Δ to random, win rate) and a per-condition
     table of means, green where the Δ's CI is above 0 and red where it is below."""
@@ -83,16 +118,45 @@ def evaluate_command(
     conditions: Annotated[str, typer.Option(help="Comma-separated label columns to build episodes for.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for episodes.csv, summary.csv/json and plots.")],
     selectors: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated selectors, NAME=CHECKPOINT for learned ones (NAME=classifier.pt for uncertainty "
+            "and boostmis); random is always added. Default: random,kmedoids,kcenter,typiclust,probcover,"
+            "oracle-balanced; with --rounds: random,typiclust,uncertainty,boostmis."
+        ),
+    ] = None,
+    k: Annotated[
         str,
-        typer.Option(help="Comma-separated selectors, NAME=CHECKPOINT for learned ones; random is always added."),
-    ] = "random,kmedoids,kcenter,typiclust,probcover,oracle-balanced",
-    k: Annotated[str, typer.Option("--k", "-k", help="Labels per episode; several (10,20,40) draw a curve.")] = "20",
-    episodes: Annotated[int, typer.Option(help="Episodes per condition.")] = 200,
+        typer.Option(
+            "--k", "-k", help="Labels per episode; several (10,20,40) draw a curve. With --rounds: labels per round."
+        ),
+    ] = "20",
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Simulate active learning: a shared cold start of K (--cold-start), then this many rounds of K "
+            "more per selector, a linear probe's query AUROC after each; uncertainty and boostmis read that probe.",
+        ),
+    ] = 0,
+    cold_start: Annotated[
+        str, typer.Option(help="With --rounds: the selector of round 0, shared by all.")
+    ] = "typiclust",
+    probe_epochs: Annotated[
+        int, typer.Option(min=1, help="With --rounds: full-batch AdamW steps of each linear-probe fit.")
+    ] = 50,
+    episodes: Annotated[
+        int | None, typer.Option(help="Episodes per condition (default 200; 50 with --rounds).")
+    ] = None,
     pool_size: Annotated[int, typer.Option(help="Images in each episode's pool.")] = 1000,
     query_size: Annotated[int, typer.Option(help="Images in each episode's query set (half of each class).")] = 100,
     classifier: Annotated[
-        str, typer.Option(help="Few-shot classifier scoring the query: cosine, prototype, knn, logistic.")
-    ] = "cosine",
+        str | None,
+        typer.Option(
+            help="Few-shot classifier scoring the query: cosine (default), prototype, knn, logistic; --rounds uses a "
+            "linear probe instead."
+        ),
+    ] = None,
     negative: Annotated[str, typer.Option(help="Label column of the negative class.")] = "No Finding",
     uncertain: Annotated[
         str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
@@ -111,30 +175,63 @@ def evaluate_command(
       xsel evaluate pool.h5 --conditions Effusion --k 10,20,40 --selectors typiclust,kcenter --out curve/
       xsel evaluate pool.h5 --conditions Edema --episodes 50 --pool-size 300 --query-size 60 --out quick/
       xsel evaluate pool.h5 --conditions Edema --selectors typiclust,medselect=runs/sel/selector.pt --out vs/
-    """
-    from xsel.evaluate import evaluate, write_report
+      xsel evaluate pool.h5 --conditions Effusion,Edema --rounds 3 --k 20 --pool-size 300 --out al/
 
-    result = evaluate(
-        store,
-        split_list(conditions, "--conditions"),
-        selectors=split_list(selectors, "--selectors"),
-        k=parse_budgets(k),
-        episodes=episodes,
-        pool_size=pool_size,
-        query_size=query_size,
-        classifier=classifier,
-        negative=negative,
-        uncertain=uncertain,
-        seed=seed,
-        allow_same_patient=allow_same_patient,
-        show_progress=not quiet,
-    )
+    With [bold]--rounds R[/bold] the folder gets rounds.csv (episode, condition, strategy, round, labelled,
+    auroc, …), rounds_summary.csv/json (paired Δ vs random per labelled count) and rounds.png.
+    """
+    if rounds:
+        if classifier is not None:
+            raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
+        if len(parse_budgets(k)) > 1:
+            raise InputError(f"--k {k}: with --rounds give one K, the labels added per round")
+        from xsel.active_learning import DEFAULT_STRATEGIES, simulate, write_rounds_report
+
+        result = simulate(
+            store,
+            split_list(conditions, "--conditions"),
+            rounds=rounds,
+            selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_STRATEGIES,
+            k=parse_budgets(k)[0],
+            episodes=50 if episodes is None else episodes,
+            pool_size=pool_size,
+            query_size=query_size,
+            cold_start=cold_start,
+            probe_epochs=probe_epochs,
+            negative=negative,
+            uncertain=uncertain,
+            seed=seed,
+            allow_same_patient=allow_same_patient,
+            show_progress=not quiet,
+        )
+        write = write_rounds_report
+        show = print_rounds
+    else:
+        from xsel.evaluate import DEFAULT_SELECTORS, evaluate, write_report
+
+        result = evaluate(
+            store,
+            split_list(conditions, "--conditions"),
+            selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_SELECTORS,
+            k=parse_budgets(k),
+            episodes=200 if episodes is None else episodes,
+            pool_size=pool_size,
+            query_size=query_size,
+            classifier=classifier or "cosine",
+            negative=negative,
+            uncertain=uncertain,
+            seed=seed,
+            allow_same_patient=allow_same_patient,
+            show_progress=not quiet,
+        )
+        write = write_report
+        show = print_summary
     for warning in result.warnings:
         notify(warning, label="warning")
-    written = write_report(result, out)
+    written = write(result, out)
     if as_json:
         typer.echo(json.dumps({"settings": result.settings, "summary": result.summary.to_dict("records")}, indent=2))
         return
     console = Console()
-    print_summary(result, console)
+    show(result, console)
     console.print(f"Wrote {', '.join(p.name for p in written)} to {out}", soft_wrap=True, markup=False)

@@ -25,11 +25,25 @@ def select_command(
     k: Annotated[int, typer.Option("--k", "-k", help="How many images to label.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection CSV to write (rank, Path, score, selector, …).")],
     selector: Annotated[
-        str | None, typer.Option(help="Selector plugin (default: medselect with --checkpoint, else typiclust).")
+        str | None,
+        typer.Option(
+            help="Selector plugin (default: medselect with --checkpoint, uncertainty with --model, else typiclust)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(help="A learned selector's checkpoint (RUN_DIR/selector.pt from `xsel train selector`)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A classifier (RUN_DIR/classifier.pt or RUN_DIR from `xsel train classifier`) for the next round "
+            "of active learning: the uncertainty (default with --model) and boostmis selectors read it."
+        ),
+    ] = None,
+    label: Annotated[
+        str | None,
+        typer.Option(help="With --model: score only this label of the classifier (default: all of its labels)."),
     ] = None,
     exclude: Annotated[
         Path | None,
@@ -69,6 +83,8 @@ def select_command(
       xsel select pool.h5 --k 20 --out round2.csv --selector kcenter --exclude to_label.csv
       xsel select pool.h5 --k 50 --out picks.csv --selector probcover --seed 7 --json | jq '.[0]'
       xsel select pool.h5 --k 20 --out picks.csv --checkpoint runs/sel/selector.pt
+      xsel select pool.h5 --k 20 --out round2.csv --selector boostmis --model runs/clf/classifier.pt --exclude r1.csv
+      xsel select pool.h5 --k 20 --out round2.csv --selector uncertainty --model runs/clf --label Edema
       xsel select images.csv --bundle exports/cxr --k 20 --out to_label.csv --store site.h5
     """
     from xsel.errors import InputError
@@ -80,6 +96,10 @@ def select_command(
         )
     if bundle is not None and checkpoint is not None:
         raise InputError("--checkpoint and --bundle exclude each other: a bundle carries its own learned selector")
+    if bundle is not None and (model is not None or label is not None):
+        raise InputError(
+            "--model and --label apply to a store, not to --bundle: embed the images and select from the store"
+        )
     if bundle is not None:
         from xsel.site import site_select
 
@@ -107,6 +127,8 @@ def select_command(
             k,
             selector=selector,
             checkpoint=checkpoint,
+            model=model,
+            label=label,
             seed=seed,
             exclude=exclude,
             allow_same_patient=allow_same_patient,
