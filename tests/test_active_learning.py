@@ -234,3 +234,19 @@ def test_realcxr_rounds_run_on_nih(realcxr, tmp_path):
         show_progress=False,
     )
     assert result.rounds["auroc"].between(0, 1).all() and result.rounds["labelled"].max() == 30
+
+
+def test_evaluate_takes_a_fixed_classifier_as_name_equals_file(demo_store, classifier_pt):
+    from xsel.evaluate import evaluate
+
+    result = evaluate(
+        demo_store,
+        ["Edema"],
+        selectors=[f"uncertainty={classifier_pt}"],
+        episodes=2,
+        pool_size=60,
+        query_size=20,
+        k=[5],
+        show_progress=False,
+    )
+    assert set(result.episodes["selector"]) == {"random", "uncertainty"}
