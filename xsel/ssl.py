@@ -264,15 +264,15 @@ def build_method(
 
 
 def sinkhorn(scores):
-    """SwAV's equal-partition codes: ``(B, K)`` prototype scores → ``(B, K)`` soft assignments (rows sum to 1)."""
+    """SwAV's equal-partition codes: ``(B, K)`` prototype scores → ``(B, K)`` soft assignments (rows sum to 1).
+
+    Computed in the log domain: ``exp(score / 0.05)`` overflows or underflows for scores beyond ±1.
+    """
     import torch
 
-    q = torch.exp((scores - scores.max()) / SINKHORN_EPSILON).T  # (K, B)
-    q /= q.sum()
-    n_prototypes, batch = q.shape
+    log_q = (scores / SINKHORN_EPSILON).T  # (K, B)
+    n_prototypes, batch = log_q.shape
     for _ in range(SINKHORN_ITERATIONS):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= batch
-    return (q * batch).T
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n_prototypes)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(batch)
+    return torch.exp(log_q + math.log(batch)).T

@@ -435,8 +435,6 @@ def train_encoder(
                 if config.max_minutes is not None and time.perf_counter() - started > config.max_minutes * 60:
                     stopped_by = "time budget"
                     break
-            if failed and len(failed) == len(files):
-                raise InputError(f"{csv}: none of the {len(files)} images could be decoded; see {run_dir / ERRORS}")
             row = {
                 "epoch": round(step / steps_per_epoch, 4),
                 "step": step,
@@ -457,6 +455,12 @@ def train_encoder(
                     }
                 )
                 write_csv_atomic(errors, run_dir / ERRORS)
+            if epoch_images == 0 and stopped_by == "epochs":
+                example = next(iter(failed.values()), "batches too small")
+                raise InputError(
+                    f"{csv}: no image of this epoch could be used ({len(failed)} failed to decode, e.g. {example}); "
+                    f"see {run_dir / ERRORS} and check the paths or --image-root"
+                )
             checkpoint()
     if failed:
         notify(f"{len(failed)} images could not be decoded and were skipped; see {run_dir / ERRORS}")
