@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchlib import timing_selector
 
 from xsel import plugins
-from xsel.selection import create_selector, run_selector
+from xsel.selection import run_selector
 
 
 def mixture(n: int, dim: int = 512, clusters: int = 50, seed: int = 0) -> np.ndarray:
@@ -43,7 +44,9 @@ def main() -> None:
         embeddings = mixture(n)
         metadata = pd.DataFrame({"label": np.random.default_rng(1).integers(0, 2, n)})
         for name in plugins.names("selector"):
-            selector = create_selector(name)
+            selector = timing_selector(name, embeddings)
+            if selector is None:
+                continue
             run_selector(selector, name, embeddings[:200], args.k, seed=0, metadata=metadata[:200])  # warm-up: imports
             times, peaks = [], []
             for repeat in range(args.repeats):

@@ -41,6 +41,25 @@ def subset(store: Store, mask: np.ndarray) -> Store:
     )
 
 
+def timing_selector(name: str, embeddings: np.ndarray):
+    """A selector as the speed benchmarks run it: ``uncertainty``/``boostmis`` read a linear probe fitted on
+    seeded random labels of the first 1,000 rows; ``None`` for ``medselect`` (it needs a trained checkpoint)."""
+    from xsel.classifier import Classifier, fit_linear_head
+    from xsel.selection import create_selector
+
+    if name == "medselect":
+        return None
+    if name in ("uncertainty", "boostmis"):
+        sample = embeddings[:1000]
+        labels = np.random.default_rng(0).integers(0, 2, (len(sample), 1)).astype(np.float32)
+        head = fit_linear_head(sample, labels, epochs=50)
+        model = Classifier(
+            path=Path("(random-label probe)"), labels=["label"], head=head, encoder_identity={}, thresholds=[0.5]
+        )
+        return create_selector(name, model=model)
+    return create_selector(name)
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from bench_embed import naive_loop
 from bench_selectors import mixture
-from benchlib import has_realcxr, image_csv
+from benchlib import has_realcxr, image_csv, timing_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def selector_section(args, lines: list[str]) -> None:
     import pandas as pd
 
     from xsel import plugins
-    from xsel.selection import create_selector, run_selector
+    from xsel.selection import run_selector
 
     sizes = [1_000, 10_000, 100_000]
     lines += [
@@ -225,9 +225,9 @@ def selector_section(args, lines: list[str]) -> None:
         embeddings = mixture(n)
         metadata = pd.DataFrame({"label": np.random.default_rng(1).integers(0, 2, n)})
         for name in plugins.names("selector"):
-            if name in ("medselect", "uncertainty", "boostmis"):  # need a checkpoint or a classifier
+            selector = timing_selector(name, embeddings)
+            if selector is None:
                 continue
-            selector = create_selector(name)
             run_selector(selector, name, embeddings[:200], 20, seed=0, metadata=metadata[:200])
             times = []
             for repeat in range(args.repeats):

@@ -199,6 +199,7 @@ def test_cli_evaluate_rounds_bad_input(demo_store, tmp_path, cli):
     cases = [
         (["--rounds", "2", "--k", "5,10"], "with --rounds give one K"),
         (["--rounds", "2", "--classifier", "knn"], "--classifier applies without --rounds"),
+        (["--cold-start", "kcenter"], "add --rounds R"),
         (["--rounds", "2", "--cold-start", "uncertainty"], "cold start 'uncertainty' needs a classifier"),
         (["--rounds", "2", "--selectors", "boostmis=x.pt"], "with --rounds, boostmis reads each round's linear probe"),
         (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,6 +123,10 @@ def test_encoder_checkpoint_brings_its_preprocessing_into_embed(toy_csv, tmp_pat
         np.testing.assert_allclose(store.embeddings[0], encoder(first)[0].numpy(), atol=1e-4)
     wrong = cli("embed", toy_csv, "--out", tmp_path / "t.h5", "--encoder", "resnet50", "--weights", weights)
     assert wrong.exit_code == 2 and "trained as encoder 'resnet18'" in wrong.output
+    exported = cli("export", "--encoder", "resnet18", "--weights", weights, "--out", tmp_path / "bundle")
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["encoder"]["preprocessing"]["image_size"] == 32
 
 
 def test_resume_after_the_time_budget_continues_exactly(toy_csv, tmp_path):
@@ -203,3 +209,25 @@ def test_cli_pretrains_and_reports(toy_csv, tmp_path, cli):
     assert "Pretrained resnet18 with swav" in result.stdout and (tmp_path / "run" / "encoder.pt").is_file()
     record = torch.load(tmp_path / "run" / "encoder.pt", weights_only=True)["xsel"]
     assert record["method"] == "swav" and record["preprocessing"]["image_size"] == 32
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_pretraining_on_real_chest_xrays_feeds_the_probe_and_embed(realcxr, tmp_path):
+    from xsel.embed import embed
+
+    labels = pd.read_csv(realcxr / "labels.csv")
+    nih = labels[labels["Source"].isin(["nih-talo", "nih-zech"])].head(320)
+    nih.assign(Path=[str(realcxr / p) for p in nih["Path"]]).to_csv(tmp_path / "nih.csv", index=False)
+    embed(tmp_path / "nih.csv", tmp_path / "probe.h5", encoder="pixels", workers=0, show_progress=False)
+    config = quick("moco", image_size=64, epochs=2, batch_size=32, queue_size=64)
+    config.probe_conditions, config.probe_episodes = ["Infiltration"], 5
+    result = train_encoder(tmp_path / "nih.csv", tmp_path / "run", config, probe_store=tmp_path / "probe.h5",
+                           show_progress=False)  # fmt: skip
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert result.failed_images == 0 and metrics["epoch"].tolist() == [0, 1, 2]
+    assert metrics["probe_auroc"].between(0.3, 1.0).all() and np.isfinite(metrics["loss"].iloc[1:]).all()
+    embedded = embed(tmp_path / "nih.csv", tmp_path / "s.h5", encoder="resnet18",
+                     weights=str(tmp_path / "run" / "encoder.pt"), show_progress=False)  # fmt: skip
+    store = read_store(embedded.store)
+    assert store.attrs["preprocessing"]["image_size"] == 64 and np.isfinite(store.embeddings).all()

@@ -140,11 +140,11 @@ def evaluate_command(
         ),
     ] = 0,
     cold_start: Annotated[
-        str, typer.Option(help="With --rounds: the selector of round 0, shared by all.")
-    ] = "typiclust",
+        str | None, typer.Option(help="With --rounds: the selector of round 0, shared by all (default typiclust).")
+    ] = None,
     probe_epochs: Annotated[
-        int, typer.Option(min=1, help="With --rounds: full-batch AdamW steps of each linear-probe fit.")
-    ] = 50,
+        int | None, typer.Option(min=1, help="With --rounds: full-batch AdamW steps of each linear-probe fit (50).")
+    ] = None,
     episodes: Annotated[
         int | None, typer.Option(help="Episodes per condition (default 200; 50 with --rounds).")
     ] = None,
@@ -196,8 +196,8 @@ def evaluate_command(
             episodes=50 if episodes is None else episodes,
             pool_size=pool_size,
             query_size=query_size,
-            cold_start=cold_start,
-            probe_epochs=probe_epochs,
+            cold_start=cold_start or "typiclust",
+            probe_epochs=probe_epochs or 50,
             negative=negative,
             uncertain=uncertain,
             seed=seed,
@@ -207,6 +207,8 @@ def evaluate_command(
         write = write_rounds_report
         show = print_rounds
     else:
+        if cold_start is not None or probe_epochs is not None:
+            raise InputError("--cold-start and --probe-epochs shape active-learning rounds; add --rounds R")
         from xsel.evaluate import DEFAULT_SELECTORS, evaluate, write_report
 
         result = evaluate(
