@@ -139,6 +139,10 @@ def test_resume_after_the_time_budget_continues_exactly(toy_csv, tmp_path):
         train_encoder(toy_csv, tmp_path / "resumed", config, show_progress=False)
     with pytest.raises(InputError, match="other settings"):
         train_encoder(toy_csv, tmp_path / "resumed", quick("moco", epochs=3), resume=True, show_progress=False)
+    fewer = pd.read_csv(toy_csv).head(40).assign(Path=lambda f: [str(toy_csv.parent / p) for p in f["Path"]])
+    fewer.to_csv(tmp_path / "fewer.csv", index=False)
+    with pytest.raises(InputError, match="another image list"):
+        train_encoder(tmp_path / "fewer.csv", tmp_path / "resumed", config, resume=True, show_progress=False)
     finished = train_encoder(toy_csv, tmp_path / "resumed", config, resume=True, show_progress=False)
     assert finished.steps == 6 and finished.stopped_by == "epochs"
     straight = load_run_state(tmp_path / "straight" / "last.pt")["module"]
@@ -192,6 +196,9 @@ def test_undecodable_images_are_skipped_and_listed(toy_csv, tmp_path):
         (["--probe-conditions", "Edema"], "go together"),
         (["--image-size", "16"], "--image-size 16"),
         (["--arch", "vit"], "vit"),
+        (["--temperature", "0"], "--temperature 0.0: must be positive"),
+        (["--momentum", "1"], "--momentum must lie in [0, 1)"),
+        (["--workers", "-1"], "--workers -1: use at least 0"),
     ],
 )
 def test_bad_settings_are_one_line_input_errors(arguments, message, toy_csv, tmp_path, cli):

@@ -36,6 +36,7 @@ from xsel.classifier import Classifier, fit_linear_head
 from xsel.episodes import NEGATIVE_DEFAULT, EpisodeTask
 from xsel.errors import InputError
 from xsel.evaluate import BOOTSTRAP_SAMPLES, REFERENCE, episode_metrics, summarize
+from xsel.io.atomic import write_text_atomic
 from xsel.io.table import write_csv_atomic
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
@@ -302,9 +303,7 @@ def write_rounds_report(result: ActiveLearning, out_dir: str | Path) -> list[Pat
     ]
     payload = {"settings": result.settings, "warnings": result.warnings, "summary": result.summary.to_dict("records")}
     summary_json = out_dir / "rounds_summary.json"
-    temporary = summary_json.with_name(".rounds_summary.json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(summary_json)
+    write_text_atomic(json.dumps(payload, indent=2), summary_json)
     written.append(summary_json)
     try:
         import matplotlib  # noqa: F401  (the `train` extra; a site install has no plots)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from xsel.errors import InputError
+from xsel.io.atomic import save_torch_atomic
 
 CHECKPOINT_FORMAT = "xsel-classifier-1"
 CHECKPOINT_NAME = "classifier.pt"
@@ -177,7 +178,6 @@ def save_classifier(
     backbone_state: dict | None = None,
 ) -> Path:
     """Write ``classifier.pt`` atomically (temporary file + rename)."""
-    import torch
 
     path = Path(path)
     payload = {
@@ -195,10 +195,7 @@ def save_classifier(
     }
     if backbone_state is not None:
         payload["state_dict"] = {k: v.detach().cpu() for k, v in backbone_state.items()}
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
-    return path
+    return save_torch_atomic(payload, path)
 
 
 def load_classifier(path: str | Path) -> Classifier:

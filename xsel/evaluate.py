@@ -20,6 +20,7 @@ import pandas as pd
 from xsel import plugins
 from xsel.episodes import NEGATIVE_DEFAULT, EpisodeTask
 from xsel.errors import InputError
+from xsel.io.atomic import write_text_atomic
 from xsel.io.table import write_csv_atomic
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
@@ -230,9 +231,7 @@ def write_report(result: Evaluation, out_dir: str | Path) -> list[Path]:
     ]
     payload = {"settings": result.settings, "warnings": result.warnings, "summary": result.summary.to_dict("records")}
     summary_json = out_dir / "summary.json"
-    temporary = summary_json.with_name(".summary.json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(summary_json)
+    write_text_atomic(json.dumps(payload, indent=2), summary_json)
     written.append(summary_json)
     try:
         from xsel.plots import plot_auroc, plot_label_efficiency

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from xsel.errors import InputError
+from xsel.io.atomic import save_torch_atomic
 
 METADATA_FEATURES = ("sex", "age", "frontal")
 CHECKPOINT_FORMAT = 1
@@ -111,7 +112,6 @@ def pool_inputs(embeddings: np.ndarray, meta, rows: np.ndarray, config: Selector
 
 def save_checkpoint(path: Path, *, scorer, config: SelectorConfig, identity: dict, extra: dict) -> None:
     """Write ``selector.pt`` atomically (temporary file + rename)."""
-    import torch
 
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -121,9 +121,7 @@ def save_checkpoint(path: Path, *, scorer, config: SelectorConfig, identity: dic
         "encoder_identity": identity,
         **extra,
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    save_torch_atomic(payload, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

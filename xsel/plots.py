@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,13 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from xsel.io.atomic import write_atomic
+
 
 def _save(figure, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    figure.savefig(temporary, format="png", dpi=130, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    try:
+        return write_atomic(
+            path, lambda temporary: figure.savefig(temporary, format="png", dpi=130, bbox_inches="tight")
+        )
+    finally:
+        plt.close(figure)
 
 
 def plot_auroc(summary: pd.DataFrame, path: str | Path) -> Path:

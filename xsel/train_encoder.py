@@ -8,6 +8,7 @@ the few-shot probe AUROC when a probe store is given; row 0 is the untrained sta
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -19,6 +20,7 @@ import pandas as pd
 
 from xsel.encoders import create_encoder
 from xsel.errors import InputError, XselError
+from xsel.io.atomic import save_torch_atomic
 from xsel.io.images import ImageDecodeError, preprocess, read_image
 from xsel.io.table import PATH_COLUMN, read_image_table, write_csv_atomic
 from xsel.progress import notify, progress_bar
@@ -222,25 +224,29 @@ def _check_config(config: EncoderTrainingConfig, probe_store) -> None:
         ("--epochs", config.epochs, 1),
         ("--batch-size", config.batch_size, 2),
         ("--image-size", config.image_size, MIN_IMAGE_SIZE),
+        ("--projection-dim", config.projection_dim, 1),
+        ("--prototypes", config.prototypes, 1),
+        ("--small-crops", config.small_crops, 0),
+        ("--workers", config.workers if config.workers is not None else 0, 0),
+        ("--seed", config.seed, 0),
         ("--probe-episodes", config.probe_episodes, 1),
         ("--probe-k", config.probe_k, 1),
     ):
         if value < least:
             raise InputError(f"{name} {value}: use at least {least}")
-    if config.learning_rate <= 0 or config.seed < 0 or config.grad_clip <= 0:
-        raise InputError("--learning-rate and --grad-clip must be positive and --seed 0 or more")
+    for name, value in (
+        ("--learning-rate", config.learning_rate),
+        ("--grad-clip", config.grad_clip),
+        ("--temperature", 1.0 if config.temperature is None else config.temperature),
+    ):
+        if not value > 0:
+            raise InputError(f"{name} {value}: must be positive")
+    if not 0 <= config.momentum < 1 or config.weight_decay < 0:
+        raise InputError("--momentum must lie in [0, 1) and --weight-decay be 0 or more")
     if config.method == "moco" and config.queue_size is not None and config.queue_size < config.batch_size:
         raise InputError(f"--queue-size {config.queue_size}: use at least the batch size ({config.batch_size})")
     if bool(config.probe_conditions) != (probe_store is not None):
         raise InputError("--probe-store and --probe-conditions go together: give both or neither")
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    import torch
-
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
 
 
 def _encoder_payload(backbone, config: EncoderTrainingConfig, preprocessing: dict, step: int, epochs: float) -> dict:
@@ -318,7 +324,7 @@ def train_encoder(
     preprocessing = dict(backbone.preprocessing)
     probe = None
     if probe_store is not None:
-        root = Path(probe_image_root) if probe_image_root is not None else Path(csv).resolve().parent
+        root = Path(probe_image_root or image_root or Path(csv).resolve().parent)
         probe = _Probe(Path(probe_store), root, config, preprocessing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -342,6 +348,9 @@ def train_encoder(
     scaler = torch.amp.GradScaler(torch_device.type, enabled=amp_dtype == torch.float16)
 
     step, elapsed, history, failed = 0, 0.0, [], {}
+    # what a resumed run must share beyond the config: the images (they set the schedule) and the arithmetic
+    images_sha256 = hashlib.sha256("\n".join(map(str, table.paths)).encode()).hexdigest()
+    arithmetic = str(amp_dtype or "fp32")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / LAST).exists():
         state = load_run_state(run_dir / LAST)
@@ -353,10 +362,21 @@ def train_encoder(
                 f"settings (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change) "
                 "or start a new --out"
             )
+        if state["images_sha256"] != images_sha256:
+            raise InputError(
+                f"{run_dir / LAST} was trained on another image list ({state['n_images']} images, now {len(files)}); "
+                "resume with the same CSV or start a new --out"
+            )
+        if state["arithmetic"] != arithmetic:
+            raise InputError(
+                f"{run_dir / LAST} was trained in {state['arithmetic']} on {state['device']}, this run would use "
+                f"{arithmetic} on {torch_device.type}; resume with the same --device and --precision"
+            )
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
         step, elapsed, history = state["step"], state["seconds"], state["history"]
         failed = dict(state["failed"])
     elif probe is not None:
@@ -371,8 +391,8 @@ def train_encoder(
 
     def checkpoint() -> None:
         epochs_done = step / steps_per_epoch
-        _save_atomic(_encoder_payload(backbone, config, preprocessing, step, epochs_done), run_dir / ENCODER)
-        _save_atomic(
+        save_torch_atomic(_encoder_payload(backbone, config, preprocessing, step, epochs_done), run_dir / ENCODER)
+        save_torch_atomic(
             {
                 "format": RUN_FORMAT,
                 "module": module.state_dict(),
@@ -380,6 +400,10 @@ def train_encoder(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "config": asdict(config),
+                "images_sha256": images_sha256,
+                "n_images": len(files),
+                "arithmetic": arithmetic,
+                "device": torch_device.type,
                 "step": step,
                 "seconds": elapsed + time.perf_counter() - started,
                 "history": history,

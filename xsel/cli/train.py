@@ -138,7 +138,14 @@ def train_encoder_command(
     ] = None,
     precision: Annotated[Precision, typer.Option(help="auto: fp16 AMP on CUDA, fp32 on CPU.")] = Precision.auto,
     workers: Annotated[int | None, typer.Option(help="Image decoding workers (default: half the cores).")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of initialisation, image order and augmentations.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Seed of the heads' initialisation, image order and augmentations (--weights none always starts "
+            "the backbone from the same seeded network).",
+        ),
+    ] = 0,
     device: Annotated[Device, typer.Option(help="Where to train; auto takes CUDA when present.")] = Device.auto,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

@@ -1,0 +1,36 @@
+"""Write files so that no reader ever sees a partial one: a temporary sibling, then one rename."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary)`` and rename the result to ``path``; the temporary goes away on failure.
+
+    The temporary keeps the suffix (writers such as ``np.save`` and ``savefig`` choose the format by it)
+    and carries the PID, so two processes writing the same file never share one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def save_torch_atomic(payload, path: str | Path) -> Path:
+    """``torch.save`` through :func:`write_atomic`."""
+    import torch
+
+    return write_atomic(path, lambda temporary: torch.save(payload, temporary))
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """A text file (JSON reports) through :func:`write_atomic`."""
+    return write_atomic(path, lambda temporary: temporary.write_text(text))
