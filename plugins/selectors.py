@@ -339,14 +339,18 @@ class _ModelSelector:
         return np.concatenate(blocks) if blocks else np.zeros((0, len(self.columns)))
 
     def select(self, embeddings, k, *, seed, metadata=None):
-        return _ranking(self.scores(embeddings, metadata, seed=seed), seed, 6)[: min(k, len(embeddings))]
+        return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
+
+    def select_with_scores(self, embeddings, k, *, seed, metadata=None):
+        """Picks and every row's score from one pass (``xsel select`` reports both; the model runs once)."""
+        scores = self.scores(embeddings, metadata, seed=seed)
+        return _ranking(scores, seed, 6)[: min(k, len(embeddings))], scores
 
 
 def binary_entropy(logits: np.ndarray) -> np.ndarray:
     """Entropy in bits (0 … 1) of Bernoulli predictions given as logits, stable at large |logit|."""
-    p = 1.0 / (1.0 + np.exp(-logits))
     log_p, log_q = -np.logaddexp(0.0, -logits), -np.logaddexp(0.0, logits)  # log σ(z), log(1 − σ(z))
-    return -(p * log_p + (1.0 - p) * log_q) / np.log(2.0)
+    return -(np.exp(log_p) * log_p + np.exp(log_q) * log_q) / np.log(2.0)  # exp of a log ≤ 0 never overflows
 
 
 class UncertaintySelector(_ModelSelector):
@@ -472,13 +476,13 @@ class BoostMISSelector(_ModelSelector):
         by_adversarial, by_uncertain = self._positions(embeddings, seed)
         return 1.0 - np.minimum(by_adversarial, by_uncertain) / max(len(embeddings), 1)
 
-    def select(self, embeddings, k, *, seed, metadata=None):
+    def select_with_scores(self, embeddings, k, *, seed, metadata=None):
+        """Picks and scores from one VAT + density pass (both come from the two rank positions)."""
         by_adversarial, by_uncertain = self._positions(embeddings, seed)
+        first = np.minimum(by_adversarial, by_uncertain)
         tie_break = np.random.default_rng([seed, 6]).permutation(len(embeddings))
-        order = np.lexsort(
-            (tie_break, np.maximum(by_adversarial, by_uncertain), np.minimum(by_adversarial, by_uncertain))
-        )
-        return order[: min(k, len(embeddings))]
+        order = np.lexsort((tie_break, np.maximum(by_adversarial, by_uncertain), first))
+        return order[: min(k, len(embeddings))], 1.0 - first / max(len(embeddings), 1)
 
 
 @hookimpl

@@ -52,6 +52,18 @@ def test_select_with_a_model_respects_the_patient_rule_and_exclude(demo_store, c
     assert second.table["PatientID"].is_unique
 
 
+def test_select_runs_boostmis_once_for_picks_and_scores(demo_store, classifier_pt, monkeypatch):
+    """VAT and density are the costly part: `select` derives both the picks and their scores from one pass."""
+    from xsel_plugins.selectors import BoostMISSelector
+
+    calls = []
+    vat = BoostMISSelector.adversarial_kl
+    monkeypatch.setattr(BoostMISSelector, "adversarial_kl", lambda self, *a: calls.append(1) or vat(self, *a))
+    table = select(demo_store, 10, selector="boostmis", model=classifier_pt).table
+    assert len(calls) == 1 and len(table) == 10
+    assert table["score"].between(0, 1).all() and table["score"].iloc[0] == table["score"].max()
+
+
 def test_uncertainty_scores_are_descending_and_one_label_can_be_chosen(demo_store, classifier_pt):
     table = select(demo_store, 20, model=classifier_pt, label="Edema").table
     assert set(table["selector"]) == {"uncertainty"}, "uncertainty is the default with a model"
@@ -192,6 +204,23 @@ def test_cli_evaluate_rounds_end_to_end(demo_store, tmp_path, cli):
     assert "15 labels" in result.stdout and "boostmis" in result.stdout
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert set(rounds["strategy"]) == {"random", "kcenter", "boostmis"} and rounds["round"].max() == 2
+
+
+def test_cli_evaluate_leaves_unset_options_to_the_library_defaults(demo_store, tmp_path, cli, monkeypatch):
+    """Options not given are not passed, so simulate's COLD_START / PROBE_EPOCHS / episodes apply."""
+    import xsel.active_learning
+
+    calls = []
+
+    def record(store, conditions, **options):
+        calls.append(options)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(xsel.active_learning, "simulate", record)
+    base = ["evaluate", demo_store, "--conditions", "Edema", "--rounds", "2", "--out", tmp_path, "-q"]
+    assert cli(*base).exit_code == 2 and cli(*base, "--probe-epochs", "7", "--episodes", "3").exit_code == 2
+    assert not {"cold_start", "probe_epochs", "episodes"} & set(calls[0])
+    assert calls[1]["probe_epochs"] == 7 and calls[1]["episodes"] == 3
 
 
 def test_cli_evaluate_rounds_bad_input(demo_store, tmp_path, cli):

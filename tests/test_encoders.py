@@ -149,6 +149,13 @@ def test_image_size_override_changes_preprocessing_only():
         create_encoder("pixels", image_size=4)
 
 
+def test_image_size_too_small_for_the_network_is_an_input_error():
+    """DenseNet-121 pools a 28-pixel input to 0×0: refused at creation with the smallest size that runs."""
+    with pytest.raises(InputError, match="--image-size 16 is too small for encoder densenet121; use at least 29"):
+        create_encoder("densenet121", "none", image_size=16)
+    assert create_encoder("densenet121", "none", image_size=29).preprocessing["image_size"] == 29
+
+
 def test_example_plugin_ships_real_pretrained_weights():
     """The example third-party plugin is installed (entry point) and loads ImageNet weights offline."""
     pretrained = create_encoder("efficientnet-lite0", image_size=SMALL)

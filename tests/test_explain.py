@@ -47,6 +47,24 @@ def test_grad_cam_highlights_a_planted_bright_square():
     assert 0 < probabilities[0] < 1
 
 
+def test_grad_cam_with_frozen_parameters():
+    """A frozen encoder (no parameter requires grad) still gives a map: the gradient flows from the input."""
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    backbone = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    head = build_head(2, 1)
+    for parameter in [*backbone.parameters(), *head.parameters()]:
+        parameter.requires_grad_(False)
+    cams, probabilities = grad_cam(backbone, head, conv, torch.rand(2, 3, 16, 16), 0)
+    assert cams.shape == (2, 16, 16) and probabilities.shape == (2,)
+
+
+def test_grad_cam_layer_outside_the_forward_is_an_input_error():
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    unused = torch.nn.Conv2d(3, 2, 3)
+    with pytest.raises(InputError, match="is not called by Sequential's forward"):
+        grad_cam(backbone, build_head(2, 1), unused, torch.rand(1, 3, 16, 16), 0)
+
+
 def test_target_layer_per_architecture():
     resnet = create_encoder("resnet18", "none")
     assert target_layer(resnet) == (resnet.layer4, False)
@@ -127,7 +145,11 @@ def test_explain_linear_probe_needs_the_store_encoder(cli, tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--label", "Nope"], "--label 'Nope'"), (["--label", "A", "--weights", "none"], "leave out --weights")],
+    [
+        (["--label", "Nope"], "--label 'Nope'"),
+        (["--label", "A", "--weights", "none"], "leave out --weights"),
+        (["--label", "A", "--max-side", "0"], "--max-side 0"),
+    ],
 )
 def test_explain_input_errors(cli, fine_tuned, tmp_path, extra, message):
     csv, checkpoint = fine_tuned

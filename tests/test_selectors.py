@@ -215,6 +215,23 @@ def test_boostmis_takes_the_union_of_both_rankings(toy):
     assert np.minimum(by_adversarial, by_uncertain)[picks].max() <= 5
 
 
+@pytest.mark.parametrize("name", MODEL_SELECTORS)
+def test_select_with_scores_matches_select_and_scores(name, toy):
+    points, model = toy
+    selector = create_selector(name, model=model)
+    picks, scores = selector.select_with_scores(points, 8, seed=2)
+    assert np.array_equal(picks, run_selector(selector, name, points, 8, seed=2))
+    assert np.array_equal(scores, selector.scores(points, seed=2))
+
+
+def test_binary_entropy_is_stable_at_extreme_logits():
+    from xsel_plugins.selectors import binary_entropy
+
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow below logit −709, no 0·log 0
+        entropy = binary_entropy(np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0]))
+    assert entropy[2] == pytest.approx(1.0) and np.all(entropy[[0, 4]] == 0) and np.all(entropy[[1, 3]] < 1e-15)
+
+
 def test_density_weight_favours_dense_regions():
     from xsel_plugins.selectors import BoostMISSelector
 

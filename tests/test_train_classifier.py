@@ -14,8 +14,11 @@ from xsel.classifier import label_weights, load_classifier, multilabel_loss
 from xsel.errors import InputError
 from xsel.store import write_store
 from xsel.train_classifier import (
+    PSEUDO_RATIO,
     ClassifierConfig,
+    augment,
     best_epoch,
+    epoch_rows,
     flexmatch_thresholds,
     label_matrix,
     pseudo_targets,
@@ -101,11 +104,29 @@ def test_weighted_bce_balances_classes_by_prevalence():
 def test_balanced_sampler_draws_both_classes_equally():
     targets = np.array([[1.0]] * 10 + [[0.0]] * 90)
     weights = sample_weights(targets)
-    sampler = torch.utils.data.WeightedRandomSampler(
-        weights.tolist(), 20_000, replacement=True, generator=torch.Generator().manual_seed(0)
-    )
-    drawn = np.fromiter(sampler, dtype=np.int64)
-    assert abs((drawn < 10).mean() - 0.5) < 0.02  # 10% prevalence drawn half the time
+    drawn = epoch_rows(np.arange(100), np.zeros(0, dtype=np.int64), 20_000, seed=0, epoch=0, weights=weights)
+    assert len(drawn) == 20_000 and abs((drawn < 10).mean() - 0.5) < 0.02  # 10% prevalence drawn half the time
+
+
+def test_epoch_covers_every_labelled_row_and_caps_pseudo_rows():
+    """FlexMatch's ratio: 10 labelled rows and 1000 pseudo-labelled ones give an epoch of 10 + μ·10 rows."""
+    labelled, pseudo = np.arange(10), np.arange(100, 1100)
+    length = 10 + PSEUDO_RATIO * 10
+    rows = epoch_rows(labelled, pseudo, length, seed=0, epoch=3)
+    assert len(rows) == length and set(labelled) <= set(rows.tolist())
+    assert (rows >= 100).sum() == PSEUDO_RATIO * 10 and len(set(rows.tolist())) == length
+    assert np.array_equal(rows, epoch_rows(labelled, pseudo, length, seed=0, epoch=3))
+    assert not np.array_equal(rows, epoch_rows(labelled, pseudo, length, seed=0, epoch=4))
+    few = epoch_rows(labelled, pseudo[:3], length, seed=0, epoch=0)  # fewer pseudo rows: labelled ones fill up
+    assert len(few) == length and (few >= 100).sum() == 3 and set(labelled) <= set(few.tolist())
+
+
+def test_augmentation_depends_on_the_image_seed_only():
+    """The same seed gives the same transform whatever the batch around it (so --workers cannot change it)."""
+    images = torch.rand(3, 3, 16, 16)
+    batch = augment(images, [5, 6, 7])
+    assert torch.allclose(batch[1:2], augment(images[1:2], [6]))
+    assert not torch.allclose(batch[0], augment(images[0:1], [8])[0])
 
 
 def test_patient_split_never_shares_a_patient():
@@ -207,6 +228,45 @@ def test_store_probe_pseudo_labels_after_warm_up(tmp_path):
     assert result.report.set_index("label").loc["A", "auroc"] > 0.9
 
 
+def test_store_probe_pseudo_pool_leaves_out_labelled_paths(tmp_path):
+    """--unlabeled repeating labelled (training and validation) paths adds only its new rows to the pool."""
+    store, frame = synthetic_store(tmp_path, n=600)
+    labelled, new = frame.iloc[:300], frame.iloc[300:340]
+    labelled.to_csv(tmp_path / "labels.csv", index=False)
+    pd.concat([labelled, new])[["Path"]].to_csv(tmp_path / "pool.csv", index=False)
+    config = ClassifierConfig(
+        labels=["A", "B"], store=str(store), pseudo_labels=True, unlabeled=str(tmp_path / "pool.csv"), epochs=2
+    )
+    train_classifier(tmp_path / "labels.csv", tmp_path / "run", config)
+    pseudo = pd.read_csv(tmp_path / "run" / "metrics.csv")["pseudo_labeled"]
+    assert 0 < pseudo.iloc[1] <= len(new)
+    labelled[["Path"]].to_csv(tmp_path / "pool.csv", index=False)  # nothing new: nothing to pseudo-label
+    with pytest.raises(InputError, match="--pseudo-labels: no unlabelled row"):
+        train_classifier(tmp_path / "labels.csv", tmp_path / "run2", config)
+
+
+def test_store_probe_caps_pseudo_rows_at_the_labelled_count(tmp_path, monkeypatch):
+    """20 labelled rows and 580 unlabeled: every refit sees at most 20 + μ·20 rows."""
+    import xsel.train_classifier as module
+
+    store, frame = synthetic_store(tmp_path, n=600)
+    frame.loc[frame.index >= 60, ["A", "B"]] = np.nan
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    sizes = []
+    fit = module.fit_linear_head
+    monkeypatch.setattr(module, "fit_linear_head", lambda x, y, **kw: sizes.append(len(x)) or fit(x, y, **kw))
+    config = ClassifierConfig(labels=["A", "B"], store=str(store), pseudo_labels=True, epochs=3)
+    result = train_classifier(tmp_path / "labels.csv", tmp_path / "run", config)
+    assert sizes[0] == result.train_images and max(sizes) == (1 + PSEUDO_RATIO) * result.train_images
+
+
+def test_store_csv_with_a_repeated_path_is_an_input_error(tmp_path):
+    store, frame = synthetic_store(tmp_path, n=20)
+    pd.concat([frame, frame.iloc[[3]]]).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(InputError, match="row 22, column 'Path' repeats 'img/0003.png' from row 5"):
+        train_classifier(tmp_path / "labels.csv", tmp_path / "run", ClassifierConfig(labels=["A"], store=str(store)))
+
+
 def test_store_without_any_csv_row_is_an_input_error(tmp_path):
     store, _ = synthetic_store(tmp_path, n=20)
     pd.DataFrame({"Path": ["other.png", "x.png"], "A": [1, 0]}).to_csv(tmp_path / "labels.csv", index=False)
@@ -226,7 +286,7 @@ def tuned(tmp_path_factory):
     (folder / "data" / "img" / "broken.png").write_bytes(b"not a png")
     broken = {"Path": "img/broken.png", "PatientID": "px", "A": 1, "B": 0}
     pd.concat([frame, pd.DataFrame([broken])]).to_csv(csv, index=False)
-    config = ClassifierConfig(labels=["A", "B"], epochs=2, pseudo_labels=True, balanced_sampler=True, **TINY)
+    config = ClassifierConfig(labels=["A", "B"], epochs=2, pseudo_labels=True, **TINY)
     result = train_classifier(csv, folder / "run", config, device="cpu", show_progress=False)
     return csv, folder, result
 
@@ -244,6 +304,17 @@ def test_fine_tune_writes_a_run_and_skips_broken_images(tuned):
     classifier = load_classifier(run / "classifier.pt")
     assert classifier.config["best_epoch"] == result.best_epoch and classifier.config["pseudo_labels"] is True
     assert float(classifier.head.input_mean.abs().sum()) == 0 and float(classifier.head.input_scale.min()) == 1
+
+
+def test_fine_tuning_does_not_depend_on_decode_workers(tmp_path):
+    """Sampling and augmentation are seeded per epoch and row, not by the order workers deliver batches."""
+    csv = planted_squares(tmp_path / "data", 16)
+    heads = []
+    for workers in (0, 1):
+        config = ClassifierConfig(labels=["A"], epochs=1, balanced_sampler=True, workers=workers, **TINY)
+        train_classifier(csv, tmp_path / f"run{workers}", config, device="cpu", show_progress=False)
+        heads.append(load_classifier(tmp_path / f"run{workers}").head.linear.weight.detach())
+    assert torch.equal(*heads)
 
 
 def test_fine_tuned_classifier_round_trips_through_embed(tuned, tmp_path):
@@ -272,6 +343,20 @@ def test_fine_tuned_classifier_round_trips_through_embed(tuned, tmp_path):
 # ---------------------------------------------------------------- command line
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["--encoder", "resnet18"], ["--weights", "none"], ["--image-size", "64"], ["--batch-size", "4"],
+     ["--no-augment"], ["--workers", "2"], ["--device", "cpu"], ["--image-root", "."], ["--balanced-sampler"]],
+)  # fmt: skip
+def test_cli_train_classifier_store_refuses_fine_tuning_options(cli, tmp_path, extra):
+    store, frame = synthetic_store(tmp_path, n=40)
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    result = cli("train", "classifier", tmp_path / "labels.csv", "--labels", "A", "--store", store,
+                 "--out", tmp_path / "run", "-q", *extra)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{extra[0]} applies to fine-tuning" in result.stderr and "Traceback" not in result.output
+
+
 def test_cli_train_classifier_store_path(cli, tmp_path):
     store, frame = synthetic_store(tmp_path)
     frame.to_csv(tmp_path / "labels.csv", index=False)
@@ -289,6 +374,7 @@ def test_cli_train_classifier_store_path(cli, tmp_path):
         (["--labels", "A", "--weights", "{bad}"], "does not fit ResNet"),
         (["--labels", "A", "--val-fraction", "1.5"], "--val-fraction 1.5"),
         (["--labels", "A", "--unlabeled", "{csv}"], "--unlabeled feeds --pseudo-labels"),
+        (["--labels", "A", "--pseudo-labels"], "--pseudo-labels: no unlabelled row"),
     ],
 )
 def test_cli_train_classifier_input_errors(cli, tmp_path, extra, message):

@@ -82,8 +82,37 @@ def create_encoder(name: str, weights: str | None = None, *, image_size: int | N
     if image_size is not None:
         if image_size < 8:
             raise InputError(f"--image-size {image_size}: use at least 8 pixels")
+        default_size = int(encoder.preprocessing["image_size"])
         encoder.preprocessing = {**encoder.preprocessing, "image_size": int(image_size)}
+        if image_size < default_size:
+            _check_small_size(encoder.eval(), entry.name, int(image_size), default_size)
     return encoder.eval()
+
+
+def _runs_at(encoder, size: int) -> bool:
+    import torch
+
+    with torch.no_grad():
+        try:
+            encoder(torch.zeros(2, int(encoder.preprocessing["channels"]), size, size))
+        except RuntimeError:
+            return False
+    return True
+
+
+def _check_small_size(encoder, name: str, size: int, default_size: int) -> None:
+    """Refuse a size below the plugin's default at which the network cannot run (DenseNet pools to 0×0 below 29 px).
+
+    Only sizes under the default are tried, so the probe costs at most one small forward; on failure a bisection up
+    to the default finds the smallest size that runs, for the message.
+    """
+    if _runs_at(encoder, size):
+        return
+    low, high = size, default_size  # fails at low; the default is assumed to run
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _runs_at(encoder, middle) else (middle, high)
+    raise InputError(f"--image-size {size} is too small for encoder {name}; use at least {high}")
 
 
 def read_state_dict(path: str | Path) -> dict:

@@ -18,7 +18,6 @@ that size (long side), which keeps overlays of 3000-pixel radiographs readable a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from xsel.errors import InputError
+from xsel.io.atomic import write_atomic
 
 CONTACT_SHEET = "contact_sheet.png"
 TABLE = "explain.csv"
@@ -95,6 +95,7 @@ def grad_cam(backbone, head, layer, images, label_index: int, *, relu_after: boo
     """Low-resolution Grad-CAM maps (B, h, w) (not normalised) and the label's probabilities (B,).
 
     Samples are independent in eval mode, so one backward pass of the summed logits gives every image's gradient.
+    The input requires grad so the activation is in the graph even when every parameter is frozen.
     """
     import torch
     import torch.nn.functional as F
@@ -109,7 +110,12 @@ def grad_cam(backbone, head, layer, images, label_index: int, *, relu_after: boo
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            logits = head(backbone(images))[:, label_index]
+            logits = head(backbone(images.detach().requires_grad_(True)))[:, label_index]
+            if "activation" not in captured:
+                raise InputError(
+                    f"Grad-CAM layer {type(layer).__name__} is not called by {type(backbone).__name__}'s forward; "
+                    "the encoder cannot be explained"
+                )
             (gradient,) = torch.autograd.grad(logits.sum(), captured["activation"])
     finally:
         handle.remove()
@@ -161,15 +167,6 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def explain(
     checkpoint: str | Path,
     csv: str | Path,
@@ -195,6 +192,8 @@ def explain(
 
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: use 1 or more")
+    if max_side < 1:
+        raise InputError(f"--max-side {max_side}: use 1 or more pixels, e.g. 1024")
     classifier = load_classifier(checkpoint)
     label_index = classifier.label_index(label)
     backbone = rebuild_backbone(classifier, weights)
@@ -240,8 +239,8 @@ def explain(
                 heatmap = upsample(cam, gray.shape)
                 stem = _unique_stem(Path(table.paths[index]).stem or "image", used)
                 picture = overlay(gray, heatmap)
-                _write_atomic(out / f"{stem}.npy", lambda path, h=heatmap: np.save(path, h))
-                _write_atomic(out / f"{stem}.png", lambda path, p=picture: Image.fromarray(p).save(path, "PNG"))
+                write_atomic(out / f"{stem}.npy", lambda path, h=heatmap: np.save(path, h))
+                write_atomic(out / f"{stem}.png", lambda path, p=picture: Image.fromarray(p).save(path, "PNG"))
                 rows.append(
                     {
                         PATH_COLUMN: table.paths[index],

@@ -3,6 +3,9 @@
 The framework, not each selector, applies the shared rules: rows listed in ``exclude`` leave the pool,
 then the pool keeps one image per ``PatientID`` (its first row in store order) unless
 ``allow_same_patient``, so every selector returns distinct patients without special cases.
+
+A selector may offer ``select_with_scores(embeddings, k, *, seed, metadata)`` → (picks, scores of every row):
+``select`` then uses it instead of ``select`` + ``scores``, so a costly model (boostmis: VAT and density) runs once.
 """
 
 from __future__ import annotations
@@ -101,14 +104,19 @@ def check_identity(selector, name: str, store: Store) -> None:
 
 def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None) -> np.ndarray:
     """Call a selector and hold it to the contract: ``min(k, N)`` distinct in-range integer indices."""
-    picks = np.asarray(selector.select(embeddings, k, seed=seed, metadata=metadata))
-    expected = min(k, len(embeddings))
+    return checked_picks(selector.select(embeddings, k, seed=seed, metadata=metadata), name, len(embeddings), k)
+
+
+def checked_picks(picks, name: str, pool: int, k: int) -> np.ndarray:
+    """Hold a selector's picks to the contract: ``min(k, pool)`` distinct in-range integer indices."""
+    picks = np.asarray(picks)
+    expected = min(k, pool)
     if (
         picks.ndim != 1
         or len(picks) != expected
         or not np.issubdtype(picks.dtype, np.integer)
         or len(np.unique(picks)) != len(picks)
-        or (len(picks) and (picks.min() < 0 or picks.max() >= len(embeddings)))
+        or (len(picks) and (picks.min() < 0 or picks.max() >= pool))
     ):
         raise XselError(
             f"selector {name!r} broke the selector contract (expected {expected} distinct row indices, "
@@ -198,10 +206,15 @@ def select(
         warnings.append(f"kept one image per PatientID: the pool has {len(rows)} of {len(store)} images")
     if k > len(rows):
         warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
-    metadata = store.meta.iloc[rows]
-    picks = run_selector(instance, name, store.embeddings[rows], k, seed=seed, metadata=metadata)
+    metadata, embeddings = store.meta.iloc[rows], store.embeddings[rows]
+    if hasattr(instance, "select_with_scores"):
+        picks, scores = instance.select_with_scores(embeddings, k, seed=seed, metadata=metadata)
+        picks = checked_picks(picks, name, len(rows), k)
+        scores = np.asarray(scores)[picks]
+    else:
+        picks = run_selector(instance, name, embeddings, k, seed=seed, metadata=metadata)
+        scores = selection_scores(instance, embeddings, metadata, seed)[picks]
     chosen = rows[picks]
-    scores = selection_scores(instance, store.embeddings[rows], metadata, seed)[picks]
     table = pd.DataFrame(
         {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": scores}
     )

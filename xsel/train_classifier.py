@@ -13,6 +13,11 @@ Two paths write the same run folder (``classifier.pt``, ``metrics.csv``, ``repor
 Both split labelled images by patient (never one ``PatientID`` on both sides), keep the epoch with the best mean
 validation AUROC (the last one when no AUROC is defined), and choose per-label decision thresholds on validation.
 Targets are (N, L) float arrays: 1 positive, 0 negative, NaN unknown (the uncertain policy already applied).
+
+Pseudo-labels (``pseudo_labels``) come from the pool: rows without any known label (the CSV's own and
+``--unlabeled``'s), minus rows whose Path is labelled or repeated and rows of validation patients. As in
+FlexMatch (μ unlabelled per labelled sample), an epoch never lets them swamp the labels: see :func:`epoch_rows`.
+An empty pool is an input error, not a silent run without pseudo-labels.
 """
 
 from __future__ import annotations
@@ -45,7 +50,18 @@ REPORT = "report.csv"
 ROC_PLOT = "roc.png"
 ERRORS = "errors.csv"
 PSEUDO_FLOOR = 0.75  # lowest adaptive threshold on the predicted class's probability (0.5 would be a coin flip)
+PSEUDO_RATIO = 1  # FlexMatch's μ: at most this many pseudo-labelled rows per labelled training row in an epoch
 AUGMENT_DEGREES, AUGMENT_SCALE, AUGMENT_SHIFT, AUGMENT_INTENSITY = 5.0, 0.05, 0.04, 0.1
+# Options that only fine-tuning reads, with their CLI names; with --store a non-default value is an input error.
+FINE_TUNING_OPTIONS = {
+    "encoder": "--encoder",
+    "weights": "--weights",
+    "image_size": "--image-size",
+    "batch_size": "--batch-size",
+    "augment": "--no-augment",
+    "workers": "--workers",
+    "balanced_sampler": "--balanced-sampler",
+}
 
 
 @dataclass
@@ -201,6 +217,33 @@ def pseudo_targets(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndar
     return targets
 
 
+def epoch_rows(
+    labelled: np.ndarray, pseudo: np.ndarray, length: int, *, seed: int, epoch: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """One epoch's training rows, ``length`` of them in a seeded order.
+
+    Every labelled row once, then up to ``length − len(labelled)`` pseudo-labelled rows drawn without replacement,
+    and the rest filled with further labelled draws: with ``length = N_l + min(μ·N_l, pool)`` the labels make up
+    at least 1/(1+μ) of every epoch however large the pool, and the epoch length (so the OneCycle schedule) does
+    not change when pseudo-labels appear. With ``weights`` (balanced sampling) all labelled draws are weighted,
+    with replacement.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    pseudo_part = rng.choice(pseudo, size=min(len(pseudo), max(0, length - len(labelled))), replace=False)
+    count = length - len(pseudo_part)
+    if weights is None:
+        repeats = -(-count // len(labelled))
+        labelled_part = np.concatenate([rng.permutation(labelled) for _ in range(repeats)])[:count]
+    else:
+        labelled_part = rng.choice(labelled, size=count, p=weights / weights.sum())
+    return rng.permutation(np.concatenate([labelled_part, pseudo_part]).astype(np.int64))
+
+
+def epoch_length(train: int, pool: int, pseudo_labels: bool) -> int:
+    """Rows per epoch: the labelled training rows plus room for μ× as many pseudo-labelled ones (when used)."""
+    return train + (min(PSEUDO_RATIO * train, pool) if pseudo_labels else 0)
+
+
 # ---------------------------------------------------------------- metrics and report
 
 
@@ -301,8 +344,16 @@ class _Data:
 def _read_rows(config: ClassifierConfig, csv: Path, image_root) -> tuple[list[str], list[Path], pd.DataFrame]:
     if config.store:
         frame = read_csv_checked(csv)
-        paths = frame[PATH_COLUMN].astype(str).tolist()
-        return paths, [Path(p) for p in paths], frame
+        paths = frame[PATH_COLUMN].astype(str)
+        duplicated = paths.duplicated(keep="first").to_numpy()
+        if duplicated.any():  # the same check and message as read_image_table's
+            index = int(duplicated.nonzero()[0][0])
+            first = int((paths == paths.iloc[index]).to_numpy().nonzero()[0][0])
+            raise InputError(
+                f"{csv}: row {index + 2}, column 'Path' repeats {paths.iloc[index]!r} from row {first + 2}; "
+                "remove the duplicate rows"
+            )
+        return paths.tolist(), [Path(p) for p in paths], frame
     table = read_image_table(csv, image_root)
     return table.paths, table.files, table.frame
 
@@ -347,8 +398,20 @@ def _prepare(config: ClassifierConfig, csv: Path, image_root) -> tuple[_Data, li
     train_pos, val_pos = split_by_patient([patients[i] for i in labelled], config.val_fraction, config.seed)
     train, val = labelled[train_pos], labelled[val_pos]
     val_patients = {patients[i] for i in val if patients[i] is not None}
-    pool = np.flatnonzero(keep & np.isnan(targets).all(axis=1))
-    pool = np.asarray([i for i in pool if patients[i] is None or patients[i] not in val_patients], dtype=np.int64)
+    seen = {paths[i] for i in labelled}  # a labelled image (validation above all) never returns as pseudo-labelled
+    pool = []
+    for i in np.flatnonzero(keep & np.isnan(targets).all(axis=1)):
+        if paths[i] not in seen and (patients[i] is None or patients[i] not in val_patients):
+            pool.append(i)
+        seen.add(paths[i])
+    pool = np.asarray(pool, dtype=np.int64)
+    if config.pseudo_labels and len(pool) == 0:
+        raise InputError(
+            f"--pseudo-labels: no unlabelled row to pseudo-label (rows without a known {', '.join(config.labels)}, "
+            "not already labelled, not of a validation patient"
+            + (", and in the store" if config.store else "")
+            + "); add --unlabeled CSV or leave out --pseudo-labels"
+        )
     who = "patients" if any(p is not None for p in patients) else "images (no PatientID column)"
     notify(
         f"patient-level split: {len(train)} training and {len(val)} validation images, "
@@ -392,6 +455,9 @@ def train_classifier(
     """
     csv, run_dir = Path(csv), Path(run_dir)
     _check(config)
+    if config.store and (device != "auto" or image_root is not None):
+        option = "--device" if device != "auto" else "--image-root"
+        raise InputError(f"{option} applies to fine-tuning; the --store probe reads the store's embeddings")
     if (run_dir / CHECKPOINT_NAME).exists() and not overwrite:
         raise InputError(f"{run_dir / CHECKPOINT_NAME} already exists; pass --overwrite or choose another --out")
     started = time.perf_counter()
@@ -449,8 +515,11 @@ def _check(config: ClassifierConfig) -> None:
             raise InputError(f"{name} {value}: use at least 1")
     if config.lr() <= 0 or config.seed < 0 or config.workers < 0:
         raise InputError("--learning-rate must be positive, --seed and --workers 0 or more")
-    if config.store and config.balanced_sampler:
-        raise InputError("--balanced-sampler draws mini-batches when fine-tuning; the --store probe is full-batch")
+    if config.store:
+        defaults = ClassifierConfig(labels=config.labels)
+        for name, option in FINE_TUNING_OPTIONS.items():
+            if getattr(config, name) != getattr(defaults, name):
+                raise InputError(f"{option} applies to fine-tuning; the --store probe reads the store's embeddings")
     if config.pseudo_labels:
         flexmatch_thresholds(np.zeros((0, 1)), config.pseudo_threshold)  # validates τ
     elif config.unlabeled:
@@ -476,19 +545,25 @@ def _pseudo(config: ClassifierConfig, probabilities: np.ndarray) -> tuple[np.nda
 
 
 def _fit_probe(config: ClassifierConfig, data: _Data, run_dir: Path) -> dict:
-    """Linear probe: one fit per epoch when pseudo-labelling (each refits on labelled + pseudo rows), else one."""
+    """Linear probe: one fit per epoch when pseudo-labelling, else one.
+
+    Each refit is full-batch on the labelled rows plus at most μ× as many pseudo-labelled rows (a seeded draw,
+    :func:`epoch_rows`), so the pool cannot outweigh the labels.
+    """
     import torch
 
-    x, y = data.embeddings, data.targets
-    rounds = config.epochs if config.pseudo_labels and len(data.pool) else 1
+    x, y = data.embeddings, data.targets.copy()  # pool rows receive pseudo-labels in y
+    rounds = config.epochs if config.pseudo_labels else 1
     started, metrics, states, aurocs = time.perf_counter(), [], [], []
     pseudo = None
     for epoch in range(rounds):
-        rows, targets = data.train, y[data.train]
+        rows = data.train
         if pseudo is not None:
             targets_pool, chosen = pseudo
-            rows = np.concatenate([rows, data.pool[chosen]])
-            targets = np.concatenate([targets, targets_pool[chosen]])
+            y[data.pool] = targets_pool
+            length = len(data.train) + min(PSEUDO_RATIO * len(data.train), int(chosen.sum()))
+            rows = epoch_rows(data.train, data.pool[chosen], length, seed=config.seed, epoch=epoch)
+        targets = y[rows]
         head = fit_linear_head(
             x[rows],
             targets,
@@ -511,7 +586,9 @@ def _fit_probe(config: ClassifierConfig, data: _Data, run_dir: Path) -> dict:
                 )
             )
             val_p = torch.sigmoid(head(torch.from_numpy(x[data.val])).double()).numpy()
-            pool_p = torch.sigmoid(head(torch.from_numpy(x[data.pool])).double()).numpy() if len(data.pool) else None
+            pool_p = (
+                torch.sigmoid(head(torch.from_numpy(x[data.pool])).double()).numpy() if config.pseudo_labels else None
+            )
         aurocs.append(label_auroc(y[data.val], val_p))
         states.append((head, val_p))
         metrics.append(
@@ -526,7 +603,7 @@ def _fit_probe(config: ClassifierConfig, data: _Data, run_dir: Path) -> dict:
             )
         )
         write_csv_atomic(pd.DataFrame(metrics), run_dir / METRICS)
-        if config.pseudo_labels and pool_p is not None and epoch + 1 >= config.warmup_epochs:
+        if pool_p is not None and epoch + 1 >= config.warmup_epochs:
             pseudo = _pseudo(config, pool_p)
     best = best_epoch([row["val_auroc"] for row in metrics])
     head, val_p = states[best]
@@ -559,22 +636,23 @@ class _Images:
             return row, None, str(error)
 
 
-def augment(images, generator):
-    """Light, seeded augmentation: rotation ±5°, scale ±5%, shift ±4%, contrast and brightness ±10%.
+def augment_seed(seed: int, epoch: int, row: int) -> int:
+    """The augmentation seed of one row in one epoch: independent of batching, decode workers and prefetching."""
+    return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1)[0])
+
+
+def augment(images, seeds: list[int]):
+    """Light augmentation, one seed per image: rotation ±5°, scale ±5%, shift ±4%, contrast and brightness ±10%.
 
     No horizontal flips: the heart's side is anatomy, not noise.
     """
     import torch
     import torch.nn.functional as F
 
-    size = images.shape[0]
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=generator) * 2 - 1
-
-    angle = uniform(size) * math.radians(AUGMENT_DEGREES)
-    scale = 1 + uniform(size) * AUGMENT_SCALE
-    shift = uniform(size, 2) * AUGMENT_SHIFT * 2  # grid coordinates span 2
+    uniform = torch.stack([torch.rand(6, generator=torch.Generator().manual_seed(seed)) for seed in seeds]) * 2 - 1
+    angle = uniform[:, 0] * math.radians(AUGMENT_DEGREES)
+    scale = 1 + uniform[:, 1] * AUGMENT_SCALE
+    shift = uniform[:, 2:4] * AUGMENT_SHIFT * 2  # grid coordinates span 2
     theta = torch.stack(
         [
             torch.stack([angle.cos() / scale, -angle.sin() / scale, shift[:, 0]], dim=1),
@@ -584,12 +662,13 @@ def augment(images, generator):
     ).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
-    contrast = (1 + uniform(size, 1, 1, 1) * AUGMENT_INTENSITY).to(images.device)
-    brightness = (uniform(size, 1, 1, 1) * AUGMENT_INTENSITY).to(images.device)
+    contrast = (1 + uniform[:, 4, None, None, None] * AUGMENT_INTENSITY).to(images.device, images.dtype)
+    brightness = (uniform[:, 5, None, None, None] * AUGMENT_INTENSITY).to(images.device, images.dtype)
     return moved * contrast + brightness
 
 
-def _loader(data: _Data, rows: np.ndarray, preprocessing: dict, config: ClassifierConfig, sampler=None):
+def _loader(data: _Data, rows: np.ndarray, preprocessing: dict, config: ClassifierConfig):
+    """Batches of ``rows`` in the given order (the order itself is seeded by :func:`epoch_rows`)."""
     from torch.utils.data import DataLoader
 
     from xsel.embed import _collate  # drops failed images from the batch, keeps their messages
@@ -597,7 +676,6 @@ def _loader(data: _Data, rows: np.ndarray, preprocessing: dict, config: Classifi
     return DataLoader(
         _Images(data.files, rows, preprocessing),
         batch_size=config.batch_size,
-        sampler=sampler,
         num_workers=config.workers,
         collate_fn=_collate,
     )
@@ -643,40 +721,35 @@ def _fine_tune(config: ClassifierConfig, data: _Data, run_dir: Path, device: str
     head.to(torch_device)
     parameters = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr(), weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    length = epoch_length(len(data.train), len(data.pool), config.pseudo_labels)
+    steps_per_epoch = math.ceil(length / config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr(), total_steps=config.epochs * steps_per_epoch
     )
     scaler = torch.amp.GradScaler(torch_device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator().manual_seed(config.seed)
     failed: dict[int, str] = {}
     targets = data.targets.copy()  # pool rows receive pseudo-labels here
     pseudo_rows = np.zeros(0, dtype=np.int64)
     started, metrics, best_state, best_auroc, best_val = time.perf_counter(), [], None, -np.inf, None
     last_val = None
-    total = config.epochs * steps_per_epoch * config.batch_size
+    total = config.epochs * length
     pos_weight, neg_weight = (torch.as_tensor(w).to(torch_device) for w in label_weights(targets[data.train]))
     with progress_bar("Fine-tuning", total=total, show=show_progress) as advance:
         for epoch in range(config.epochs):
-            train_rows = np.asarray([r for r in np.concatenate([data.train, pseudo_rows]) if r not in failed])
-            draws = steps_per_epoch * config.batch_size
-            if config.balanced_sampler:
-                sampler = torch.utils.data.WeightedRandomSampler(
-                    sample_weights(targets[train_rows]).tolist(), draws, replacement=True, generator=generator
-                )
-            else:
-                sampler = torch.utils.data.RandomSampler(train_rows, num_samples=draws, generator=generator)
+            labelled = np.asarray([r for r in data.train if r not in failed], dtype=np.int64)
+            weights = sample_weights(targets[labelled]) if config.balanced_sampler else None
+            order = epoch_rows(labelled, pseudo_rows, length, seed=config.seed, epoch=epoch, weights=weights)
             backbone.train()
             head.train()
             losses = []
-            for rows, batch, errors in _loader(data, train_rows, preprocessing, config, sampler):
+            for rows, batch, errors in _loader(data, order, preprocessing, config):
                 failed.update(errors)
                 advance(len(rows) + len(errors))
                 if batch is None or len(rows) < 2:  # batch norm needs two images
                     continue
                 images = batch.to(torch_device)
                 if config.augment:
-                    images = augment(images, generator)
+                    images = augment(images, [augment_seed(config.seed, epoch, int(row)) for row in rows])
                 y = torch.from_numpy(targets[rows]).float().to(torch_device)
                 with torch.autocast(torch_device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = head(backbone(images))
@@ -712,7 +785,7 @@ def _fine_tune(config: ClassifierConfig, data: _Data, run_dir: Path, device: str
             if best_state is None or mean > best_auroc or (np.isnan(best_auroc) and not np.isnan(mean)):
                 best_auroc, best_epoch_index, best_val = mean, epoch, (val_ok, val_p)
                 best_state = _snapshot(backbone), _snapshot(head)
-            if config.pseudo_labels and len(data.pool) and epoch + 1 >= config.warmup_epochs:
+            if config.pseudo_labels and epoch + 1 >= config.warmup_epochs:
                 pool = np.asarray([r for r in data.pool if r not in failed], dtype=np.int64)
                 pool_ok, pool_p = predict(
                     backbone, head, _loader(data, pool, preprocessing, config), torch_device, amp_dtype, failed

@@ -33,6 +33,11 @@ def _style(row) -> str:
     return "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
 
 
+def _given(**options) -> dict:
+    """The options set on the command line; the rest keep the library's defaults (which differ with --rounds)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def print_rounds(result, console: Console) -> None:
     """Active learning: per strategy, mean AUROC after each round (columns: labelled images) and, below it,
     the paired Δ to random with its 95% CI, green/red where the CI is above/below 0."""
@@ -84,7 +89,7 @@ def print_summary(result, console: Console) -> None:
             row = overall.loc[selector]
             diff = "—"
             if selector != REFERENCE:
-                style = "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
+                style = _style(row)
                 diff = (
                     f"[{style}]{row['diff_vs_random']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}][/{style}]"
                 )
@@ -106,7 +111,7 @@ def print_summary(result, console: Console) -> None:
                 cells = []
                 for condition in settings["conditions"]:
                     row = rows[(rows["condition"] == condition) & (rows["selector"] == selector)].iloc[0]
-                    style = "green" if row["diff_low"] > 0 else "red" if row["diff_high"] < 0 else "default"
+                    style = _style(row)
                     cells.append(f"[{style}]{row['auroc']:.3f}[/{style}]")
                 per_condition.add_row(selector, *cells)
             console.print(per_condition)
@@ -193,14 +198,12 @@ def evaluate_command(
             rounds=rounds,
             selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_STRATEGIES,
             k=parse_budgets(k)[0],
-            episodes=50 if episodes is None else episodes,
             pool_size=pool_size,
             query_size=query_size,
-            cold_start=cold_start or "typiclust",
-            probe_epochs=probe_epochs or 50,
             negative=negative,
             uncertain=uncertain,
             seed=seed,
+            **_given(episodes=episodes, cold_start=cold_start, probe_epochs=probe_epochs),
             allow_same_patient=allow_same_patient,
             show_progress=not quiet,
         )
@@ -216,13 +219,12 @@ def evaluate_command(
             split_list(conditions, "--conditions"),
             selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_SELECTORS,
             k=parse_budgets(k),
-            episodes=200 if episodes is None else episodes,
             pool_size=pool_size,
             query_size=query_size,
-            classifier=classifier or "cosine",
             negative=negative,
             uncertain=uncertain,
             seed=seed,
+            **_given(episodes=episodes, classifier=classifier),
             allow_same_patient=allow_same_patient,
             show_progress=not quiet,
         )

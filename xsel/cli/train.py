@@ -220,7 +220,10 @@ def train_classifier_command(
     ],
     store: Annotated[
         Path | None,
-        typer.Option(help="Fast path: train only a linear head on this store's embeddings (rows matched by Path)."),
+        typer.Option(
+            help="Fast path: train only a linear head on this store's embeddings (rows matched by Path); the "
+            "fine-tuning options (--encoder, --image-size, --batch-size, --device, …) then do not apply."
+        ),
     ] = None,
     encoder: Annotated[str, typer.Option(help="Encoder plugin to fine-tune; see `xsel plugins`.")] = "densenet121",
     weights: Annotated[
@@ -249,7 +252,11 @@ def train_classifier_command(
     ] = False,
     augment: Annotated[bool, typer.Option(help="Light augmentation: small rotation, scale, shift, contrast.")] = True,
     pseudo_labels: Annotated[
-        bool, typer.Option(help="After a warm-up epoch, add confidently predicted unlabeled images (FlexMatch).")
+        bool,
+        typer.Option(
+            help="After a warm-up epoch, add confidently predicted unlabeled images (FlexMatch), at most as many "
+            "per epoch as labelled ones."
+        ),
     ] = False,
     unlabeled: Annotated[
         Path | None, typer.Option(help="More unlabeled images for --pseudo-labels (a CSV with a Path column).")
