@@ -41,7 +41,7 @@ from xsel.classifier import (
     save_classifier,
 )
 from xsel.errors import InputError
-from xsel.io.table import PATH_COLUMN, read_csv_checked, read_image_table, write_csv_atomic
+from xsel.io.table import PATH_COLUMN, check_unique_paths, read_csv_checked, read_image_table, write_csv_atomic
 from xsel.labels import FINDING_LABELS, UNCERTAIN_POLICIES, available_conditions, condition_labels, patient_ids
 from xsel.progress import notify, progress_bar
 
@@ -345,14 +345,7 @@ def _read_rows(config: ClassifierConfig, csv: Path, image_root) -> tuple[list[st
     if config.store:
         frame = read_csv_checked(csv)
         paths = frame[PATH_COLUMN].astype(str)
-        duplicated = paths.duplicated(keep="first").to_numpy()
-        if duplicated.any():  # the same check and message as read_image_table's
-            index = int(duplicated.nonzero()[0][0])
-            first = int((paths == paths.iloc[index]).to_numpy().nonzero()[0][0])
-            raise InputError(
-                f"{csv}: row {index + 2}, column 'Path' repeats {paths.iloc[index]!r} from row {first + 2}; "
-                "remove the duplicate rows"
-            )
+        check_unique_paths(paths, csv)
         return paths.tolist(), [Path(p) for p in paths], frame
     table = read_image_table(csv, image_root)
     return table.paths, table.files, table.frame

@@ -55,6 +55,18 @@ def read_csv_checked(csv_path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def check_unique_paths(paths: pd.Series, csv_path: str | Path) -> None:
+    """Refuse a CSV listing an image twice, naming both rows (spreadsheet numbering, header = row 1)."""
+    duplicated = paths.duplicated(keep="first")
+    if duplicated.any():
+        index = int(duplicated.to_numpy().nonzero()[0][0])
+        first = int((paths == paths.iloc[index]).to_numpy().nonzero()[0][0])
+        raise InputError(
+            f"{csv_path}: row {index + 2}, column 'Path' repeats {paths.iloc[index]!r} from row {first + 2}; "
+            "remove the duplicate rows"
+        )
+
+
 def read_image_table(csv_path: str | Path, image_root: str | Path | None = None) -> ImageTable:
     """Load the CSV, check its ``Path`` column and resolve each path against the image root.
 
@@ -70,14 +82,7 @@ def read_image_table(csv_path: str | Path, image_root: str | Path | None = None)
     if blank.any():
         row = int(blank.to_numpy().nonzero()[0][0]) + 2
         raise InputError(f"{csv_path}: row {row}, column 'Path' is empty; every row needs an image path")
-    duplicated = paths.duplicated(keep="first")
-    if duplicated.any():
-        index = int(duplicated.to_numpy().nonzero()[0][0])
-        first = int((paths == paths.iloc[index]).to_numpy().nonzero()[0][0])
-        raise InputError(
-            f"{csv_path}: row {index + 2}, column 'Path' repeats {paths.iloc[index]!r} from row {first + 2}; "
-            "remove the duplicate rows"
-        )
+    check_unique_paths(paths, csv_path)
     if image_root is None:
         root = csv_path.parent
     else:
