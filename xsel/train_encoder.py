@@ -453,7 +453,7 @@ def train_encoder(
                     losses.append(float(loss.detach()))
                     epoch_losses.append(losses[-1])
                     epoch_images += len(views[0])
-                scheduler.step()
+                    scheduler.step()  # a batch lost to decode failures leaves the schedule where it was
                 rate = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
                 advance(1, status=f"loss {np.mean(losses[-20:]):.3f} · {rate:.0f} img/s" if losses else "")
                 if config.max_minutes is not None and time.perf_counter() - started > config.max_minutes * 60:
