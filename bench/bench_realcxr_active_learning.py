@@ -111,11 +111,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=RESULTS / "stores")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--store", type=Path, help=f"a store of the pack made by another encoder (default: {ENCODER}, embedded here)"
+    )
     args = parser.parse_args()
     if not has_realcxr():
         raise SystemExit(f"realcxr pack not found at {REALCXR}")
     args.cache.mkdir(parents=True, exist_ok=True)
-    path = args.cache / f"realcxr-{ENCODER}.h5"
+    if args.store is not None and not args.store.exists():
+        raise SystemExit(f"--store {args.store}: not found")
+    path = args.store or args.cache / f"realcxr-{ENCODER}.h5"
     if not path.exists():
         began = time.perf_counter()
         embed(REALCXR / "labels.csv", path, encoder=ENCODER, show_progress=False)
@@ -160,8 +165,9 @@ def main() -> None:
 def markdown(probe: list[dict], result, args, images: int) -> list[str]:
     """The two tables: per-label probe AUROC, then AUROC per round (random) and paired Δ vs random."""
     mean = np.mean([row["auroc"] for row in probe if row["label"] != "No Finding"])
+    encoder = args.store.name if args.store else ENCODER
     lines = [
-        f"Linear probe ({ENCODER}, {images} NIH images, patients split 70/30, weighted BCE): test AUROC [95% CI]; "
+        f"Linear probe ({encoder}, {images} NIH images, patients split 70/30, weighted BCE): test AUROC [95% CI]; "
         f"mean over the 14 findings {mean:.3f}",
         "",
         "| label | train positives | test positives / images | AUROC [95% CI] |",
