@@ -238,17 +238,3 @@ def test_pretraining_on_real_chest_xrays_feeds_the_probe_and_embed(realcxr, tmp_
                      weights=str(tmp_path / "run" / "encoder.pt"), show_progress=False)  # fmt: skip
     store = read_store(embedded.store)
     assert store.attrs["preprocessing"]["image_size"] == 64 and np.isfinite(store.embeddings).all()
-
-
-def test_swav_queue_fills_with_unit_projections_and_then_joins_sinkhorn(tiny_encoder):
-    from xsel.ssl import build_method
-
-    backbone = create_encoder(tiny_encoder, image_size=32)
-    module = build_method("swav", backbone, projection_dim=8, prototypes=5, queue_size=8)
-    views = [torch.rand(4, 3, 32, 32) for _ in range(2)] + [torch.rand(4, 3, 16, 16)]
-    module(views)
-    assert int(module.queue_seen) == 4 and torch.count_nonzero(module.queue[:, 4:]) == 0
-    module(views)
-    norms = module.queue.norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), "the queue is full of unit projections"
-    assert torch.isfinite(module(views)), "with a full queue the codes come from batch + queue"

@@ -11,8 +11,7 @@ features) and turns a list of augmented views of the same images into one loss:
   (2 − 2·cos, symmetrised); the EMA rate rises from ``momentum`` to 1 on a cosine schedule.
 - ``swav`` (Caron et al. 2020): codes from Sinkhorn-Knopp (ε = 0.05, 3 iterations) on the two global
   crops, swapped prediction from every other crop (two global + ``small_crops`` crops of half size);
-  prototypes stay frozen for the first epoch; once a queue of past global-crop projections is full, its
-  rows join each batch in Sinkhorn (SwAV's remedy for batches below 256).
+  prototypes stay frozen for the first epoch. No feature queue (use batches ≥ 64).
 
 Augmentations draw every parameter from an explicit ``numpy`` generator seeded by (run seed, epoch,
 image, view), so a run is reproducible whatever the number of DataLoader workers, and a resumed run sees
@@ -188,8 +187,14 @@ def build_method(
             negative = q @ self.queue.clone().T
             logits = torch.cat([positive, negative], dim=1) / temperature
             loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-            enqueue(self.queue, self.queue_pointer, k.detach().float())
+            self._enqueue(k.detach().float())
             return loss
+
+        def _enqueue(self, keys) -> None:
+            start = int(self.queue_pointer)
+            index = (torch.arange(len(keys), device=keys.device) + start) % queue_size
+            self.queue[index] = keys
+            self.queue_pointer.fill_((start + len(keys)) % queue_size)
 
         def after_step(self, step: int) -> None:
             ema(self.key_backbone, self.backbone, momentum)
@@ -222,11 +227,6 @@ def build_method(
             super().__init__()
             self.prototypes = nn.Linear(projection_dim, prototypes, bias=False)
             self._normalize_prototypes()
-            # projections of the two global crops of past batches: Sinkhorn then spreads codes over far more
-            # than one batch (SwAV's queue for batches below 256); used once full
-            self.register_buffer("queue", torch.zeros(2, queue_size, projection_dim))
-            self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
-            self.register_buffer("queue_seen", torch.zeros((), dtype=torch.long))
 
         def _normalize_prototypes(self) -> None:
             with torch.no_grad():
@@ -237,26 +237,19 @@ def build_method(
             by_size: dict[int, list] = {}
             for view in views:  # one backbone pass per resolution
                 by_size.setdefault(view.shape[-1], []).append(view)
-            scores, projections = [], []
+            scores = []
             for group in by_size.values():
                 z = F.normalize(self.projector(self.backbone(torch.cat(group))), dim=1)
-                projections.extend(z.split(batch))
                 scores.extend(self.prototypes(z).split(batch))
-            queue_full = int(self.queue_seen) >= queue_size
             loss = 0.0
             for i in (0, 1):
                 with torch.no_grad():
-                    own = scores[i].detach().float()
-                    if queue_full:
-                        own = torch.cat([self.prototypes(self.queue[i]).float(), own])
-                    codes = sinkhorn(own)[-batch:]
+                    codes = sinkhorn(scores[i].detach().float())
                 others = [j for j in range(len(scores)) if j != i]
                 for j in others:
                     loss = loss - (codes * F.log_softmax(scores[j] / temperature, dim=1)).sum(dim=1).mean() / len(
                         others
                     )
-            enqueue(self.queue, self.queue_pointer, torch.stack(projections[:2]).detach().float())
-            self.queue_seen.add_(batch)
             return loss / 2
 
         def before_step(self, step: int) -> None:
@@ -268,16 +261,6 @@ def build_method(
 
     classes = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL, "swav": SwAV}
     return classes[method]()
-
-
-def enqueue(queue, pointer, rows) -> None:
-    """Write ``rows`` (..., B, D) into the ring buffer ``queue`` (..., Q, D) at ``pointer``, then advance it."""
-    import torch
-
-    size, start = queue.shape[-2], int(pointer)
-    index = (torch.arange(rows.shape[-2], device=rows.device) + start) % size
-    queue[..., index, :] = rows
-    pointer.fill_((start + rows.shape[-2]) % size)
 
 
 def sinkhorn(scores):

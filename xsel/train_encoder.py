@@ -55,7 +55,7 @@ class EncoderTrainingConfig:
     grad_clip: float = 3.0
     projection_dim: int = 128
     temperature: float | None = None  # None: the method's default (see xsel.ssl.TEMPERATURES)
-    queue_size: int | None = None  # MoCo and SwAV; None: 4096, or fewer when the images are few (queue_length)
+    queue_size: int | None = None  # MoCo; None: 4096, or fewer when the images are few (see queue_length)
     momentum: float = 0.99
     prototypes: int = 100
     small_crops: int = 2
@@ -210,8 +210,8 @@ class _Probe:
 
 
 def queue_length(config: EncoderTrainingConfig, n_images: int) -> int:
-    """MoCo's and SwAV's queue: ``queue_size`` if set, else 4096 capped at half the images (whole batches), so
-    MoCo's queue never holds a stale key of the very image being contrasted."""
+    """MoCo's queue: ``queue_size`` if set, else 4096 capped at half the images (whole batches), so the queue
+    never holds a stale key of the very image being contrasted."""
     if config.queue_size is not None:
         return config.queue_size
     return max(config.batch_size, min(4096, (n_images // 2) // config.batch_size * config.batch_size))
@@ -243,7 +243,7 @@ def _check_config(config: EncoderTrainingConfig, probe_store) -> None:
             raise InputError(f"{name} {value}: must be positive")
     if not 0 <= config.momentum < 1 or config.weight_decay < 0:
         raise InputError("--momentum must lie in [0, 1) and --weight-decay be 0 or more")
-    if config.method in ("moco", "swav") and config.queue_size is not None and config.queue_size < config.batch_size:
+    if config.method == "moco" and config.queue_size is not None and config.queue_size < config.batch_size:
         raise InputError(f"--queue-size {config.queue_size}: use at least the batch size ({config.batch_size})")
     if bool(config.probe_conditions) != (probe_store is not None):
         raise InputError("--probe-store and --probe-conditions go together: give both or neither")

@@ -115,8 +115,7 @@ def train_encoder_command(
         float | None, typer.Option(help="Softmax temperature (default: moco/simclr 0.2, swav 0.1).")
     ] = None,
     queue_size: Annotated[
-        int | None,
-        typer.Option(help="MoCo negatives / SwAV past projections queued (default 4096, at most half the images)."),
+        int | None, typer.Option(help="MoCo: negatives kept in the queue (default 4096, at most half the images).")
     ] = None,
     momentum: Annotated[float, typer.Option(help="MoCo key / BYOL target EMA rate.")] = 0.99,
     prototypes: Annotated[int, typer.Option(help="SwAV: number of prototypes.")] = 100,
