@@ -277,7 +277,7 @@ def summarize_rounds(table: pd.DataFrame, *, k: int, seed: int = 0) -> pd.DataFr
 
 def plot_rounds(summary: pd.DataFrame, path: str | Path) -> Path:
     """Mean query AUROC over conditions against labelled images, one line and 95% CI band per strategy."""
-    from xsel.plots import _save, plt
+    from xsel.plots import plt, save_figure
 
     data = summary[summary["condition"] == "all"].sort_values("labelled")
     figure, axes = plt.subplots(figsize=(6, 4.2))
@@ -290,7 +290,7 @@ def plot_rounds(summary: pd.DataFrame, path: str | Path) -> Path:
     axes.set_title("Active learning")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def write_rounds_report(result: ActiveLearning, out_dir: str | Path) -> list[Path]:

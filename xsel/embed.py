@@ -69,7 +69,8 @@ class _ImageDataset:
             return row, None, str(error)
 
 
-def _collate(items):
+def collate_decoded(items):
+    """(row, array | None, error | None) items → (rows, stacked batch of the decoded ones, failures)."""
     import torch
 
     good = [(row, array) for row, array, error in items if error is None]
@@ -401,7 +402,7 @@ def _embed_rows_local(forward, preprocessing, files, todo_rows, writer, batch_si
         _ImageDataset(files, todo_rows, preprocessing),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
     )
     with progress_bar("Embedding", total=len(todo_rows), show=show_progress) as advance:

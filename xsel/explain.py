@@ -278,4 +278,4 @@ def contact_sheet(items: list[tuple[str, float, np.ndarray]], label: str, path: 
         axis.imshow(picture)
         axis.set_title(f"{stem[:22]}\np({label})={probability:.2f}", fontsize=7)
     figure.suptitle(f"Grad-CAM: {label}", fontsize=10)
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)

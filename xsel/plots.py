@@ -14,7 +14,8 @@ import pandas as pd  # noqa: E402
 from xsel.io.atomic import write_atomic
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
+    """Write a figure as PNG atomically and close it (figures left open leak memory in long runs)."""
     try:
         return write_atomic(
             path, lambda temporary: figure.savefig(temporary, format="png", dpi=130, bbox_inches="tight")
@@ -41,7 +42,7 @@ def plot_auroc(summary: pd.DataFrame, path: str | Path) -> Path:
     axes.set_title(f"Few-shot AUROC with K={budget} labels per episode")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=8, ncols=min(6, len(selectors)), loc="upper center", bbox_to_anchor=(0.5, -0.25))
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def plot_label_efficiency(summary: pd.DataFrame, path: str | Path) -> Path:
@@ -58,4 +59,4 @@ def plot_label_efficiency(summary: pd.DataFrame, path: str | Path) -> Path:
     axes.set_title("Label efficiency")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

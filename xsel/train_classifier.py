@@ -320,7 +320,7 @@ def plot_roc(labels: list[str], targets: np.ndarray, probabilities: np.ndarray, 
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # no curve when no label has both classes in validation
         axes.legend(fontsize=8, loc="lower right")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 # ---------------------------------------------------------------- data
@@ -664,13 +664,13 @@ def _loader(data: _Data, rows: np.ndarray, preprocessing: dict, config: Classifi
     """Batches of ``rows`` in the given order (the order itself is seeded by :func:`epoch_rows`)."""
     from torch.utils.data import DataLoader
 
-    from xsel.embed import _collate  # drops failed images from the batch, keeps their messages
+    from xsel.embed import collate_decoded  # drops failed images from the batch, keeps their messages
 
     return DataLoader(
         _Images(data.files, rows, preprocessing),
         batch_size=config.batch_size,
         num_workers=config.workers,
-        collate_fn=_collate,
+        collate_fn=collate_decoded,
     )
 
 

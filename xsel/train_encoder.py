@@ -112,7 +112,7 @@ class _ViewDataset:
         return index, [augment(gray, crop, rng) for crop in self.crops]
 
 
-def _collate(items):
+def _collate_views(items):
     """Stack the decoded items view by view; failures come back as (index, message) pairs."""
     import torch
 
@@ -424,7 +424,7 @@ def train_encoder(
                 batch_size=config.batch_size,
                 sampler=[(epoch, index) for index in order[position * config.batch_size :]],
                 num_workers=workers,
-                collate_fn=_collate,
+                collate_fn=_collate_views,
                 pin_memory=torch_device.type == "cuda",
                 persistent_workers=False,
             )
