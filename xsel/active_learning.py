@@ -22,7 +22,6 @@ bootstrap CI per strategy × condition × labelled count, and the paired differe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,9 +34,7 @@ from xsel import plugins
 from xsel.classifier import Classifier, fit_linear_head
 from xsel.episodes import NEGATIVE_DEFAULT, EpisodeTask
 from xsel.errors import InputError
-from xsel.evaluate import BOOTSTRAP_SAMPLES, REFERENCE, episode_metrics, summarize
-from xsel.io.atomic import write_text_atomic
-from xsel.io.table import write_csv_atomic
+from xsel.evaluate import BOOTSTRAP_SAMPLES, REFERENCE, episode_metrics, summarize, write_tables
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
 from xsel.selection import check_finite, check_identity, create_selector, parse_selector_spec, run_selector, takes_model
@@ -275,39 +272,13 @@ def summarize_rounds(table: pd.DataFrame, *, k: int, seed: int = 0) -> pd.DataFr
     return summary
 
 
-def plot_rounds(summary: pd.DataFrame, path: str | Path) -> Path:
-    """Mean query AUROC over conditions against labelled images, one line and 95% CI band per strategy."""
-    from xsel.plots import plt, save_figure
-
-    data = summary[summary["condition"] == "all"].sort_values("labelled")
-    figure, axes = plt.subplots(figsize=(6, 4.2))
-    for strategy, rows in data.groupby("strategy", sort=False):
-        axes.plot(rows["labelled"], rows["auroc"], marker="o", label=strategy)
-        axes.fill_between(rows["labelled"], rows["auroc_low"], rows["auroc_high"], alpha=0.15)
-    axes.set_xticks(sorted(data["labelled"].unique()))
-    axes.set_xlabel("labelled images (cold start, then one round of K each)")
-    axes.set_ylabel("query AUROC of the linear probe, mean over conditions")
-    axes.set_title("Active learning")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    return save_figure(figure, Path(path))
-
-
 def write_rounds_report(result: ActiveLearning, out_dir: str | Path) -> list[Path]:
     """rounds.csv, rounds_summary.csv, rounds_summary.json and (with matplotlib) rounds.png, each atomic."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [
-        write_csv_atomic(result.rounds, out_dir / "rounds.csv"),
-        write_csv_atomic(result.summary, out_dir / "rounds_summary.csv"),
-    ]
-    payload = {"settings": result.settings, "warnings": result.warnings, "summary": result.summary.to_dict("records")}
-    summary_json = out_dir / "rounds_summary.json"
-    write_text_atomic(json.dumps(payload, indent=2), summary_json)
-    written.append(summary_json)
+    written = write_tables(out_dir, result.rounds, result, rows_name="rounds", summary_name="rounds_summary")
     try:
-        import matplotlib  # noqa: F401  (the `train` extra; a site install has no plots)
-    except ImportError:
+        from xsel.plots import plot_rounds
+    except ImportError:  # matplotlib is part of the `train` extra; a site install has no plots
         return written
     written.append(plot_rounds(result.summary, out_dir / "rounds.png"))
     return written

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xsel.checkpoints import read_checkpoint
 from xsel.errors import InputError
 from xsel.io.atomic import save_torch_atomic
 
@@ -200,19 +201,13 @@ def save_classifier(
 
 def load_classifier(path: str | Path) -> Classifier:
     """Read a ``classifier.pt`` (or a run folder holding one) safely; a wrong file is a one-line InputError."""
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise InputError(f"{path}: classifier checkpoint not found; train one with `xsel train classifier`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: not a readable classifier checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not an xsel classifier; pass the classifier.pt of `xsel train classifier`")
+    path, payload = read_checkpoint(
+        path,
+        file_format=CHECKPOINT_FORMAT,
+        kind="classifier",
+        made_by="xsel train classifier",
+        default_name=CHECKPOINT_NAME,
+    )
     state = payload["head"]
     labels = list(payload["labels"])
     head = build_head(state["weight"].shape[1], len(labels))

@@ -221,18 +221,23 @@ def summarize(table: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def write_tables(out_dir: str | Path, rows: pd.DataFrame, result, *, rows_name: str, summary_name: str) -> list[Path]:
+    """The table part of a report, each file atomic: ``rows_name``.csv (one row per episode), and
+    ``summary_name``.csv/.json (the JSON adds the run's settings and warnings)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": result.settings, "warnings": result.warnings, "summary": result.summary.to_dict("records")}
+    return [
+        write_csv_atomic(rows, out_dir / f"{rows_name}.csv"),
+        write_csv_atomic(result.summary, out_dir / f"{summary_name}.csv"),
+        write_text_atomic(json.dumps(payload, indent=2), out_dir / f"{summary_name}.json"),
+    ]
+
+
 def write_report(result: Evaluation, out_dir: str | Path) -> list[Path]:
     """episodes.csv, summary.csv, summary.json and (with matplotlib) auroc.png / auroc_vs_k.png."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [
-        write_csv_atomic(result.episodes, out_dir / "episodes.csv"),
-        write_csv_atomic(result.summary, out_dir / "summary.csv"),
-    ]
-    payload = {"settings": result.settings, "warnings": result.warnings, "summary": result.summary.to_dict("records")}
-    summary_json = out_dir / "summary.json"
-    write_text_atomic(json.dumps(payload, indent=2), summary_json)
-    written.append(summary_json)
+    written = write_tables(out_dir, result.episodes, result, rows_name="episodes", summary_name="summary")
     try:
         from xsel.plots import plot_auroc, plot_label_efficiency
     except ImportError:  # matplotlib is part of the `train` extra; a site install has no plots

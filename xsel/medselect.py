@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xsel.checkpoints import read_checkpoint
 from xsel.errors import InputError
 from xsel.io.atomic import save_torch_atomic
 
@@ -126,19 +127,9 @@ def save_checkpoint(path: Path, *, scorer, config: SelectorConfig, identity: dic
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a ``selector.pt`` safely (``weights_only=True``); a wrong file is a one-line InputError."""
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "selector.pt"
-    if not path.is_file():
-        raise InputError(f"{path}: selector checkpoint not found; train one with `xsel train selector`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: not a readable selector checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "state_dict" not in payload:
-        raise InputError(f"{path}: not an xsel selector checkpoint; pass the selector.pt of `xsel train selector`")
+    path, payload = read_checkpoint(
+        path, file_format=CHECKPOINT_FORMAT, kind="selector", made_by="xsel train selector", default_name="selector.pt"
+    )
     payload["path"] = str(path)
     return payload
 

@@ -45,18 +45,57 @@ def plot_auroc(summary: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(figure, Path(path))
 
 
-def plot_label_efficiency(summary: pd.DataFrame, path: str | Path) -> Path:
-    """Overall AUROC against K per selector, with its 95% CI band: how fast labels pay off."""
-    data = summary[summary["condition"] == "all"].sort_values("k")
+def _plot_overall_curves(
+    data: pd.DataFrame,
+    x: str,
+    group: str,
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
+) -> Path:
+    """Overall AUROC (condition "all") against ``x``, one line and 95% CI band per ``group``."""
+    data = data[data["condition"] == "all"].sort_values(x)
     figure, axes = plt.subplots(figsize=(6, 4.2))
-    for selector, rows in data.groupby("selector", sort=False):
-        axes.plot(rows["k"], rows["auroc"], marker="o", label=selector)
-        axes.fill_between(rows["k"], rows["auroc_low"], rows["auroc_high"], alpha=0.15)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted(data["k"].unique()), [str(k) for k in sorted(data["k"].unique())])
-    axes.set_xlabel("K (labelled images)")
-    axes.set_ylabel("query AUROC, mean over conditions")
-    axes.set_title("Label efficiency")
+    for name, rows in data.groupby(group, sort=False):
+        axes.plot(rows[x], rows["auroc"], marker="o", label=name)
+        axes.fill_between(rows[x], rows["auroc_low"], rows["auroc_high"], alpha=0.15)
+    if log_x:
+        axes.set_xscale("log", base=2)
+    ticks = sorted(data[x].unique())
+    axes.set_xticks(ticks, [str(t) for t in ticks])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return save_figure(figure, Path(path))
+
+
+def plot_label_efficiency(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Overall AUROC against K per selector, with its 95% CI band: how fast labels pay off."""
+    return _plot_overall_curves(
+        summary,
+        "k",
+        "selector",
+        path,
+        xlabel="K (labelled images)",
+        ylabel="query AUROC, mean over conditions",
+        title="Label efficiency",
+        log_x=True,
+    )
+
+
+def plot_rounds(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Active learning: overall AUROC against labelled images, one line and 95% CI band per strategy."""
+    return _plot_overall_curves(
+        summary,
+        "labelled",
+        "strategy",
+        path,
+        xlabel="labelled images (cold start, then one round of K each)",
+        ylabel="query AUROC of the linear probe, mean over conditions",
+        title="Active learning",
+    )

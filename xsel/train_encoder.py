@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xsel.checkpoints import read_checkpoint
 from xsel.encoders import create_encoder
 from xsel.errors import InputError, XselError
 from xsel.io.atomic import save_torch_atomic
@@ -267,15 +268,7 @@ def _encoder_payload(backbone, config: EncoderTrainingConfig, preprocessing: dic
 
 def load_run_state(path: Path) -> dict:
     """Read ``last.pt`` safely; a foreign or damaged file is a one-line InputError."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: not a readable training checkpoint ({type(error).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
-        raise InputError(f"{path}: not an `xsel train encoder` checkpoint; choose another --out")
-    return state
+    return read_checkpoint(path, file_format=RUN_FORMAT, kind="encoder training", made_by="xsel train encoder")[1]
 
 
 def train_encoder(

@@ -185,51 +185,41 @@ def evaluate_command(
     With [bold]--rounds R[/bold] the folder gets rounds.csv (episode, condition, strategy, round, labelled,
     auroc, …), rounds_summary.csv/json (paired Δ vs random per labelled count) and rounds.png.
     """
+    shared = {  # what an evaluation and an active-learning simulation take alike
+        "pool_size": pool_size,
+        "query_size": query_size,
+        "negative": negative,
+        "uncertain": uncertain,
+        "seed": seed,
+        "allow_same_patient": allow_same_patient,
+        "show_progress": not quiet,
+        **_given(episodes=episodes, selectors=split_list(selectors, "--selectors") if selectors is not None else None),
+    }
     if rounds:
         if classifier is not None:
             raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
         if len(parse_budgets(k)) > 1:
             raise InputError(f"--k {k}: with --rounds give one K, the labels added per round")
-        from xsel.active_learning import DEFAULT_STRATEGIES, simulate, write_rounds_report
+        from xsel.active_learning import simulate, write_rounds_report
 
         result = simulate(
             store,
             split_list(conditions, "--conditions"),
             rounds=rounds,
-            selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_STRATEGIES,
             k=parse_budgets(k)[0],
-            pool_size=pool_size,
-            query_size=query_size,
-            negative=negative,
-            uncertain=uncertain,
-            seed=seed,
-            **_given(episodes=episodes, cold_start=cold_start, probe_epochs=probe_epochs),
-            allow_same_patient=allow_same_patient,
-            show_progress=not quiet,
+            **shared,
+            **_given(cold_start=cold_start, probe_epochs=probe_epochs),
         )
-        write = write_rounds_report
-        show = print_rounds
+        write, show = write_rounds_report, print_rounds
     else:
         if cold_start is not None or probe_epochs is not None:
             raise InputError("--cold-start and --probe-epochs shape active-learning rounds; add --rounds R")
-        from xsel.evaluate import DEFAULT_SELECTORS, evaluate, write_report
+        from xsel.evaluate import evaluate, write_report
 
         result = evaluate(
-            store,
-            split_list(conditions, "--conditions"),
-            selectors=split_list(selectors, "--selectors") if selectors is not None else DEFAULT_SELECTORS,
-            k=parse_budgets(k),
-            pool_size=pool_size,
-            query_size=query_size,
-            negative=negative,
-            uncertain=uncertain,
-            seed=seed,
-            **_given(episodes=episodes, classifier=classifier),
-            allow_same_patient=allow_same_patient,
-            show_progress=not quiet,
+            store, split_list(conditions, "--conditions"), k=parse_budgets(k), **shared, **_given(classifier=classifier)
         )
-        write = write_report
-        show = print_summary
+        write, show = write_report, print_summary
     for warning in result.warnings:
         notify(warning, label="warning")
     written = write(result, out)

@@ -1,0 +1,29 @@
+"""Reading xsel's own checkpoints (``selector.pt``, ``classifier.pt``, ``last.pt``) safely and alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xsel.errors import InputError
+
+
+def read_checkpoint(path: str | Path, *, file_format: str, kind: str, made_by: str, default_name: str | None = None):
+    """Load a checkpoint with ``weights_only=True`` onto the CPU; return ``(path, payload)``.
+
+    A folder stands for its ``default_name`` file. A missing, unreadable or foreign file (its ``format``
+    entry is not ``file_format``) is a one-line InputError that names the command making the right one.
+    """
+    import torch
+
+    path = Path(path)
+    if default_name is not None and path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise InputError(f"{path}: {kind} checkpoint not found; make one with `{made_by}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"{path}: not a readable {kind} checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise InputError(f"{path}: not an xsel {kind} checkpoint; pass one written by `{made_by}`")
+    return path, payload
