@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from bench_embed import naive_loop
-from bench_selectors import mixture
-from benchlib import has_realcxr, image_csv, timing_selector
+from bench_selectors import time_selectors
+from benchlib import has_realcxr, image_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,11 +208,6 @@ def memory_section(args, lines: list[str]) -> None:
 
 
 def selector_section(args, lines: list[str]) -> None:
-    import pandas as pd
-
-    from xsel import plugins
-    from xsel.selection import run_selector
-
     sizes = [1_000, 10_000, 100_000]
     lines += [
         "## 5. Selector time against pool size (K=20, 512-d, seconds)",
@@ -221,20 +216,8 @@ def selector_section(args, lines: list[str]) -> None:
         "|---|" + "---|" * len(sizes),
     ]
     cells: dict[str, list[str]] = {}
-    for n in sizes:
-        embeddings = mixture(n)
-        metadata = pd.DataFrame({"label": np.random.default_rng(1).integers(0, 2, n)})
-        for name in plugins.names("selector"):
-            selector = timing_selector(name, embeddings)
-            if selector is None:
-                continue
-            run_selector(selector, name, embeddings[:200], 20, seed=0, metadata=metadata[:200])
-            times = []
-            for repeat in range(args.repeats):
-                began = time.perf_counter()
-                run_selector(selector, name, embeddings, 20, seed=repeat, metadata=metadata)
-                times.append(time.perf_counter() - began)
-            cells.setdefault(name, []).append(spread(times, 3))
+    for name, _, times, _ in time_selectors(sizes, 20, args.repeats):
+        cells.setdefault(name, []).append(spread(times, 3))
     for name, values in cells.items():
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     lines.append("")

@@ -50,6 +50,17 @@ def cli():
     return invoke
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on cores shared with other work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def realcxr() -> Path:
     if not (REALCXR / "labels.csv").is_file():

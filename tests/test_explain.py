@@ -16,14 +16,7 @@ from xsel.errors import InputError
 from xsel.explain import grad_cam, target_layer, upsample
 from xsel.train_classifier import ClassifierConfig, train_classifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_grad_cam_highlights_a_planted_bright_square():

@@ -27,6 +27,7 @@ from xsel.train_classifier import (
     train_classifier,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"encoder": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "learning_rate": 1e-3}
 
 
@@ -62,15 +63,6 @@ def synthetic_store(folder: Path, n: int = 400, *, seed: int = 0, b_positive_pat
         {"Path": paths, "PatientID": [f"p{i // 3}" for i in range(n)], "A": (x[:, 0] > 0) * 1, "B": (x[:, 1] > 0.5) * 1}
     )
     return folder / "toy.h5", frame
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- pure functions
