@@ -34,10 +34,10 @@ from xsel import plugins
 from xsel.classifier import Classifier, fit_linear_head
 from xsel.episodes import NEGATIVE_DEFAULT, EpisodeTask
 from xsel.errors import InputError
-from xsel.evaluate import BOOTSTRAP_SAMPLES, REFERENCE, episode_metrics, summarize, write_tables
+from xsel.evaluate import BOOTSTRAP_SAMPLES, episode_metrics, parse_selector_specs, summarize, write_tables
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
-from xsel.selection import check_finite, check_identity, create_selector, parse_selector_spec, run_selector, takes_model
+from xsel.selection import check_finite, check_identity, create_selector, run_selector, takes_model
 from xsel.store import Store, read_store
 
 DEFAULT_STRATEGIES = ("random", "typiclust", "uncertainty", "boostmis")
@@ -58,14 +58,8 @@ class ActiveLearning:
 
 def _strategies(specs: list[str], store: Store) -> dict:
     """Strategy label → a selector instance, or None for one rebuilt each round from that round's probe."""
-    parsed = [parse_selector_spec(spec) for spec in specs]
-    if REFERENCE not in [label for label, _, _ in parsed]:
-        parsed.insert(0, (REFERENCE, REFERENCE, {}))
-    labels = [label for label, _, _ in parsed]
-    if len(set(labels)) != len(labels):
-        raise InputError(f"--selectors lists a selector twice: {', '.join(specs)}")
     strategies = {}
-    for label, name, options in parsed:
+    for label, name, options in parse_selector_specs(specs):
         if takes_model(name):
             if options:
                 raise InputError(

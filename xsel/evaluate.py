@@ -59,16 +59,21 @@ def episode_metrics(query_labels: np.ndarray, scores: np.ndarray) -> dict:
     }
 
 
-def _create_selectors(specs: list[str], store: Store) -> dict:
-    """Label → selector instance, ``random`` first; ``NAME=CHECKPOINT`` specs load learned selectors."""
+def parse_selector_specs(specs: list[str]) -> list[tuple[str, str, dict]]:
+    """``--selectors`` → (label, registered name, factory options) each, ``random`` (the reference) first."""
     parsed = [parse_selector_spec(spec) for spec in specs]
     if REFERENCE not in [label for label, _, _ in parsed]:
         parsed.insert(0, (REFERENCE, REFERENCE, {}))
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
         raise InputError(f"--selectors lists a selector twice: {', '.join(specs)}")
+    return parsed
+
+
+def _create_selectors(specs: list[str], store: Store) -> dict:
+    """Label → selector instance, ``random`` first; ``NAME=CHECKPOINT`` specs load learned selectors."""
     instances = {}
-    for label, name, options in parsed:
+    for label, name, options in parse_selector_specs(specs):
         instances[label] = create_selector(name, **options)
         check_identity(instances[label], label, store)
     return instances
