@@ -6,7 +6,7 @@ Both parts use the NIH images only (`Source` nih-talo / nih-zech) embedded with 
 (a) Linear probe over the NIH labels: patients split 70/30 (seeded; no patient on both sides), one
     multi-label head fitted with `fit_linear_head` (weighted BCE, 200 full-batch steps) on the training
     patients, AUROC per label on the test patients with a 95% percentile bootstrap CI over test images.
-(b) Active learning (`xsel.active_learning.simulate`): each NIH condition vs NIH "No Finding", a shared
+(b) Active learning (`xsel.train.active_learning.simulate`): each NIH condition vs NIH "No Finding", a shared
     typiclust cold start of K, then --rounds rounds of K more per strategy; query AUROC of the linear probe
     after each round, paired differences vs random with 95% bootstrap CIs.
 
@@ -26,11 +26,11 @@ import numpy as np
 from bench_realcxr_selection import GROUPS
 from benchlib import REALCXR, has_realcxr, subset
 
-from xsel.active_learning import simulate, write_rounds_report
-from xsel.classifier import fit_linear_head
 from xsel.embed import embed
 from xsel.labels import condition_labels
 from xsel.store import read_store
+from xsel.train.active_learning import simulate, write_rounds_report
+from xsel.train.head import fit_linear_head
 
 ENCODER = "efficientnet-lite0"
 NIH_SOURCES, NIH_CONDITIONS = GROUPS["NIH"]

@@ -22,9 +22,9 @@ from benchlib import REALCXR, overall_row, print_markdown, subset
 
 from xsel.embed import embed
 from xsel.evaluate import evaluate
-from xsel.medselect import SelectorConfig
 from xsel.store import read_store
-from xsel.train_selector import train_selector
+from xsel.train.medselect import SelectorConfig
+from xsel.train.selector import train_selector
 
 NIH = ("nih-talo", "nih-zech")
 SEEN = ["Effusion", "Infiltration", "Pneumonia", "Consolidation", "Pleural_Thickening"]
@@ -36,7 +36,7 @@ UNSEEN_KERMANY = ["Bacterial Pneumonia", "Viral Pneumonia"]
 def shuffled_order_overlap(store, checkpoint, mask, args, pools: int = 50) -> float:
     """How much the LSTM's picks depend on pool order: mean share of K picks kept when a pool is shuffled."""
     from xsel.episodes import EpisodeTask
-    from xsel.medselect import MedSelectSelector
+    from xsel.train.medselect import MedSelectSelector
 
     selector = MedSelectSelector(checkpoint)
     test = subset(store, mask)

@@ -25,7 +25,7 @@ from benchlib import REALCXR, has_realcxr, subset
 from xsel.embed import embed
 from xsel.evaluate import REFERENCE, evaluate, summarize
 from xsel.store import read_store
-from xsel.train_encoder import EncoderTrainingConfig, train_encoder
+from xsel.train.encoder import EncoderTrainingConfig, train_encoder
 
 RESULTS = Path(__file__).parent / "results"
 

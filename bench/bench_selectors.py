@@ -22,7 +22,7 @@ import pandas as pd
 from benchlib import timing_selector
 
 from xsel import plugins
-from xsel.selection import run_selector
+from xsel.selectors import run_selector
 
 
 def mixture(n: int, dim: int = 512, clusters: int = 50, seed: int = 0) -> np.ndarray:

@@ -25,12 +25,12 @@ from benchlib import image_csv, summary
 
 def untrained_checkpoint(store_path: Path, run_dir: Path) -> Path:
     """A selector checkpoint with the store's encoder identity and random weights."""
-    from xsel.medselect import SelectorConfig, build_scorer, save_checkpoint
     from xsel.store import read_store
+    from xsel.train.medselect import MedSelectScorer, SelectorConfig, save_checkpoint
 
     store = read_store(store_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    scorer = build_scorer(store.embeddings.shape[1])
+    scorer = MedSelectScorer(store.embeddings.shape[1])
     identity = store.encoder_identity
     config = SelectorConfig(conditions=["x"], val_conditions=["y"])
     save_checkpoint(run_dir / "selector.pt", scorer=scorer, config=config, identity=identity, extra={})
@@ -50,10 +50,10 @@ def main() -> None:
 
     from xsel.bundle import Bundle
     from xsel.embed import embed
-    from xsel.export import export_bundle
-    from xsel.medselect import MedSelectSelector
     from xsel.selection import select
     from xsel.site import site_select
+    from xsel.train.export import export_bundle
+    from xsel.train.medselect import MedSelectSelector
 
     weights = "none" if args.encoder in ("resnet18", "resnet50", "densenet121") else None
     results = {"encoder": args.encoder, "images": args.images, "torch": torch.__version__}
@@ -62,7 +62,7 @@ def main() -> None:
         csv = image_csv(args.images, folder)
         embed(csv, folder / "warm.h5", encoder=args.encoder, weights=weights, show_progress=False)
         checkpoint = untrained_checkpoint(folder / "warm.h5", folder / "run")
-        export_bundle(folder / "bundle", encoder=args.encoder, weights=weights, selector_checkpoint=checkpoint)
+        export_bundle(folder / "bundle", encoder=args.encoder, weights=weights, selector=checkpoint)
         onnx_speed, torch_speed = [], []
         for repeat in range(args.repeats):
             began = time.perf_counter()

@@ -44,8 +44,8 @@ def subset(store: Store, mask: np.ndarray) -> Store:
 def timing_selector(name: str, embeddings: np.ndarray):
     """A selector as the speed benchmarks run it: ``uncertainty``/``boostmis`` read a linear probe fitted on
     seeded random labels of the first 1,000 rows; ``None`` for ``medselect`` (it needs a trained checkpoint)."""
-    from xsel.classifier import Classifier, fit_linear_head
-    from xsel.selection import create_selector
+    from xsel.selectors import create_selector
+    from xsel.train.head import Classifier, fit_linear_head
 
     if name == "medselect":
         return None

@@ -57,9 +57,9 @@ def embed_section(args, lines: list[str]) -> None:
     from xsel.bundle import Bundle
     from xsel.embed import embed
     from xsel.encoders import create_encoder
-    from xsel.export import export_bundle
     from xsel.io.images import load_image
     from xsel.store import write_store
+    from xsel.train.export import export_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xsel.active_learning import ROUNDS_COLUMNS, simulate, write_rounds_report
-from xsel.classifier import fit_linear_head, save_classifier
 from xsel.errors import InputError
 from xsel.labels import condition_labels
 from xsel.selection import select
 from xsel.store import read_store
+from xsel.train.active_learning import ROUNDS_COLUMNS, simulate, write_rounds_report
+from xsel.train.head import fit_linear_head, save_classifier
 
 LABELS = ["Cardiomegaly", "Edema"]
 SMALL = {"episodes": 2, "pool_size": 60, "query_size": 20, "k": 5, "rounds": 2, "probe_epochs": 20}
@@ -54,7 +54,7 @@ def test_select_with_a_model_respects_the_patient_rule_and_exclude(demo_store, c
 
 def test_select_runs_boostmis_once_for_picks_and_scores(demo_store, classifier_pt, monkeypatch):
     """VAT and density are the costly part: `select` derives both the picks and their scores from one pass."""
-    from xsel_plugins.selectors import BoostMISSelector
+    from xsel.train.uncertainty import BoostMISSelector
 
     calls = []
     vat = BoostMISSelector.adversarial_kl
@@ -73,7 +73,7 @@ def test_uncertainty_scores_are_descending_and_one_label_can_be_chosen(demo_stor
 
 
 def test_a_classifier_of_another_encoder_is_refused_naming_both(demo_store, classifier_pt, tmp_path):
-    from xsel.classifier import load_classifier
+    from xsel.train.head import load_classifier
 
     other = load_classifier(classifier_pt)
     path = save_classifier(
@@ -137,7 +137,7 @@ def test_rounds_grow_by_k_share_the_cold_start_and_never_repeat(rounds_result):
 
 
 def test_no_row_is_picked_twice_within_an_episode(demo_store, monkeypatch):
-    import xsel.active_learning as module
+    import xsel.train.active_learning as module
 
     fitted = []
     real = module.fit_probe
@@ -153,7 +153,7 @@ def test_no_row_is_picked_twice_within_an_episode(demo_store, monkeypatch):
 
 
 def test_a_single_class_labelled_set_still_gets_a_probe():
-    from xsel.active_learning import fit_probe, probe_logits
+    from xsel.train.active_learning import fit_probe, probe_logits
 
     embeddings = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
     for labels in (np.zeros(10), np.ones(10)):
@@ -208,7 +208,7 @@ def test_cli_evaluate_rounds_end_to_end(demo_store, tmp_path, cli):
 
 def test_cli_evaluate_leaves_unset_options_to_the_library_defaults(demo_store, tmp_path, cli, monkeypatch):
     """Options not given are not passed, so simulate's COLD_START / PROBE_EPOCHS / episodes apply."""
-    import xsel.active_learning
+    import xsel.train.active_learning
 
     calls = []
 
@@ -216,7 +216,7 @@ def test_cli_evaluate_leaves_unset_options_to_the_library_defaults(demo_store, t
         calls.append(options)
         raise InputError("recorded")
 
-    monkeypatch.setattr(xsel.active_learning, "simulate", record)
+    monkeypatch.setattr(xsel.train.active_learning, "simulate", record)
     base = ["evaluate", demo_store, "--conditions", "Edema", "--rounds", "2", "--out", tmp_path, "-q"]
     assert cli(*base).exit_code == 2 and cli(*base, "--probe-epochs", "7", "--episodes", "3").exit_code == 2
     assert not {"cold_start", "probe_epochs", "episodes"} & set(calls[0])

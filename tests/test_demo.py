@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from xsel.demo import CONDITIONS, NEGATIVE, generate_demo_data, reset_demo_dir
@@ -66,3 +67,13 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, cli):
     result = cli("demo", "--out", tmp_path, "-q")
     assert result.exit_code == 2 and "holds no xsel demo" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_run_demo_refuses_too_few_images_before_writing(tmp_path):
+    """The library call checks the image count itself (a notebook calls it without the CLI)."""
+    from xsel.demo import MIN_IMAGES, run_demo
+    from xsel.errors import InputError
+
+    with pytest.raises(InputError, match=f"use at least {MIN_IMAGES}"):
+        run_demo(tmp_path / "demo", n_images=MIN_IMAGES - 1)
+    assert not (tmp_path / "demo").exists()

@@ -140,7 +140,7 @@ def test_resume_refuses_a_partial_run_with_other_settings(tmp_path, monkeypatch)
     monkeypatch.undo()
     from xsel.errors import InputError
 
-    with pytest.raises(InputError, match="different settings.*preprocessing"):
+    with pytest.raises(InputError, match="other settings.*--preprocessing"):
         embed(csv, tmp_path / "s.h5", encoder="pixels", image_size=64, resume=True, show_progress=False)
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from xsel.classifier import build_head, save_classifier
 from xsel.encoders import create_encoder, weights_sha256
 from xsel.errors import InputError
-from xsel.explain import grad_cam, target_layer, upsample
-from xsel.train_classifier import ClassifierConfig, train_classifier
+from xsel.train.classifier import ClassifierConfig, train_classifier
+from xsel.train.explain import grad_cam, target_layer, upsample
+from xsel.train.head import build_head, save_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

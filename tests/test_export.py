@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pandas as pd
 import pytest
@@ -16,11 +17,11 @@ import pytest
 from tests.conftest import write_png_folder
 from xsel.bundle import Bundle
 from xsel.errors import InputError
-from xsel.export import export_bundle
-from xsel.medselect import SelectorConfig
 from xsel.selection import select
 from xsel.site import site_select
-from xsel.train_selector import train_selector
+from xsel.train.export import export_bundle
+from xsel.train.medselect import SelectorConfig
+from xsel.train.selector import train_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = """
@@ -51,7 +52,7 @@ def trained(demo_store, tmp_path_factory):
     )
     train_selector(demo_store, folder / "run", config, show_progress=False)
     bundle = folder / "bundle"
-    export_bundle(bundle, encoder="pixels", selector_checkpoint=folder / "run" / "selector.pt")
+    export_bundle(bundle, encoder="pixels", selector=folder / "run" / "selector.pt")
     return folder / "run" / "selector.pt", bundle
 
 
@@ -65,7 +66,8 @@ def bundle_copy(trained, tmp_path):
 def test_manifest_lists_everything_a_site_needs(trained):
     bundle = Bundle.load(trained[1])
     manifest = bundle.manifest
-    assert manifest["schema_version"] == 1 and manifest["opset"] >= 17
+    assert manifest["schema_version"] == 2 and manifest["opset"] >= 17
+    assert manifest["selector"]["name"] == "medselect" and manifest["selector"]["features"]["metadata"] == []
     assert manifest["encoder"]["preprocessing"] == {"image_size": 128, "channels": 1, "mean": [0.0], "std": [1.0]}
     assert set(manifest["sha256"]) == {"encoder.onnx", "selector.onnx"}
     assert manifest["parity"]["passed"] and len(manifest["parity"]["encoder"]) == 2
@@ -163,7 +165,7 @@ def _tamper(bundle: Path, how: str) -> None:
         (bundle / "encoder.onnx").unlink()
     elif how == "newer":
         manifest = json.loads((bundle / "manifest.json").read_text())
-        (bundle / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3}))
     elif how == "not json":
         (bundle / "manifest.json").write_text("{oops")
 
@@ -173,7 +175,7 @@ def _tamper(bundle: Path, how: str) -> None:
     [
         ("modified", "selector.onnx: SHA-256 does not match the manifest"),
         ("missing", "encoder.onnx is missing"),
-        ("newer", "bundle schema 2, this xsel reads schema 1"),
+        ("newer", "bundle schema 3, this xsel reads schemas 1 and 2"),
         ("not json", "manifest.json: not valid JSON"),
     ],
 )
@@ -269,3 +271,80 @@ def test_site_install_without_torch_selects_the_same_paths(trained, demo_store, 
     assert run.returncode == 0, run.stderr
     workstation = select(demo_store, 15, checkpoint=trained[0])
     assert pd.read_csv(out)["Path"].tolist() == workstation.table["Path"].tolist()
+
+
+class TinyLearnedSelector:
+    """A third-party learned selector: a linear scorer over the embedding and the z-scored age."""
+
+    uses_labels = False
+
+    def __init__(self, checkpoint=None):
+        import torch
+
+        from xsel.selectors import PoolFeatures
+        from xsel.store import read_store
+
+        store = read_store(checkpoint)  # the "checkpoint" here is the store it was fitted on
+        self.encoder_identity = store.encoder_identity
+        self.pool_features = PoolFeatures(metadata=("age",), age_mean=50.0, age_std=10.0)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            self.module = torch.nn.Sequential(
+                torch.nn.Linear(self.pool_features.width(store.embeddings.shape[1]), 1), torch.nn.Flatten(-2)
+            ).eval()
+
+    def scorer(self):
+        return self.module
+
+    def scores(self, embeddings, metadata=None):
+        import torch
+
+        with torch.inference_mode():
+            inputs = torch.from_numpy(self.pool_features.inputs(embeddings, metadata))[None]
+            return self.module(inputs)[0].numpy()
+
+    def select(self, embeddings, k, *, seed, metadata=None):
+        return np.argsort(-self.scores(embeddings, metadata), kind="stable")[: min(k, len(embeddings))]
+
+
+def test_any_learned_selector_plugin_exports_and_runs_at_a_site(demo_store, tmp_path):
+    """The bundle names the plugin and its input features; the site prepares them and runs it with no plugin code."""
+    from xsel import hookimpl, plugins
+
+    class Plugin:
+        @hookimpl
+        def register_selectors(self, register):
+            register("tiny-learned", TinyLearnedSelector, description="test: a linear learned selector")
+
+    plugins.register_plugin(Plugin(), name="tiny-learned-plugin")
+    try:
+        manifest = export_bundle(tmp_path / "b", encoder="pixels", selector=f"tiny-learned={demo_store}")
+        workstation = select(demo_store, 9, selector="tiny-learned", checkpoint=demo_store)
+    finally:
+        plugins.unregister_plugin("tiny-learned-plugin")
+    entry = manifest["selector"]
+    assert entry["name"] == "tiny-learned" and entry["plugin"] == "tiny-learned-plugin"
+    assert entry["features"] == {"metadata": ["age"], "age_mean": 50.0, "age_std": 10.0}
+    assert entry["input_dim"] == entry["embedding_dim"] + 1
+    site = site_select(demo_store.parent / "labels.csv", tmp_path / "b", 9, out=tmp_path / "s.csv", show_progress=False)
+    assert site.table["selector"].iloc[0] == "tiny-learned"
+    assert site.table["Path"].tolist() == workstation.table["Path"].tolist()
+    assert (site.table["score"] - workstation.table["score"]).abs().max() < 1e-4
+
+
+def test_a_baseline_is_not_exportable(demo_store, tmp_path):
+    with pytest.raises(InputError, match="'typiclust' cannot be exported"):
+        export_bundle(tmp_path / "b", encoder="pixels", selector="typiclust=whatever")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_schema_1_bundle_still_runs(bundle_copy, trained, demo_store, tmp_path):
+    """Bundles written before the selector entry became generic load, their MedSelect entry read as schema 2."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    entry = manifest["selector"]
+    legacy = {key: value for key, value in entry.items() if key not in ("features", "details", "plugin", "version")}
+    legacy |= {"use_metadata": False, "age_mean": 0.0, "age_std": 1.0, "trained_k": 5, "conditions": ["Edema"]}
+    (bundle_copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1, "selector": legacy}))
+    site = site_select(demo_store.parent / "labels.csv", bundle_copy, 12, out=tmp_path / "s.csv", show_progress=False)
+    workstation = select(demo_store, 12, checkpoint=trained[0])
+    assert site.table["Path"].tolist() == workstation.table["Path"].tolist()

@@ -12,10 +12,10 @@ import torch
 
 from tests.conftest import QUICK_EVALUATION
 from xsel.errors import InputError
-from xsel.medselect import MedSelectSelector, SelectorConfig, build_scorer, load_checkpoint
 from xsel.selection import select
 from xsel.store import Store, read_store
-from xsel.train_selector import batch_auroc, gumbel_top_k, plackett_luce_log_prob, train_selector
+from xsel.train.medselect import MedSelectScorer, MedSelectSelector, SelectorConfig, load_checkpoint
+from xsel.train.selector import batch_auroc, gumbel_top_k, plackett_luce_log_prob, train_selector
 
 
 def test_plackett_luce_matches_brute_force_and_gumbel_sampling():
@@ -36,7 +36,7 @@ def test_plackett_luce_matches_brute_force_and_gumbel_sampling():
 
 
 def test_gradient_reaches_every_parameter():
-    scorer = build_scorer(6, hidden=8, use_metadata=True)
+    scorer = MedSelectScorer(6, hidden=8, use_metadata=True)
     logits = scorer(torch.randn(3, 10, 9))
     picks = gumbel_top_k(logits, 4, torch.Generator().manual_seed(0))
     (-plackett_luce_log_prob(logits, picks).mean()).backward()
@@ -109,7 +109,7 @@ def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     store, config = toy_store(), toy_config(episodes=16 * 10, val_every=5)
     train_selector(store, tmp_path / "straight", config, show_progress=False)
-    import xsel.train_selector as module
+    import xsel.train.selector as module
 
     original, calls = module._append_metrics, []
 
@@ -125,7 +125,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     monkeypatch.setattr(module, "_append_metrics", original)
     with pytest.raises(InputError, match="pass --resume"):
         train_selector(store, tmp_path / "resumed", config, show_progress=False)
-    train_selector(store, tmp_path / "resumed", config, resume=True, show_progress=False)
+    with pytest.raises(InputError, match=r"--k 6 → 5"):
+        train_selector(store, tmp_path / "resumed", {"k": 5}, resume=True, show_progress=False)
+    train_selector(store, tmp_path / "resumed", None, resume=True, show_progress=False)  # settings as saved
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
@@ -187,6 +189,13 @@ def test_cli_train_select_and_evaluate(demo_store, tmp_path, cli):
     )
     assert result.exit_code == 0, result.output
     assert "Best validation AUROC" in result.stdout and (run / "selector.pt").is_file()
+    # nanoGPT-style resume: the run folder is enough; a setting typed again must match what was saved
+    resumed = cli("train", "selector", demo_store, "--out", run, "--resume", "--episodes", "80", "-q")
+    assert resumed.exit_code == 2 and "--episodes 64 → 80" in resumed.stderr, resumed.output
+    resumed = cli("train", "selector", demo_store, "--out", run, "--resume", "--max-minutes", "5", "--k", "5", "-q")
+    assert resumed.exit_code == 0 and "Trained 8 steps" in resumed.stdout, resumed.output
+    fresh = cli("train", "selector", demo_store, "--out", tmp_path / "other", "-q")
+    assert fresh.exit_code == 2 and "--conditions is required" in fresh.stderr
     picked = cli("select", demo_store, "--k", "5", "--checkpoint", run / "selector.pt", "--out", tmp_path / "s.csv")
     assert picked.exit_code == 0, picked.output
     table = pd.read_csv(tmp_path / "s.csv")

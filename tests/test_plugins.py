@@ -77,7 +77,14 @@ def test_throwaway_plugin_registers_each_kind(throwaway, cli):
 
 
 def test_throwaway_plugin_is_gone_after_unregistering():
+    """Registers and unregisters by itself, so it tests the same thing whatever ran before it."""
+    plugins.register_plugin(ThrowawayPlugin, name="throwaway")
+    try:
+        assert "throwaway-encoder" in plugins.names("encoder")
+    finally:
+        plugins.unregister_plugin("throwaway")
     assert "throwaway-encoder" not in plugins.names("encoder")
+    assert "throwaway" not in {row["plugin"] for row in plugins.list_plugins()}
 
 
 def test_builtin_encoders_come_from_the_xsel_distribution():
@@ -136,7 +143,28 @@ def test_xsel_load_plugins_narrows_third_party_plugins_only(value, has_example):
     assert ("efficientnet-lite0" in names) is has_example
 
 
-COMMANDS = [["embed"], ["select"], ["evaluate"], ["train", "selector"], ["export"], ["plugins"], ["demo"]]
+def _commands(group=None, prefix=()) -> list[list[str]]:
+    """Every command of the CLI, sub-commands included, read from the app itself (a new one is covered too)."""
+    import typer
+
+    from xsel.cli import app
+
+    group = group or typer.main.get_command(app)
+    found = []
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            found += _commands(command, (*prefix, name))
+        else:
+            found.append([*prefix, name])
+    return found
+
+
+COMMANDS = _commands()
+
+
+def test_the_command_list_is_complete():
+    assert {"embed", "select", "evaluate", "export", "plugins", "demo", "explain"} <= {c[0] for c in COMMANDS}
+    assert {("train", "selector"), ("train", "encoder"), ("train", "classifier")} <= {tuple(c) for c in COMMANDS}
 
 
 @pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], *[[*c, "--help"] for c in COMMANDS]])
@@ -206,3 +234,49 @@ def test_non_editable_install_ships_the_builtin_plugins(tmp_path):
     assert result.returncode == 0, result.stderr
     assert all(line.startswith(str(target)) for line in lines[:2]), lines
     assert lines[2] == "encoders"
+
+
+SITE_PATH = ["site", "bundle", "selection", "selectors", "store", "identity", "labels", "geometry", "io"]
+
+
+def test_the_site_path_cannot_reach_torch():
+    """The torch boundary is the layout: no module a site runs imports torch or ``xsel.train``, even lazily."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "xsel"
+    files = [
+        path for name in SITE_PATH for path in ([root / f"{name}.py"] if name != "io" else (root / "io").glob("*.py"))
+    ]
+    assert len(files) >= len(SITE_PATH)
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("torch", "torchvision", "xsel.train")), f"{path.name} imports {name}"
+
+
+def test_workstation_modules_import_torch_at_the_top():
+    """Inside ``xsel/train`` torch is imported at module level: the boundary is the folder, not a convention."""
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "xsel" / "train").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        nested = [
+            node.lineno
+            for function in ast.walk(tree)
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(function)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            and any(
+                (alias.name if isinstance(node, ast.Import) else node.module or "").startswith("torch")
+                for alias in node.names
+            )
+        ]
+        assert not nested, f"{path.name} imports torch inside functions at lines {nested}"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from xsel import plugins
-from xsel.selection import create_selector, run_selector
+from xsel.selectors import create_selector, run_selector
 
 # medselect needs a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it;
 # uncertainty and boostmis need a classifier: MODEL_SELECTORS, tested below with a toy one
@@ -149,7 +149,7 @@ def toy_classifier(embeddings: np.ndarray, targets: np.ndarray, labels=("A",)):
     """An in-memory ``Classifier`` fitted on the given points (what active learning passes to selectors)."""
     from pathlib import Path
 
-    from xsel.classifier import Classifier, fit_linear_head
+    from xsel.train.head import Classifier, fit_linear_head
 
     head = fit_linear_head(embeddings, np.asarray(targets, dtype=np.float32).reshape(len(embeddings), -1), epochs=100)
     return Classifier(
@@ -225,7 +225,7 @@ def test_select_with_scores_matches_select_and_scores(name, toy):
 
 
 def test_binary_entropy_is_stable_at_extreme_logits():
-    from xsel_plugins.selectors import binary_entropy
+    from xsel.train.uncertainty import binary_entropy
 
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow below logit −709, no 0·log 0
         entropy = binary_entropy(np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0]))
@@ -233,7 +233,7 @@ def test_binary_entropy_is_stable_at_extreme_logits():
 
 
 def test_density_weight_favours_dense_regions():
-    from xsel_plugins.selectors import BoostMISSelector
+    from xsel.train.uncertainty import BoostMISSelector
 
     points, _ = blobs(sizes=(50, 5), spread=0.02)
     points[50:] += np.random.default_rng(1).normal(scale=0.5, size=(5, points.shape[1])).astype(np.float32)

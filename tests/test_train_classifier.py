@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from xsel.classifier import label_weights, load_classifier, multilabel_loss
 from xsel.errors import InputError
 from xsel.store import write_store
-from xsel.train_classifier import (
+from xsel.train.classifier import (
     PSEUDO_RATIO,
     ClassifierConfig,
+    EpochChoice,
     augment,
     best_epoch,
     epoch_rows,
@@ -26,6 +26,7 @@ from xsel.train_classifier import (
     split_by_patient,
     train_classifier,
 )
+from xsel.train.head import label_weights, load_classifier, multilabel_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"encoder": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "learning_rate": 1e-3}
@@ -154,6 +155,20 @@ def test_best_epoch_by_mean_auroc_or_last():
     assert best_epoch([np.nan, np.nan, np.nan]) == 2
 
 
+def test_epoch_choice_is_one_rule_offered_epoch_by_epoch():
+    """Both training paths keep an epoch by EpochChoice.offer: True exactly when an epoch becomes the kept one
+    (so fine-tuning snapshots only then), the earliest of equal AUROCs, the latest while none is defined."""
+    for aurocs, kept_at in [
+        ([0.6, np.nan, 0.8, 0.7, 0.8], [0, 2]),
+        ([np.nan, np.nan, 0.5, np.nan, 0.4], [0, 1, 2]),
+        ([np.nan, np.nan, np.nan], [0, 1, 2]),
+    ]:
+        choice = EpochChoice()
+        offers = [epoch for epoch, value in enumerate(aurocs) if choice.offer(epoch, value)]
+        assert offers == kept_at and choice.epoch == kept_at[-1] == best_epoch(aurocs)
+        assert choice.val_auroc == aurocs[kept_at[-1]] or np.isnan(aurocs[kept_at[-1]])
+
+
 @pytest.mark.parametrize(
     ("column", "message"),
     [
@@ -217,7 +232,23 @@ def test_store_probe_pseudo_labels_after_warm_up(tmp_path):
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["pseudo_labeled"].tolist()[0] == 0 and metrics["pseudo_labeled"].iloc[1] > 100
     assert (metrics["pseudo_A"].iloc[1:] > 40).all()
+    assert result.best_epoch == best_epoch(metrics["val_auroc"].tolist()) + 1
+    assert result.best_val_auroc == pytest.approx(metrics["val_auroc"].iloc[result.best_epoch - 1])
     assert result.report.set_index("label").loc["A", "auroc"] > 0.9
+
+
+def test_store_probe_without_a_defined_auroc_keeps_the_last_epoch(tmp_path):
+    """No validation positive of the only label: every epoch's AUROC is NaN and the last refit is kept."""
+    store, frame = synthetic_store(tmp_path, n=300)
+    _, val = split_by_patient(frame["PatientID"].tolist(), 0.2, seed=0)
+    frame.loc[frame.index % 2 == 1, ["A", "B"]] = np.nan
+    frame.loc[val, "B"] = 0
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    config = ClassifierConfig(labels=["B"], store=str(store), pseudo_labels=True, epochs=3)
+    result = train_classifier(tmp_path / "labels.csv", tmp_path / "run", config)
+    assert np.isnan(pd.read_csv(tmp_path / "run" / "metrics.csv")["val_auroc"]).all()
+    assert result.best_epoch == 3 and np.isnan(result.best_val_auroc)
+    assert load_classifier(tmp_path / "run").config["best_epoch"] == 3
 
 
 def test_store_probe_pseudo_pool_leaves_out_labelled_paths(tmp_path):
@@ -239,7 +270,7 @@ def test_store_probe_pseudo_pool_leaves_out_labelled_paths(tmp_path):
 
 def test_store_probe_caps_pseudo_rows_at_the_labelled_count(tmp_path, monkeypatch):
     """20 labelled rows and 580 unlabeled: every refit sees at most 20 + μ·20 rows."""
-    import xsel.train_classifier as module
+    import xsel.train.classifier as module
 
     store, frame = synthetic_store(tmp_path, n=600)
     frame.loc[frame.index >= 60, ["A", "B"]] = np.nan

@@ -12,15 +12,15 @@ import torch
 from xsel import hookimpl, plugins
 from xsel.encoders import create_encoder, weights_sha256
 from xsel.errors import InputError
-from xsel.ssl import METHODS, SMALL_SCALE, Crop, augment, sinkhorn
 from xsel.store import read_store
-from xsel.train_encoder import (
+from xsel.train.encoder import (
     EncoderTrainingConfig,
     balance_weights,
     epoch_order,
     load_run_state,
     train_encoder,
 )
+from xsel.train.pretext import METHODS, SMALL_SCALE, Crop, augment, sinkhorn
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,40 @@ def test_resume_after_the_time_budget_continues_exactly(toy_csv, tmp_path):
     straight = load_run_state(tmp_path / "straight" / "last.pt")["module"]
     resumed = load_run_state(tmp_path / "resumed" / "last.pt")["module"]
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_resume_takes_the_saved_settings_and_refuses_changed_ones(toy_csv, tmp_path, cli, tiny_encoder):
+    """nanoGPT-style: `--resume` alone goes on with the run's settings (its time budget too) and folders, and ends
+    exactly as an uninterrupted run; an option typed again must match, but --max-minutes and --workers may change."""
+    train_encoder(toy_csv, tmp_path / "straight", quick("moco", arch=tiny_encoder), show_progress=False)
+    run, csv = tmp_path / "run", tmp_path / "lists" / "images.csv"  # its paths are relative to --image-root
+    csv.parent.mkdir()
+    csv.write_bytes(toy_csv.read_bytes())
+    start = cli(
+        "train", "encoder", csv, "--image-root", toy_csv.parent, "--out", run, "--arch", tiny_encoder,
+        "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--queue-size", "16", "--workers", "0",
+        "--max-minutes", "0", "-q",
+    )  # fmt: skip
+    assert start.exit_code == 0, start.output
+    assert "(1 steps" in start.stdout and "stopped by time budget" in start.stdout
+    again = cli("train", "encoder", csv, "--out", run, "--resume", "-q")
+    assert again.exit_code == 0, again.output
+    assert f"Pretrained {tiny_encoder} with moco" in again.stdout and "(2 steps" in again.stdout
+    refused = cli("train", "encoder", csv, "--out", run, "--resume", "--epochs", "3", "-q")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "--epochs 2 → 3" in refused.output and len(refused.output.strip().splitlines()) == 1
+    with pytest.raises(InputError, match="--method 'moco' → 'byol'"):
+        train_encoder(csv, run, {"method": "byol"}, resume=True, show_progress=False)
+    with pytest.raises(InputError, match="unknown encoder training settings epoch;"):
+        train_encoder(csv, run, {"epoch": 3}, resume=True, show_progress=False)
+    finished = cli("train", "encoder", csv, "--out", run, "--resume", "--max-minutes", "60", "--workers", "0")
+    assert finished.exit_code == 0, finished.output
+    assert "(6 steps" in finished.stdout and "stopped by epochs" in finished.stdout
+    assert train_encoder(csv, run, None, resume=True, show_progress=False).steps == 6  # nothing left to do
+    straight = load_run_state(tmp_path / "straight" / "last.pt")
+    resumed = load_run_state(run / "last.pt")
+    assert all(torch.equal(straight["module"][key], resumed["module"][key]) for key in straight["module"])
+    assert resumed["config"] == {**straight["config"], "max_minutes": 60.0}
 
 
 def test_probe_logs_few_shot_auroc_from_the_untrained_start(demo_store, tmp_path):

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from xsel.errors import InputError
-from xsel.io.images import ImageDecodeError, load_image
+from xsel.identity import encoder_identity
+from xsel.io.images import decode_or_error
 from xsel.io.table import file_sha256
 from xsel.progress import notify, progress_bar
 
-BUNDLE_SCHEMA = 1
+BUNDLE_SCHEMA = 2  # 2: the selector entry names its plugin and input features (any learned selector)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 SELECTOR_FILE = "selector.onnx"
@@ -88,9 +89,11 @@ class Bundle:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
             raise InputError(f"{manifest_path}: not an xsel bundle manifest; re-export the bundle")
         version = manifest.get("schema_version")
-        if version != BUNDLE_SCHEMA:
+        if version == 1:
+            manifest = _from_schema_1(manifest)
+        elif version != BUNDLE_SCHEMA:
             raise InputError(
-                f"{manifest_path}: bundle schema {version!r}, this xsel reads schema {BUNDLE_SCHEMA}; "
+                f"{manifest_path}: bundle schema {version!r}, this xsel reads schemas 1 and {BUNDLE_SCHEMA}; "
                 "update xsel or re-export the bundle with this version"
             )
         files = manifest["sha256"]
@@ -110,6 +113,11 @@ class Bundle:
     @property
     def encoder(self) -> dict:
         return self.manifest["encoder"]
+
+    @property
+    def encoder_identity(self) -> dict:
+        """The identity of the bundle's encoder, as a store made with it records it."""
+        return encoder_identity(self.encoder["name"], self.encoder["weights_sha256"], self.encoder["preprocessing"])
 
     @property
     def selector(self) -> dict | None:
@@ -165,12 +173,20 @@ class Bundle:
         return scores[0], top[0]
 
 
+def _from_schema_1(manifest: dict) -> dict:
+    """A schema-1 manifest (xsel ≤ 0.9: MedSelect was the only learned selector) read as schema 2: the same models,
+    its selector entry rewritten to name the plugin and its input features."""
+    selector = manifest.get("selector")
+    if not selector:
+        return manifest
+    metadata = ["sex", "age", "frontal"] if selector.get("use_metadata") else []
+    features = {"metadata": metadata, "age_mean": selector.get("age_mean", 0.0), "age_std": selector.get("age_std", 1)}
+    details = {"trained_k": selector.get("trained_k"), "conditions": selector.get("conditions", [])}
+    return {**manifest, "selector": {**selector, "name": "medselect", "features": features, "details": details}}
+
+
 def _decode_one(args):
-    path, preprocessing = args
-    try:
-        return load_image(path, preprocessing), None
-    except ImageDecodeError as error:
-        return None, str(error)
+    return decode_or_error(*args)
 
 
 def _decode_all(files, preprocessing, workers, window: int = 256):

@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from xsel.errors import InputError
 from xsel.io.table import write_csv_atomic
 
 CONDITIONS = (
@@ -193,8 +194,6 @@ DEMO_MARKER = ".xsel-demo"
 
 def reset_demo_dir(out_dir: str | Path) -> Path:
     """Empty the demo folder: only one that is empty or that an earlier demo marked as its own."""
-    from xsel.errors import InputError
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file; choose a folder for the demo")
@@ -210,6 +209,7 @@ def reset_demo_dir(out_dir: str | Path) -> Path:
 SEEN = ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Pneumothorax")
 VALIDATION = ("Nodule",)
 UNSEEN = ("Atelectasis", "Edema")
+MIN_IMAGES = 400  # fewer leave the rarer conditions without enough images for episodes
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class DemoResult:
     store: Path
     labels: pd.DataFrame
     embed: object  # xsel.embed.EmbedResult
-    training: object  # xsel.train_selector.TrainResult
+    training: object  # xsel.train.selector.TrainResult
     evaluation: object  # xsel.evaluate.Evaluation
     bundle: Path
     selection: object  # xsel.selection.Selection (site runtime, from the bundle)
@@ -246,12 +246,16 @@ def run_demo(
     the K images to label exactly as a hospital site would (checked against the workstation's picks)."""
     from xsel.embed import embed
     from xsel.evaluate import evaluate, write_report
-    from xsel.export import export_bundle
-    from xsel.medselect import SelectorConfig
     from xsel.selection import select
     from xsel.site import site_select
-    from xsel.train_selector import train_selector
+    from xsel.train.export import export_bundle
+    from xsel.train.medselect import SelectorConfig
+    from xsel.train.selector import train_selector
 
+    if n_images < MIN_IMAGES:
+        raise InputError(
+            f"--images {n_images}: use at least {MIN_IMAGES} so every condition has enough images for episodes"
+        )
     out_dir = reset_demo_dir(out_dir)
     csv = generate_demo_data(out_dir, n_images=n_images, image_size=image_size, seed=seed)
     store = out_dir / "demo.h5"
@@ -296,7 +300,7 @@ def run_demo(
     )
     write_report(evaluation, out_dir / "evaluation")
     bundle = out_dir / "bundle"
-    export_bundle(bundle, encoder=encoder, weights=weights, selector_checkpoint=checkpoint)
+    export_bundle(bundle, encoder=encoder, weights=weights, selector=checkpoint)
     selection_csv = out_dir / "selection.csv"
     selection = site_select(csv, bundle, k, out=selection_csv, show_progress=show_progress)
     write_csv_atomic(selection.table, selection_csv)

@@ -20,12 +20,9 @@ import numpy as np
 import pandas as pd
 
 from xsel import __version__
-from xsel.encoders import create_encoder, weights_sha256
-from xsel.errors import InputError, XselError
-from xsel.io.images import ImageDecodeError, load_image
-from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_csv_atomic
-from xsel.progress import progress_bar
-from xsel.runtime import autocast_dtype, resolve_device
+from xsel.errors import InputError
+from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_errors_csv
+from xsel.resume import resumed_settings
 from xsel.store import errors_path, write_store
 
 JOB_FILE = "job.json"
@@ -50,34 +47,6 @@ class EmbedResult:
     def images_per_second(self) -> float:
         done = self.rows - self.resumed_rows
         return done / self.seconds if self.seconds > 0 else float("nan")
-
-
-class _ImageDataset:
-    """Decodes and preprocesses images in DataLoader workers; failures travel as messages, not exceptions."""
-
-    def __init__(self, files: list[Path], rows: list[int], preprocessing: dict):
-        self.files, self.rows, self.preprocessing = files, rows, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int):
-        row = self.rows[position]
-        try:
-            return row, load_image(self.files[row], self.preprocessing), None
-        except ImageDecodeError as error:
-            return row, None, str(error)
-
-
-def collate_decoded(items):
-    """(row, array | None, error | None) items → (rows, stacked batch of the decoded ones, failures)."""
-    import torch
-
-    good = [(row, array) for row, array, error in items if error is None]
-    rows = np.asarray([row for row, _ in good], dtype=np.int64)
-    batch = torch.from_numpy(np.stack([array for _, array in good])) if good else None
-    errors = [(row, error) for row, _, error in items if error is not None]
-    return rows, batch, errors
 
 
 def _shard_path(partial: Path, start: int) -> Path:
@@ -109,13 +78,12 @@ def _prepare_partial(partial: Path, job: dict, resume: bool) -> set[int]:
     """Return the block starts already done; a partial run of another job is refused or discarded."""
     job_file = partial / JOB_FILE
     if partial.is_dir() and resume and job_file.is_file():
-        previous = json.loads(job_file.read_text())
-        if previous != job:
-            changed = sorted(k for k in job if previous.get(k) != job.get(k))
-            raise InputError(
-                f"{partial}: the interrupted run used different settings ({', '.join(changed)}); "
-                "rerun with the same settings, or with --overwrite to start again"
-            )
+        resumed_settings(
+            json.loads(job_file.read_text()),
+            job,
+            where=partial,
+            hint="rerun with the same settings, or with --overwrite to start again",
+        )
         return {int(p.stem.split("-")[1]) for p in partial.glob("rows-*.npz")}
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -174,16 +142,19 @@ def embed(
             raise InputError(f"{out} already exists; pass --overwrite to replace it or --resume to finish it")
     table = read_image_table(csv, image_root)
     if engine == "ray":
-        from xsel.ray_engine import import_ray
+        from xsel.train.ray_engine import import_ray
 
         import_ray()  # fail before anything is written
+    from xsel.encoders import create_encoder, model_identity
+    from xsel.train import inference
+    from xsel.train.runtime import autocast_dtype, resolve_device
+
     torch_device = resolve_device(device if engine == "local" else "cpu")  # Ray workers resolve their own
     amp_dtype = autocast_dtype(precision, torch_device)
     model = create_encoder(encoder, weights, image_size=image_size)
+    identity = model_identity(encoder, model)
     job = {
-        "encoder": encoder,
-        "weights_sha256": weights_sha256(model),
-        "preprocessing": model.preprocessing,
+        **identity,
         "source_csv_sha256": file_sha256(table.csv_path),
         "rows": len(table.files),
         "chunk_rows": chunk_rows,
@@ -205,7 +176,7 @@ def embed(
     if todo_rows:
         writer = ShardWriter(partial, chunk_rows, todo_rows[0], int(model.embedding_dim))
         if engine == "ray":
-            from xsel.ray_engine import embed_rows_ray
+            from xsel.train.ray_engine import embed_rows_ray
 
             spec = {
                 "encoder": encoder,
@@ -228,11 +199,11 @@ def embed(
             )
         else:
             forward = (
-                _onnx_forward(model, partial, device)
+                inference.onnx_forward(model, partial, device)
                 if runtime == "onnx"
-                else _torch_forward(model, torch_device, amp_dtype)
+                else inference.torch_forward(model, torch_device, amp_dtype)
             )
-            _embed_rows_local(
+            inference.embed_rows_local(
                 forward,
                 model.preprocessing,
                 table.files,
@@ -258,18 +229,15 @@ def embed(
         first = f" (first: {table.paths[error_rows[0]]}: {error_messages[0]})" if error_rows else ""
         raise InputError(f"{table.csv_path}: none of the {len(table.files)} images could be read{first}")
 
-    entry_name = _primary_name("encoder", encoder)
     attrs = {
+        **identity,
         "xsel_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "encoder": entry_name,
         "encoder_options": {
             "weights": weights if weights is not None else "default",
             "image_size": image_size,
             "precision": job["precision"],
         },
-        "weights_sha256": job["weights_sha256"],
-        "preprocessing": model.preprocessing,
         "source_csv_sha256": job["source_csv_sha256"],
     }
     meta = table.frame.drop(columns=[PATH_COLUMN]).iloc[kept].reset_index(drop=True)
@@ -280,7 +248,7 @@ def embed(
         meta=meta,
         attrs=attrs,
     )
-    errors_csv = _write_errors(out, [table.paths[row] for row in error_rows], error_messages)
+    errors_csv = write_errors_csv(errors_path(out), [table.paths[row] for row in error_rows], error_messages)
     shutil.rmtree(partial, ignore_errors=True)
     return EmbedResult(
         store=out,
@@ -290,16 +258,10 @@ def embed(
         resumed_rows=resumed_rows,
         seconds=seconds,
         device=f"ray ({address or 'local cluster'})" if engine == "ray" else str(torch_device),
-        encoder=entry_name,
+        encoder=identity["encoder"],
         embedding_dim=int(model.embedding_dim),
         errors_csv=errors_csv,
     )
-
-
-def _primary_name(kind: str, name: str) -> str:
-    from xsel import plugins
-
-    return plugins.get(kind, name).name
 
 
 def _already_complete(out: Path) -> EmbedResult:
@@ -320,14 +282,6 @@ def _already_complete(out: Path) -> EmbedResult:
         embedding_dim=int(store.embeddings.shape[1]),
         errors_csv=errors_csv if failed else None,
     )
-
-
-def _write_errors(out: Path, paths: list[str], messages: list[str]) -> Path | None:
-    target = errors_path(out)
-    if not paths:
-        target.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
-        return None
-    return write_csv_atomic(pd.DataFrame({PATH_COLUMN: paths, "error": messages}), target)
 
 
 class ShardWriter:
@@ -360,52 +314,3 @@ class ShardWriter:
         embeddings = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, self.dim), np.float32)
         _write_shard(self.partial, self.block_start, self.rows, embeddings, self.error_rows, self.errors)
         self.rows, self.embeddings, self.error_rows, self.errors = [], [], [], []
-
-
-def run_encoder(model, batch, device, amp_dtype) -> np.ndarray:
-    """One forward pass in inference mode (channels-last, autocast when asked), checked for shape."""
-    import torch
-
-    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        output = model(batch).float().cpu().numpy()
-    if output.shape != (len(batch), model.embedding_dim):
-        raise XselError(f"encoder returned shape {output.shape}, expected {(len(batch), model.embedding_dim)}")
-    return output
-
-
-def _torch_forward(model, device, amp_dtype):
-    import torch
-
-    model = model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    return lambda batch: run_encoder(model, batch, device, amp_dtype)
-
-
-def _onnx_forward(model, partial: Path, device: str):
-    """The encoder exported next to the shards and run by onnxruntime (after a parity check)."""
-    from xsel.bundle import make_session
-    from xsel.export import export_encoder
-
-    path = partial / "encoder.onnx"
-    export_encoder(model, path, device=device)
-    session = make_session(path, device)
-    return lambda batch: session.run(["embeddings"], {"images": batch.numpy()})[0]
-
-
-def _embed_rows_local(forward, preprocessing, files, todo_rows, writer, batch_size, workers, device, show_progress):
-    """Decode in DataLoader worker processes, run ``forward`` here, hand results to the shard writer."""
-    from torch.utils.data import DataLoader
-
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)  # decoding is the bottleneck once the model is fast
-    loader = DataLoader(
-        _ImageDataset(files, todo_rows, preprocessing),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-    )
-    with progress_bar("Embedding", total=len(todo_rows), show=show_progress) as advance:
-        for rows, batch, errors in loader:
-            output = forward(batch) if batch is not None else None
-            advance(writer.add(rows, output, errors))

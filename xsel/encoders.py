@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xsel import plugins
 from xsel.errors import InputError, XselError
+from xsel.identity import encoder_identity
 from xsel.io.images import PREPROCESSING_KEYS
 
 NO_WEIGHTS = "none"
@@ -34,6 +35,11 @@ def weights_sha256(encoder) -> str:
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_identity(name: str, model) -> dict:
+    """The identity of a built encoder: its registered (primary) name, its weights' hash and its preprocessing."""
+    return encoder_identity(plugins.get("encoder", name).name, weights_sha256(model), model.preprocessing)
 
 
 def weights_record(weights: str | None) -> dict | None:

@@ -24,8 +24,8 @@ from xsel.io.atomic import write_text_atomic
 from xsel.io.table import write_csv_atomic
 from xsel.labels import available_conditions
 from xsel.progress import progress_bar
-from xsel.selection import check_finite, check_identity, create_selector, parse_selector_spec, run_selector
-from xsel.store import Store, read_store
+from xsel.selectors import check_identity, create_selector, parse_selector_spec, run_selector
+from xsel.store import Store, check_finite, read_store
 
 REFERENCE = "random"
 DEFAULT_SELECTORS = ("random", "kmedoids", "kcenter", "typiclust", "probcover", "oracle-balanced")

@@ -1,4 +1,10 @@
-"""The plugin hooks. Each hook receives a ``register`` callback so one plugin can add many objects."""
+"""The plugin hooks. Each hook receives a ``register`` callback so one plugin can add many objects.
+
+``register(name, factory, *, aliases=(), description="", weights=(), prefix=False, metavar="name")``:
+``weights`` lists the named weight sets the factory knows (``xsel plugins`` shows them); ``prefix=True``
+registers a name family, e.g. ``register("timm:", build, prefix=True, metavar="model")``: every name
+``timm:<model>`` resolves to it and the factory is called as ``build("<model>", weights=..., **options)``.
+"""
 
 from pluggy import HookimplMarker, HookspecMarker
 
@@ -8,7 +14,7 @@ hookimpl = HookimplMarker("xsel")
 
 @hookspec
 def register_encoders(register):
-    """Register encoders: ``register(name, factory, *, aliases=(), description="")``."""
+    """Register encoders: ``register(name, factory, *, aliases=(), description="", weights=(), prefix=False)``."""
 
 
 @hookspec

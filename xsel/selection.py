@@ -17,10 +17,18 @@ import numpy as np
 import pandas as pd
 
 from xsel import plugins
-from xsel.errors import InputError, XselError
-from xsel.io.table import PATH_COLUMN, read_csv_checked
-from xsel.labels import first_image_per_patient, patient_ids
-from xsel.store import Store, read_store
+from xsel.errors import InputError
+from xsel.io.table import PATH_COLUMN
+from xsel.selectors import (
+    check_identity,
+    checked_picks,
+    create_selector,
+    excluded_paths,
+    pool_rows,
+    run_selector,
+    selection_scores,
+)
+from xsel.store import Store, check_finite, read_store
 
 SELECTION_COLUMNS = ("rank", PATH_COLUMN, "score", "selector")
 
@@ -32,129 +40,6 @@ class Selection:
     table: pd.DataFrame
     pool_size: int
     warnings: list[str] = field(default_factory=list)
-
-
-def check_finite(store: Store) -> None:
-    """Refuse embeddings with NaN or infinite values, naming the first rows."""
-    bad = np.flatnonzero(~np.isfinite(store.embeddings).all(axis=1))
-    if len(bad):
-        named = ", ".join(f"row {i} ({store.paths[i]})" for i in bad[:3])
-        raise InputError(f"{store.path}: {len(bad)} embeddings hold NaN or infinite values: {named}; re-embed them")
-
-
-def create_selector(name: str, **options):
-    """Instantiate a selector plugin by name (or alias); options it does not take are an input error."""
-    entry = plugins.get("selector", name)
-    unknown = [key for key in options if key not in factory_options(entry.factory)]
-    if unknown:
-        hints = [OPTION_HINTS.get(key, f"{key} is not one of its options") for key in unknown]
-        raise InputError(f"selector {entry.name!r} takes no {', '.join(unknown)}: {'; '.join(hints)}")
-    return entry.factory(**options)
-
-
-OPTION_HINTS = {
-    "checkpoint": "checkpoints are for learned selectors (medselect)",
-    "model": "--model is for the selectors that read a classifier (uncertainty, boostmis)",
-    "label": "--label picks one label of a classifier (uncertainty, boostmis)",
-}
-
-
-def factory_options(factory) -> set[str]:
-    """The keyword options a selector factory takes."""
-    import inspect
-
-    return set(inspect.signature(factory).parameters)
-
-
-def takes_model(name: str) -> bool:
-    """Whether a selector reads a classifier (a ``model`` option): uncertainty, boostmis, or a plugin's own."""
-    return "model" in factory_options(plugins.get("selector", name).factory)
-
-
-def parse_selector_spec(spec: str) -> tuple[str, str, dict]:
-    """``NAME`` or ``NAME=FILE`` → (label, registered name, factory options). FILE is the ``model`` of a
-    selector that reads a classifier, else the ``checkpoint`` of a learned selector."""
-    name, _, path = spec.partition("=")
-    primary = plugins.get("selector", name.strip()).name
-    if not path:
-        return primary, primary, {}
-    return primary, primary, {"model" if takes_model(primary) else "checkpoint": path.strip()}
-
-
-def describe_identity(identity: dict) -> str:
-    """An encoder identity in words: name, the start of the weights hash, and the preprocessing."""
-    weights = str(identity.get("weights_sha256"))[:12]
-    return f"{identity.get('encoder')} (weights {weights}…, preprocessing {identity.get('preprocessing')})"
-
-
-def check_identity(selector, name: str, store: Store) -> None:
-    """A learned selector, or a classifier a selector reads, only fits embeddings of the encoder it was trained
-    on: refuse others, naming both."""
-    expected = getattr(selector, "encoder_identity", None)
-    if expected is None:
-        return
-    found = store.encoder_identity
-    if found != expected:
-        trained = "its classifier was" if hasattr(selector, "classifier") else "it was"
-        raise InputError(
-            f"selector {name!r}: {trained} trained on embeddings of {describe_identity(expected)} but {store.path} "
-            f"was made by {describe_identity(found)}; embed with the same encoder or train on this store"
-        )
-
-
-def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None) -> np.ndarray:
-    """Call a selector and hold it to the contract: ``min(k, N)`` distinct in-range integer indices."""
-    return checked_picks(selector.select(embeddings, k, seed=seed, metadata=metadata), name, len(embeddings), k)
-
-
-def checked_picks(picks, name: str, pool: int, k: int) -> np.ndarray:
-    """Hold a selector's picks to the contract: ``min(k, pool)`` distinct in-range integer indices."""
-    picks = np.asarray(picks)
-    expected = min(k, pool)
-    if (
-        picks.ndim != 1
-        or len(picks) != expected
-        or not np.issubdtype(picks.dtype, np.integer)
-        or len(np.unique(picks)) != len(picks)
-        or (len(picks) and (picks.min() < 0 or picks.max() >= pool))
-    ):
-        raise XselError(
-            f"selector {name!r} broke the selector contract (expected {expected} distinct row indices, "
-            f"got {picks[:10]!r}); report it to the plugin's author"
-        )
-    return picks.astype(np.int64)
-
-
-def selection_scores(selector, embeddings: np.ndarray, metadata, seed: int) -> np.ndarray:
-    """The score a selector gives each pool row (NaN when it has none); seeded scores get the seed."""
-    if not hasattr(selector, "scores"):
-        return np.full(len(embeddings), np.nan)
-    import inspect
-
-    seeded = "seed" in inspect.signature(selector.scores).parameters
-    return np.asarray(selector.scores(embeddings, metadata, **({"seed": seed} if seeded else {})))
-
-
-def excluded_paths(exclude_csv: str | Path) -> set[str]:
-    """Paths already labelled: the ``Path`` column of a CSV (a selection CSV works as is)."""
-    frame = read_csv_checked(exclude_csv)
-    return set(frame[PATH_COLUMN].dropna().astype(str))
-
-
-def pool_rows(store: Store, *, exclude: set[str] | None = None, allow_same_patient: bool = False) -> np.ndarray:
-    """Store rows eligible for selection: one per patient (its first row) unless allowed, then without the
-    excluded images — and, under the patient rule, without any patient who already has a labelled image."""
-    rows = np.arange(len(store))
-    patients = patient_ids(store.meta)
-    if not allow_same_patient:
-        rows = first_image_per_patient(patients, rows)
-    if exclude:
-        labelled = {i for i, path in enumerate(store.paths) if path in exclude}
-        labelled_patients = (
-            {patients[i] for i in labelled} - {None} if patients is not None and not allow_same_patient else set()
-        )
-        rows = rows[[r not in labelled and (patients is None or patients[r] not in labelled_patients) for r in rows]]
-    return rows
 
 
 def select(

@@ -15,44 +15,30 @@ import pandas as pd
 
 from xsel.bundle import Bundle
 from xsel.errors import InputError
-from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_csv_atomic
-from xsel.medselect import SelectorConfig, pool_inputs
+from xsel.identity import describe_identity
+from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_errors_csv
 from xsel.selection import Selection, select
+from xsel.selectors import PoolFeatures
 from xsel.store import Store, errors_path, read_store, write_store
 
 
 class BundleSelector:
-    """The bundle's learned selector as a selector plugin object, run by onnxruntime."""
+    """The bundle's learned selector as a selector object, run by onnxruntime: its input is prepared from the
+    features the manifest names, so any exported selector plugin runs here without its code."""
 
     uses_labels = False
-    name = "medselect"
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        entry = bundle.selector
-        self.config = SelectorConfig(
-            conditions=entry["conditions"],
-            val_conditions=[],
-            use_metadata=entry["use_metadata"],
-            age_mean=entry["age_mean"],
-            age_std=entry["age_std"],
-        )
-        encoder = bundle.encoder
-        self.encoder_identity = {
-            "encoder": encoder["name"],
-            "weights_sha256": encoder["weights_sha256"],
-            "preprocessing": encoder["preprocessing"],
-        }
-
-    def _inputs(self, embeddings, metadata):
-        meta = metadata.reset_index(drop=True) if metadata is not None else None
-        return pool_inputs(np.asarray(embeddings, np.float32), meta, np.arange(len(embeddings)), self.config)
+        self.name = bundle.selector["name"]
+        self.features = PoolFeatures.from_dict(bundle.selector.get("features", {}))
+        self.encoder_identity = bundle.encoder_identity
 
     def scores(self, embeddings, metadata=None):
-        return self.bundle.scores(self._inputs(embeddings, metadata), 1)[0]
+        return self.bundle.scores(self.features.inputs(embeddings, metadata), 1)[0]
 
     def select(self, embeddings, k, *, seed, metadata=None):
-        return self.bundle.scores(self._inputs(embeddings, metadata), k)[1].astype(np.int64)
+        return self.bundle.scores(self.features.inputs(embeddings, metadata), k)[1].astype(np.int64)
 
 
 def _count_errors(errors_csv: Path) -> int:
@@ -72,22 +58,15 @@ def bundle_store(
 ) -> tuple[Store, int]:
     """Embeddings of the CSV's images from the bundle's encoder, or from ``store`` when it already holds
     them (same encoder, same CSV); returns the store and how many images failed to decode."""
-    encoder = bundle.encoder
-    identity = {
-        "encoder": encoder["name"],
-        "weights_sha256": encoder["weights_sha256"],
-        "preprocessing": encoder["preprocessing"],
-    }
+    identity = bundle.encoder_identity
     table = read_image_table(csv, image_root)
     csv_sha256 = file_sha256(table.csv_path)
     if store is not None and Path(store).exists():
         existing = read_store(store)
-        found = {key: existing.attrs.get(key) for key in identity}
-        if found != identity:
+        if existing.encoder_identity != identity:
             raise InputError(
-                f"{store} was made by {found['encoder']} (weights {str(found['weights_sha256'])[:12]}…), the bundle "
-                f"encodes with {identity['encoder']} (weights {identity['weights_sha256'][:12]}…); "
-                "pass another --store to encode again"
+                f"{store} was made by {describe_identity(existing.encoder_identity)}, the bundle encodes with "
+                f"{describe_identity(identity)}; pass another --store to encode again"
             )
         if existing.attrs.get("source_csv_sha256") != csv_sha256:
             raise InputError(f"{store} holds the embeddings of another CSV than {csv}; pass another --store")
@@ -95,12 +74,7 @@ def bundle_store(
     embeddings, kept, errors = bundle.embed_files(
         table.files, batch_size=batch_size, workers=workers, show_progress=show_progress
     )
-    errors_csv.unlink(missing_ok=True)  # a list from an earlier run would mislead
-    if errors:
-        write_csv_atomic(
-            pd.DataFrame({PATH_COLUMN: [table.paths[r] for r, _ in errors], "error": [e for _, e in errors]}),
-            errors_csv,
-        )
+    write_errors_csv(errors_csv, [table.paths[row] for row, _ in errors], [message for _, message in errors])
     if len(kept) == 0:
         raise InputError(f"{table.csv_path}: none of the {len(table.files)} images could be read; see {errors_csv}")
     meta = table.frame.drop(columns=[PATH_COLUMN]).iloc[kept].reset_index(drop=True)
@@ -138,7 +112,8 @@ def site_select(
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     loaded = Bundle.load(bundle, device=device)
-    if selector in (None, "medselect") and loaded.selector is None:
+    learned = loaded.selector["name"] if loaded.selector is not None else None
+    if selector is None and learned is None:
         raise InputError(f"{bundle} holds no learned selector; choose a baseline with --selector (e.g. typiclust)")
     errors_csv = errors_path(store) if store is not None else Path(str(out) + ".errors.csv")
     pool, failed = bundle_store(
@@ -151,7 +126,9 @@ def site_select(
         errors_csv=errors_csv,
         show_progress=show_progress,
     )
-    chosen = BundleSelector(loaded) if selector in (None, "medselect") else selector
+    if selector is not None and selector == learned:
+        selector = None  # the bundle's own learned selector, by name
+    chosen = BundleSelector(loaded) if selector is None else selector
     result = select(pool, k, selector=chosen, seed=seed, exclude=exclude, allow_same_patient=allow_same_patient)
     if failed:
         result.warnings.append(f"{failed} images could not be read; they are listed in {errors_csv}")

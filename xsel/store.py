@@ -5,15 +5,18 @@ Layout (schema_version 1):
   /paths       UTF-8 strings (N,): the input CSV's ``Path`` values verbatim
   /meta/<col>  one dataset per carried column: numbers float64 (NaN = blank), text UTF-8 ("" = blank)
   attributes   schema_version, xsel_version, created, encoder, encoder_options (JSON), weights_sha256,
-               preprocessing (JSON), source_csv_sha256
+               preprocessing (JSON), source_csv_sha256; a merged store has merged_from (JSON: each input's path,
+               sha256, rows, created and source_csv_sha256) instead of source_csv_sha256
 A reader needs only /embeddings, /paths and schema_version; /meta is optional.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -23,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from xsel.errors import InputError
+from xsel.identity import describe_identity, identity_of
 
 SCHEMA_VERSION = 1
-JSON_ATTRIBUTES = ("encoder_options", "preprocessing")
+JSON_ATTRIBUTES = ("encoder_options", "preprocessing", "merged_from")
 ROW_CHUNK = 4096
 
 
@@ -42,10 +46,18 @@ class Store:
     @property
     def encoder_identity(self) -> dict:
         """Encoder name, weights_sha256 and preprocessing: what selector checkpoints and bundles must match."""
-        return {key: self.attrs.get(key) for key in ("encoder", "weights_sha256", "preprocessing")}
+        return identity_of(self.attrs)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def check_finite(store: Store) -> None:
+    """Refuse embeddings with NaN or infinite values, naming the first rows."""
+    bad = np.flatnonzero(~np.isfinite(store.embeddings).all(axis=1))
+    if len(bad):
+        named = ", ".join(f"row {i} ({store.paths[i]})" for i in bad[:3])
+        raise InputError(f"{store.path}: {len(bad)} embeddings hold NaN or infinite values: {named}; re-embed them")
 
 
 def errors_path(store_path: str | Path) -> Path:
@@ -120,9 +132,9 @@ def _decode_attr(key: str, value):
     return value
 
 
-def read_store(path: str | Path) -> Store:
-    """Open a store, checking what every reader needs; a bad file raises a one-line :class:`InputError`."""
-    path = Path(path)
+@contextmanager
+def _open_checked(path: Path) -> Iterator[h5py.File]:
+    """Open a store for reading after checking what every reader needs (one-line :class:`InputError`)."""
     if not path.is_file():
         raise InputError(f"{path}: embedding store not found; create one with `xsel embed CSV --out {path}`")
     try:
@@ -139,22 +151,134 @@ def read_store(path: str | Path) -> Store:
         for name in ("embeddings", "paths"):
             if name not in handle:
                 raise InputError(f"{path}: missing the /{name} dataset; re-create the store with `xsel embed`")
+        shape, rows = handle["embeddings"].shape, len(handle["paths"])
+        if len(shape) != 2 or shape[0] != rows:
+            raise InputError(f"{path}: /embeddings {shape} does not match {rows} paths")
+        yield handle
+
+
+def _read_rows(handle: h5py.File) -> tuple[list[str], pd.DataFrame, dict]:
+    """Paths, meta columns and attributes: everything in a store but its embeddings."""
+    paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in handle["paths"][...]]
+    columns = {}
+    if "meta" in handle:
+        group = handle["meta"]
+        order = json.loads(group.attrs.get("columns", "[]")) or [group[k].attrs.get("column", k) for k in group]
+        by_column = {group[key].attrs.get("column", key): group[key] for key in group}
+        for column in order:
+            data = by_column[column][...]
+            if data.dtype.kind in "OS":
+                text = pd.Series([v.decode("utf-8") if isinstance(v, bytes) else v for v in data], dtype=object)
+                columns[column] = text.replace("", np.nan)
+            else:
+                columns[column] = pd.Series(data)
+    attrs = {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
+    return paths, pd.DataFrame(columns, index=pd.RangeIndex(len(paths))), attrs
+
+
+def read_store(path: str | Path) -> Store:
+    """Open a store, checking what every reader needs; a bad file raises a one-line :class:`InputError`."""
+    path = Path(path)
+    with _open_checked(path) as handle:
         embeddings = handle["embeddings"][...]
-        paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in handle["paths"][...]]
-        if embeddings.ndim != 2 or len(embeddings) != len(paths):
-            raise InputError(f"{path}: /embeddings {embeddings.shape} does not match {len(paths)} paths")
-        columns = {}
-        if "meta" in handle:
-            group = handle["meta"]
-            order = json.loads(group.attrs.get("columns", "[]")) or [group[k].attrs.get("column", k) for k in group]
-            by_column = {group[key].attrs.get("column", key): group[key] for key in group}
-            for column in order:
-                data = by_column[column][...]
-                if data.dtype.kind in "OS":
-                    text = pd.Series([v.decode("utf-8") if isinstance(v, bytes) else v for v in data], dtype=object)
-                    columns[column] = text.replace("", np.nan)
-                else:
-                    columns[column] = pd.Series(data)
-        attrs = {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
-    meta = pd.DataFrame(columns, index=pd.RangeIndex(len(paths)))
+        paths, meta, attrs = _read_rows(handle)
     return Store(path=path, embeddings=embeddings.astype(np.float32, copy=False), paths=paths, meta=meta, attrs=attrs)
+
+
+@dataclass
+class MergeResult:
+    """What ``merge_stores`` wrote: the store, its row count, the errors file (if any) and warnings."""
+
+    store: Path
+    rows: int
+    inputs: list[Path]
+    errors_csv: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _merge_embeddings(inputs: list[Path]) -> Iterator[np.ndarray]:
+    """Each input's embeddings in blocks of ``ROW_CHUNK`` rows, so merging never holds a whole store."""
+    for path in inputs:
+        with _open_checked(path) as handle:
+            dataset = handle["embeddings"]
+            for start in range(0, dataset.shape[0], ROW_CHUNK):
+                yield dataset[start : start + ROW_CHUNK]
+
+
+def merge_stores(inputs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> MergeResult:
+    """Merge stores of one encoder identity into ``out``, so a site can embed an archive in parts and select once.
+
+    Rows keep input order; meta columns are the union (blank where a store lacks one); a path in two inputs,
+    or stores of different encoder identities, are refused naming both. Each input's errors file joins
+    ``<out>.errors.csv``; ``merged_from`` records every input's SHA-256.
+    """
+    from xsel import __version__
+    from xsel.io.table import PATH_COLUMN, file_sha256, write_errors_csv
+
+    inputs, out = [Path(p) for p in inputs], Path(out)
+    if len(inputs) < 2:
+        raise InputError(f"store merge needs at least two stores, got {len(inputs)}: {', '.join(map(str, inputs))}")
+    resolved = {}
+    for path in inputs:
+        if path.resolve() in resolved:
+            raise InputError(f"{path} is listed twice (also as {resolved[path.resolve()]}); list each store once")
+        resolved[path.resolve()] = path
+    if out.resolve() in resolved:
+        raise InputError(f"--out {out} is one of the stores to merge; write the merged store to a new file")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; pass --overwrite to replace it (it stays until the merge is complete)")
+    headers = []
+    for path in inputs:
+        with _open_checked(path) as handle:
+            paths, meta, attrs = _read_rows(handle)
+            headers.append((path, paths, meta, attrs, handle["embeddings"].shape[1]))
+    first_path, _, _, first_attrs, first_dim = headers[0]
+    identity = identity_of(first_attrs)
+    warnings = []
+    seen: dict[str, Path] = {}
+    for path, paths, _, attrs, dim in headers:
+        if identity_of(attrs) != identity or dim != first_dim:
+            raise InputError(
+                f"{first_path} was made by {describe_identity(identity)} ({first_dim}-d) but {path} by "
+                f"{describe_identity(identity_of(attrs))} ({dim}-d); merge only stores of the same encoder, "
+                "weights and preprocessing"
+            )
+        if attrs.get("encoder_options") != first_attrs.get("encoder_options"):
+            warnings.append(
+                f"{path} was embedded with options {attrs.get('encoder_options')}, {first_path} with "
+                f"{first_attrs.get('encoder_options')}; the merged store records the first"
+            )
+        for value in paths:
+            if value in seen:
+                where = f"twice in {path}" if seen[value] == path else f"in both {seen[value]} and {path}"
+                raise InputError(f"path {value!r} is {where}; each image may be in one store only")
+            seen[value] = path
+    merged_from = [
+        {
+            "path": str(path),
+            "sha256": file_sha256(path),
+            "rows": len(paths),
+            "created": attrs.get("created"),
+            "source_csv_sha256": attrs.get("source_csv_sha256"),
+        }
+        for path, paths, _, attrs, _ in headers
+    ]
+    attrs = {key: value for key, value in identity.items() if value is not None}
+    if first_attrs.get("encoder_options") is not None:
+        attrs["encoder_options"] = first_attrs["encoder_options"]
+    attrs.update(
+        xsel_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        merged_from=merged_from,
+    )
+    write_store(
+        out,
+        embedding_chunks=_merge_embeddings(inputs),
+        paths=[value for _, paths, _, _, _ in headers for value in paths],
+        meta=pd.concat([meta for _, _, meta, _, _ in headers], ignore_index=True, sort=False),
+        attrs=attrs,
+    )
+    failed = [pd.read_csv(errors_path(p), dtype=str, keep_default_na=False) for p in inputs if errors_path(p).is_file()]
+    failed = pd.concat(failed, ignore_index=True) if failed else pd.DataFrame({PATH_COLUMN: [], "error": []})
+    errors_csv = write_errors_csv(errors_path(out), failed[PATH_COLUMN].tolist(), failed["error"].tolist())
+    return MergeResult(store=out, rows=len(seen), inputs=inputs, errors_csv=errors_csv, warnings=warnings)

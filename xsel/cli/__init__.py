@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 from typer.core import TyperGroup
 
@@ -47,9 +49,46 @@ def _root(
     """Choose which K medical images to label."""
 
 
-from xsel.cli import demo, embed, evaluate, explain, export, plugins, select, train  # noqa: E402  (commands register on `app`)
+from xsel.cli import demo, embed, evaluate, explain, export, export_labels, plugins, scan, select, store, train  # noqa: E402  (commands register on `app`)
 
-__all__ = ["app", "demo", "embed", "evaluate", "explain", "export", "main", "plugins", "select", "train"]
+
+def reflow(doc: str | None) -> str | None:
+    """A docstring as help text: paragraphs wrapped for the source become one line each (the terminal wraps them),
+    indented blocks (examples) keep their lines."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(
+        paragraph if paragraph.startswith(" ") else " ".join(line.strip() for line in paragraph.splitlines())
+        for paragraph in paragraphs
+    )
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        command.help = command.help or reflow(command.callback.__doc__ if command.callback else None)
+    for group in typer_app.registered_groups:
+        group.typer_instance.info.help = reflow(group.typer_instance.info.help)
+        _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
+
+__all__ = [
+    "app",
+    "demo",
+    "embed",
+    "evaluate",
+    "explain",
+    "export",
+    "export_labels",
+    "main",
+    "plugins",
+    "scan",
+    "select",
+    "store",
+    "train",
+]
 
 
 def main() -> None:

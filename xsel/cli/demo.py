@@ -34,10 +34,7 @@ def demo_command(
       xsel demo --out /tmp/xsel-demo --encoder efficientnet-lite0 --images 1000
     """
     from xsel.demo import CONDITIONS, NEGATIVE, SEEN, UNSEEN, VALIDATION, run_demo
-    from xsel.errors import InputError
 
-    if images < 400:
-        raise InputError(f"--images {images}: use at least 400 so every condition has enough images for episodes")
     result = run_demo(
         out,
         encoder=encoder,

@@ -9,12 +9,7 @@ from typing import Annotated
 import typer
 
 from xsel.cli import app
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+from xsel.cli.options import Device, Precision
 
 
 class Runtime(str, Enum):
@@ -25,13 +20,6 @@ class Runtime(str, Enum):
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 @app.command("embed")

@@ -11,15 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from xsel.cli import app
+from xsel.cli.options import split_list
 from xsel.errors import InputError
 from xsel.progress import notify
-
-
-def split_list(value: str, option: str) -> list[str]:
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    if not items:
-        raise InputError(f"{option} is empty; give a comma-separated list")
-    return items
 
 
 def parse_budgets(value: str) -> list[int]:
@@ -200,7 +194,7 @@ def evaluate_command(
             raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
         if len(parse_budgets(k)) > 1:
             raise InputError(f"--k {k}: with --rounds give one K, the labels added per round")
-        from xsel.active_learning import simulate, write_rounds_report
+        from xsel.train.active_learning import simulate, write_rounds_report
 
         result = simulate(
             store,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from xsel.cli import app
-from xsel.cli.embed import Device
+from xsel.cli.options import Device
 
 
 @app.command("explain")
@@ -41,7 +41,7 @@ def explain_command(
       xsel explain runs/clf/classifier.pt to_check.csv --label Effusion --out cams/effusion
       xsel explain runs/probe/classifier.pt to_check.csv --label Edema --weights imagenet --out cams/edema
     """
-    from xsel.explain import explain
+    from xsel.train.explain import explain
 
     result = explain(
         checkpoint,

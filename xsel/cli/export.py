@@ -17,7 +17,11 @@ def export_command(
     weights: Annotated[str | None, typer.Option(help="Weights as in `xsel embed`.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override the encoder's input size.")] = None,
     selector: Annotated[
-        Path | None, typer.Option(help="A learned selector checkpoint (RUN_DIR/selector.pt) to include.")
+        str | None,
+        typer.Option(
+            help="A learned selector to include: RUN_DIR/selector.pt (MedSelect), or NAME=CHECKPOINT for any learned "
+            "selector plugin."
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
 ) -> None:
@@ -31,10 +35,10 @@ def export_command(
       xsel export --encoder resnet18 --weights moco.pth.tar --selector runs/sel/selector.pt --out exports/cxr
       xsel export --encoder efficientnet-lite0 --out exports/effnet       # encoder only: sites use baselines
     """
-    from xsel.export import export_bundle
+    from xsel.train.export import export_bundle
 
     manifest = export_bundle(
-        out, encoder=encoder, weights=weights, image_size=image_size, selector_checkpoint=selector, overwrite=overwrite
+        out, encoder=encoder, weights=weights, image_size=image_size, selector=selector, overwrite=overwrite
     )
     parity = manifest["parity"]
     worst = max(check["max_abs_diff"] for check in parity["encoder"] + parity["selector"])

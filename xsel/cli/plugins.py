@@ -17,7 +17,8 @@ from xsel.plugins import list_plugins
 def plugins_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list for scripts instead of a table.")] = False,
 ) -> None:
-    """List every encoder, selector and classifier with the plugin, distribution and version it comes from.
+    """List every encoder, selector and classifier with the plugin, distribution and version it comes from,
+    and the named weight sets of each encoder (`--weights`; `none` and a local file work everywhere).
 
     [bold]Examples[/bold]
 
@@ -33,9 +34,10 @@ def plugins_command(
     table.add_column("kind", no_wrap=True)
     table.add_column("name", no_wrap=True)
     table.add_column("from")
+    table.add_column("weights")
     table.add_column("description", ratio=1)
     for row in rows:
         aliases = f" (alias: {', '.join(row['aliases'])})" if row["aliases"] else ""
         source = f"{row['distribution']} {row['version']}, plugin {row['plugin']}"
-        table.add_row(row["kind"], row["name"], source, row["description"] + aliases)
+        table.add_row(row["kind"], row["name"], source, ", ".join(row["weights"]), row["description"] + aliases)
     Console().print(table)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xsel.cli import app
-from xsel.cli.embed import Device
+from xsel.cli.options import Device
 from xsel.progress import notify
 
 

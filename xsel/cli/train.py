@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from xsel.cli import app
-from xsel.cli.embed import Device, Precision
-from xsel.cli.evaluate import split_list
+from xsel.cli.options import Device, Precision, split_list, typed_options
+from xsel.errors import InputError
 
 train_app = typer.Typer(
     help="Train models: a learned selector from labelled episodes, a self-supervised encoder from images.",
@@ -21,10 +21,15 @@ app.add_typer(train_app, name="train")
 
 @train_app.command("selector")
 def train_selector_command(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Argument(help="Embedding store with label columns.")],
-    conditions: Annotated[str, typer.Option(help="Comma-separated seen conditions to train on.")],
-    val_conditions: Annotated[str, typer.Option(help="Comma-separated unseen conditions for validation.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: selector.pt, last.pt, metrics.csv.")],
+    conditions: Annotated[
+        str | None, typer.Option(help="Comma-separated seen conditions to train on (required unless --resume).")
+    ] = None,
+    val_conditions: Annotated[
+        str | None, typer.Option(help="Comma-separated unseen conditions for validation (required unless --resume).")
+    ] = None,
     negative: Annotated[str, typer.Option(help="Label column of the negative class.")] = "No Finding",
     uncertain: Annotated[
         str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
@@ -46,7 +51,9 @@ def train_selector_command(
     device: Annotated[
         Device, typer.Option(help="Where the selector trains; auto takes CUDA when present.")
     ] = Device.auto,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved settings.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Meta-learn a selector (MedSelect: BiLSTM + REINFORCE) on labelling episodes of seen conditions,
@@ -55,31 +62,35 @@ def train_selector_command(
     [bold]Examples[/bold]
 
       xsel train selector pool.h5 --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/sel
-      xsel train selector pool.h5 --conditions Effusion --val-conditions Edema --out runs/sel --resume
+      xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
-    from xsel.medselect import SelectorConfig
-    from xsel.train_selector import train_selector
+    from xsel.train.selector import train_selector
 
-    config = SelectorConfig(
-        conditions=split_list(conditions, "--conditions"),
-        val_conditions=split_list(val_conditions, "--val-conditions"),
-        negative=negative,
-        uncertain=uncertain,
-        k=k,
-        pool_size=pool_size,
-        query_size=query_size,
-        episodes=episodes,
-        batch_size=batch_size,
-        classifier=classifier,
-        use_metadata=use_metadata,
-        learning_rate=learning_rate,
-        val_every=val_every,
-        val_episodes=val_episodes,
-        max_minutes=max_minutes,
-        seed=seed,
-    )
-    result = train_selector(store, out, config, resume=resume, device=device.value, show_progress=not quiet)
+    settings = {
+        "negative": negative,
+        "uncertain": uncertain,
+        "k": k,
+        "pool_size": pool_size,
+        "query_size": query_size,
+        "episodes": episodes,
+        "batch_size": batch_size,
+        "classifier": classifier,
+        "use_metadata": use_metadata,
+        "learning_rate": learning_rate,
+        "val_every": val_every,
+        "val_episodes": val_episodes,
+        "max_minutes": max_minutes,
+        "seed": seed,
+    }
+    for name, value in (("conditions", conditions), ("val_conditions", val_conditions)):
+        if value is not None:
+            settings[name] = split_list(value, "--" + name.replace("_", "-"))
+        elif not resume:
+            raise InputError(f"--{name.replace('_', '-')} is required (a resumed run takes it from its checkpoint)")
+    if resume:  # the run goes on with its saved settings; only what was typed now is checked against them
+        settings = {name: value for name, value in settings.items() if name in typed_options(ctx)}
+    result = train_selector(store, out, settings, resume=resume, device=device.value, show_progress=not quiet)
     typer.echo(
         f"Trained {result.steps} steps ({result.episodes} episodes) in {result.seconds / 60:.1f} min, stopped by "
         f"{result.stopped_by}. Best validation AUROC {result.best_val_auroc:.3f} at step {result.best_step} "
@@ -96,6 +107,7 @@ class Method(str, Enum):
 
 @train_app.command("encoder")
 def train_encoder_command(
+    ctx: typer.Context,
     csv: Annotated[Path, typer.Argument(help="CSV with a Path column listing the (unlabeled) images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: encoder.pt, last.pt, metrics.csv.")],
     method: Annotated[Method, typer.Option(help="Self-supervised objective.")] = Method.moco,
@@ -147,7 +159,13 @@ def train_encoder_command(
         ),
     ] = 0,
     device: Annotated[Device, typer.Option(help="Where to train; auto takes CUDA when present.")] = Device.auto,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --out from its last checkpoint with its saved settings, folders and device; "
+            "an option typed again must match them, except --max-minutes and --workers."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Pretrain an encoder self-supervised (MoCo v2, SimCLR, BYOL or SwAV) on unlabeled radiographs;
@@ -158,46 +176,50 @@ def train_encoder_command(
       xsel train encoder images.csv --method moco --arch resnet18 --image-size 112 --out runs/moco
       xsel train encoder images.csv --method byol --out runs/byol --max-minutes 20 \\
           --probe-store labelled.h5 --probe-conditions Effusion,Edema
-      xsel train encoder images.csv --method moco --out runs/moco --resume
+      xsel train encoder images.csv --out runs/moco --resume          # go on with the saved settings
       xsel embed images.csv --out pool.h5 --encoder resnet18 --weights runs/moco/encoder.pt
     """
-    from xsel.train_encoder import EncoderTrainingConfig, train_encoder
+    from xsel.train.encoder import train_encoder
 
-    config = EncoderTrainingConfig(
-        method=method.value,
-        arch=arch,
-        weights=weights,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        temperature=temperature,
-        queue_size=queue_size,
-        momentum=momentum,
-        prototypes=prototypes,
-        small_crops=small_crops,
-        balance_by=balance_by,
-        probe_conditions=split_list(probe_conditions, "--probe-conditions") if probe_conditions else [],
-        probe_negative=probe_negative,
-        probe_episodes=probe_episodes,
-        precision=precision.value,
-        max_minutes=max_minutes,
-        workers=workers,
-        seed=seed,
-    )
+    settings = {
+        "method": method.value,
+        "arch": arch,
+        "weights": weights,
+        "image_size": image_size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "grad_clip": grad_clip,
+        "temperature": temperature,
+        "queue_size": queue_size,
+        "momentum": momentum,
+        "prototypes": prototypes,
+        "small_crops": small_crops,
+        "balance_by": balance_by,
+        "probe_conditions": split_list(probe_conditions, "--probe-conditions") if probe_conditions else [],
+        "probe_negative": probe_negative,
+        "probe_episodes": probe_episodes,
+        "precision": precision.value,
+        "max_minutes": max_minutes,
+        "workers": workers,
+        "seed": seed,
+    }
+    typed = typed_options(ctx)
+    if resume:  # the run goes on with its saved settings; only what was typed now is checked against them
+        settings = {name: value for name, value in settings.items() if name in typed}
     result = train_encoder(
         csv,
         out,
-        config,
+        settings,
         image_root=image_root,
         probe_store=probe_store,
         probe_image_root=probe_image_root,
         resume=resume,
-        device=device.value,
+        device=device.value if "device" in typed else None,  # None: auto, or the resumed run's device
         show_progress=not quiet,
     )
+    config = result.config
     probe = f", probe AUROC {result.probe_auroc:.3f}" if result.probe_auroc is not None else ""
     typer.echo(
         f"Pretrained {config.arch} with {config.method} for {result.epochs:.1f} epochs ({result.steps} steps, "
@@ -248,7 +270,7 @@ def train_classifier_command(
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of patients held out for validation.")] = 0.2,
     balanced_sampler: Annotated[
-        bool, typer.Option(help="Draw positives and negatives equally often (WeightedRandomSampler).")
+        bool, typer.Option(help="Draw positives and negatives equally often (weighted draws with replacement).")
     ] = False,
     augment: Annotated[bool, typer.Option(help="Light augmentation: small rotation, scale, shift, contrast.")] = True,
     pseudo_labels: Annotated[
@@ -283,7 +305,7 @@ def train_classifier_command(
       xsel train classifier labeled.csv --labels Effusion --out runs/clf --pseudo-labels --unlabeled pool.csv
       xsel embed pool.csv --out tuned.h5 --encoder densenet121 --weights runs/clf/classifier.pt
     """
-    from xsel.train_classifier import ClassifierConfig, train_classifier
+    from xsel.train.classifier import ERRORS, ClassifierConfig, train_classifier
 
     config = ClassifierConfig(
         labels=split_list(labels, "--labels"),
@@ -310,7 +332,7 @@ def train_classifier_command(
     )
     for row in result.report.itertuples():
         typer.echo(f"  {row.label}: AUROC {row.auroc:.3f}, AP {row.ap:.3f}, F1 {row.f1:.3f} at {row.threshold:.3f}")
-    skipped = f"; {result.skipped} rows skipped (listed in {result.run_dir / 'errors.csv'})" if result.skipped else ""
+    skipped = f"; {result.skipped} rows skipped (listed in {result.run_dir / ERRORS})" if result.skipped else ""
     typer.echo(
         f"Trained on {result.train_images} images ({result.val_images} for validation) on {result.device} in "
         f"{result.seconds:.1f} s{skipped}. Best epoch {result.best_epoch}: mean validation AUROC "

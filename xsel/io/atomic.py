@@ -24,13 +24,6 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def save_torch_atomic(payload, path: str | Path) -> Path:
-    """``torch.save`` through :func:`write_atomic`."""
-    import torch
-
-    return write_atomic(path, lambda temporary: torch.save(payload, temporary))
-
-
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """A text file (JSON reports) through :func:`write_atomic`."""
     return write_atomic(path, lambda temporary: temporary.write_text(text))

@@ -16,6 +16,16 @@ from PIL import Image, ImageOps
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
+# Optional keys, for encoders whose weights expect more than a plain resize (absent: a plain bilinear resize of the
+# whole image, as before): "crop": "center" cuts the centred square of the short side first (torchxrayvision's
+# XRayCenterCrop, the same offsets); "crop_pct": f resamples only the central fraction f of each side (timm's eval
+# crop); "interpolation" names the resampling filter.
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 class ImageDecodeError(ValueError):
@@ -98,11 +108,35 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(gray, dtype=np.float32)
 
 
+def _crop(gray: np.ndarray, preprocessing: dict) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+    """Apply ``crop`` and turn ``crop_pct`` into the source box to resample (None: the whole image)."""
+    crop, fraction = preprocessing.get("crop"), preprocessing.get("crop_pct")
+    if crop is not None:
+        if crop != "center":
+            raise ValueError(f"preprocessing crop {crop!r} is not supported; use 'center' or leave it out")
+        height, width = gray.shape
+        side = min(height, width)
+        top, left = height // 2 - side // 2, width // 2 - side // 2
+        gray = gray[top : top + side, left : left + side]
+    if fraction is None:
+        return gray, None
+    if not 0 < float(fraction) <= 1:
+        raise ValueError(f"preprocessing crop_pct must be in (0, 1], got {fraction!r}")
+    height, width = gray.shape
+    margin_y, margin_x = height * (1 - float(fraction)) / 2, width * (1 - float(fraction)) / 2
+    return gray, (margin_x, margin_y, width - margin_x, height - margin_y)
+
+
 def preprocess(gray: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """Resize to ``image_size`` squared, replicate to ``channels`` and normalise with ``mean``/``std``."""
+    """Crop (optional keys ``crop``, ``crop_pct``), resize to ``image_size`` squared with ``interpolation``
+    (default bilinear), replicate to ``channels`` and normalise with ``mean``/``std``."""
     size = int(preprocessing["image_size"])
     channels = int(preprocessing["channels"])
-    resized = np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    interpolation = preprocessing.get("interpolation", "bilinear")
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"preprocessing interpolation {interpolation!r}: use one of {', '.join(RESAMPLING)}")
+    gray, box = _crop(gray, preprocessing)
+    resized = np.asarray(Image.fromarray(gray).resize((size, size), RESAMPLING[interpolation], box=box), np.float32)
     mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
     stacked = np.broadcast_to(resized, (channels, size, size))
@@ -112,3 +146,13 @@ def preprocess(gray: np.ndarray, preprocessing: dict) -> np.ndarray:
 def load_image(path: str | Path, preprocessing: dict) -> np.ndarray:
     """Decode and preprocess one image: the exact input an encoder sees."""
     return preprocess(read_image(path), preprocessing)
+
+
+def decode_or_error(path: str | Path, preprocessing: dict | None) -> tuple[np.ndarray | None, str | None]:
+    """``(array, None)`` for a readable image, ``(None, message)`` for one that is not: the form in which every
+    loader (embed, the site runtime, Ray, training, Grad-CAM) passes failures on to its errors file.
+    ``preprocessing=None`` returns the gray image as decoded, for loaders that crop and resize it themselves."""
+    try:
+        return (read_image(path) if preprocessing is None else load_image(path, preprocessing)), None
+    except ImageDecodeError as error:
+        return None, str(error)

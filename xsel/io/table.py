@@ -3,29 +3,42 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from xsel.errors import InputError
+from xsel.io.atomic import write_atomic
 
 PATH_COLUMN = "Path"
 
 
+TEXT_COLUMNS = {PATH_COLUMN: str, "PatientID": str}
+
+
 @dataclass(frozen=True)
 class ImageTable:
-    """An input CSV: ``frame`` keeps every column as read; ``files`` are the resolved image paths."""
+    """An input CSV: ``frame`` keeps every column as read; ``files`` are the resolved image paths.
+
+    For a folder, ``csv_path`` is the folder and ``scanned_sha256`` the SHA-256 of the CSV `xsel scan` writes.
+    """
 
     csv_path: Path
     frame: pd.DataFrame
     files: list[Path]
+    scanned_sha256: str | None = None
 
     @property
     def paths(self) -> list[str]:
         """The ``Path`` values verbatim, as stored in embedding stores and selection CSVs."""
         return self.frame[PATH_COLUMN].tolist()
+
+    @property
+    def source_sha256(self) -> str:
+        """Provenance of the table: the CSV's SHA-256, the same for a folder and for its scanned CSV."""
+        return self.scanned_sha256 or file_sha256(self.csv_path)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -43,7 +56,7 @@ def read_csv_checked(csv_path: str | Path) -> pd.DataFrame:
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: CSV file not found; pass the CSV that lists your images")
     try:
-        frame = pd.read_csv(csv_path, dtype={PATH_COLUMN: str, "PatientID": str}, keep_default_na=True)
+        frame = pd.read_csv(csv_path, dtype=TEXT_COLUMNS, keep_default_na=True)
     except pd.errors.EmptyDataError:
         raise InputError(f"{csv_path}: the CSV is empty; it needs a header with a 'Path' column") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
@@ -67,14 +80,39 @@ def check_unique_paths(paths: pd.Series, csv_path: str | Path) -> None:
         )
 
 
-def read_image_table(csv_path: str | Path, image_root: str | Path | None = None) -> ImageTable:
+def _scanned_frame(folder: Path, show_progress: bool) -> tuple[pd.DataFrame, str]:
+    """A folder read as the CSV `xsel scan` would write for it, and that CSV's SHA-256."""
+    from xsel.progress import notify
+    from xsel.scan import scan_csv_text, scan_folder
+
+    result = scan_folder(folder, show_progress=show_progress)
+    if len(result.errors):
+        first = result.errors.iloc[0]
+        notify(
+            f"{folder}: {len(result.errors)} unreadable files skipped (first: {first[PATH_COLUMN]}: {first['error']}); "
+            f"`xsel scan {folder} --out images.csv` lists them all"
+        )
+    data = scan_csv_text(result).encode("utf-8")
+    return pd.read_csv(io.BytesIO(data), dtype=TEXT_COLUMNS, keep_default_na=True), hashlib.sha256(data).hexdigest()
+
+
+def read_image_table(
+    csv_path: str | Path, image_root: str | Path | None = None, *, show_progress: bool = True
+) -> ImageTable:
     """Load the CSV, check its ``Path`` column and resolve each path against the image root.
 
     Paths are relative to the CSV's folder unless ``image_root`` is given; absolute paths stay as they are.
-    Rows are numbered as in a spreadsheet (header = row 1) in error messages.
+    Rows are numbered as in a spreadsheet (header = row 1) in error messages. A folder instead of a CSV is
+    scanned (:func:`xsel.scan.scan_folder`, progress on stderr) into the table `xsel scan` would write.
     """
     csv_path = Path(csv_path)
-    frame = read_csv_checked(csv_path)
+    scanned_sha256 = None
+    if csv_path.is_dir():
+        frame, scanned_sha256 = _scanned_frame(csv_path, show_progress)
+        base = csv_path  # a scanned folder's paths are relative to the folder itself
+    else:
+        frame = read_csv_checked(csv_path)
+        base = csv_path.parent
     if frame.empty:
         raise InputError(f"{csv_path}: the CSV has a header but no rows; list at least one image")
     paths = frame[PATH_COLUMN]
@@ -84,23 +122,25 @@ def read_image_table(csv_path: str | Path, image_root: str | Path | None = None)
         raise InputError(f"{csv_path}: row {row}, column 'Path' is empty; every row needs an image path")
     check_unique_paths(paths, csv_path)
     if image_root is None:
-        root = csv_path.parent
+        root = base
     else:
         root = Path(image_root)
         if not root.is_dir():
             raise InputError(f"--image-root {root}: folder not found")
     files = [root / value for value in paths]
-    return ImageTable(csv_path=csv_path, frame=frame.reset_index(drop=True), files=files)
+    return ImageTable(csv_path=csv_path, frame=frame.reset_index(drop=True), files=files, scanned_sha256=scanned_sha256)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a CSV through a temporary file and a rename, so no partial file is ever seen."""
+    return write_atomic(path, lambda temporary: frame.to_csv(temporary, index=False))
+
+
+def write_errors_csv(path: str | Path, paths: list[str], messages: list[str]) -> Path | None:
+    """List the images that failed (``Path``, ``error``) at ``path``, or remove a stale list when none did: an
+    errors file from an earlier run would mislead. Returns the file written, if any."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_csv(temporary, index=False)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    if not paths:
+        path.unlink(missing_ok=True)
+        return None
+    return write_csv_atomic(pd.DataFrame({PATH_COLUMN: list(paths), "error": list(messages)}), path)

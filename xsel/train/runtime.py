@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from xsel.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -9,8 +11,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def resolve_device(device: str):
     """Map ``auto|cpu|cuda`` to a ``torch.device``; asking for CUDA without one is an input error."""
-    import torch
-
     if device not in DEVICES:
         raise InputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -25,8 +25,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def autocast_dtype(precision: str, device):
     """The autocast dtype for a precision: ``auto`` is fp16 AMP on CUDA and exact fp32 on CPU."""
-    import torch
-
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":

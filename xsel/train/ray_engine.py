@@ -17,10 +17,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
+from xsel.encoders import create_encoder
 from xsel.errors import InputError
-from xsel.io.images import ImageDecodeError, load_image
+from xsel.io.images import decode_or_error
 from xsel.progress import progress_bar
+from xsel.train.inference import run_encoder
+from xsel.train.runtime import autocast_dtype, resolve_device
 
 
 def import_ray():
@@ -38,10 +42,11 @@ def decode_batch(batch: dict, preprocessing: dict) -> dict:
     images = np.zeros((len(batch["path"]), channels, size, size), dtype=np.float32)
     errors = np.full(len(batch["path"]), "", dtype=object)
     for i, path in enumerate(batch["path"]):
-        try:
-            images[i] = load_image(str(path), preprocessing)
-        except ImageDecodeError as error:
-            errors[i] = str(error)
+        image, error = decode_or_error(str(path), preprocessing)
+        if error is None:
+            images[i] = image
+        else:
+            errors[i] = error
     return {"row": batch["row"], "image": images, "error": errors}
 
 
@@ -49,19 +54,12 @@ class EncoderActor:
     """One encoder per actor, built once; runs it on the rows that decoded."""
 
     def __init__(self, spec: dict):
-        from xsel.encoders import create_encoder
-        from xsel.runtime import autocast_dtype, resolve_device
-
         self.device = resolve_device(spec["device"])
         self.amp_dtype = autocast_dtype(spec["precision"], self.device)
         self.model = create_encoder(spec["encoder"], spec["weights"], image_size=spec["image_size"])
         self.model = self.model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from xsel.embed import run_encoder
-
         ok = np.asarray([error == "" for error in batch["error"]], dtype=bool)
         embeddings = np.zeros((len(ok), self.model.embedding_dim), dtype=np.float32)
         if ok.any():

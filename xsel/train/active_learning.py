@@ -3,7 +3,7 @@
 Each episode is the one ``xsel evaluate`` draws (same ``EpisodeTask`` pool and query for every strategy,
 so differences are paired). Round 0 labels a cold-start pick of K (``cold_start``, default typiclust),
 the same K images for every strategy: the curves start at one point and later differences come from the
-strategies alone. After every round a linear probe (:func:`xsel.classifier.fit_linear_head`, weighted BCE,
+strategies alone. After every round a linear probe (:func:`xsel.train.head.fit_linear_head`, weighted BCE,
 ``probe_epochs`` full-batch steps) is fitted on the labelled embeddings with the episode's condition
 label and scores the query set: the AUROC after round r is at (r + 1)·K labels. Then, for r = 1..R, each
 strategy picks K more from the unlabelled rest of its pool:
@@ -29,16 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from threadpoolctl import threadpool_limits
 
 from xsel import plugins
-from xsel.classifier import Classifier, fit_linear_head
 from xsel.episodes import NEGATIVE_DEFAULT, EpisodeTask
 from xsel.errors import InputError
 from xsel.evaluate import BOOTSTRAP_SAMPLES, episode_metrics, parse_selector_specs, summarize, write_tables
 from xsel.labels import available_conditions
+from xsel.plots import plot_rounds
 from xsel.progress import progress_bar
-from xsel.selection import check_finite, check_identity, create_selector, run_selector, takes_model
-from xsel.store import Store, read_store
+from xsel.selectors import check_identity, create_selector, run_selector, takes_model
+from xsel.store import Store, check_finite, read_store
+from xsel.train.head import Classifier, fit_linear_head
 
 DEFAULT_STRATEGIES = ("random", "typiclust", "uncertainty", "boostmis")
 COLD_START = "typiclust"
@@ -79,8 +82,6 @@ def fit_probe(embeddings: np.ndarray, labels: np.ndarray, *, epochs: int, seed: 
 
 def probe_logits(head, embeddings: np.ndarray) -> np.ndarray:
     """(M,) float64 logits of a one-label probe; 0 is its natural threshold (p = 0.5)."""
-    import torch
-
     with torch.inference_mode():
         return head(torch.as_tensor(np.asarray(embeddings, dtype=np.float32)))[:, 0].double().numpy()
 
@@ -90,9 +91,6 @@ def single_threaded() -> Iterator[None]:
     """One thread for torch, BLAS and OpenMP while episodes run: each probe fit and selection is tiny, so extra
     threads only add synchronisation (a 50-step probe fit took 1.6 s with 2 threads on a busy 2-core machine
     here, 14 ms with 1)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -267,12 +265,8 @@ def summarize_rounds(table: pd.DataFrame, *, k: int, seed: int = 0) -> pd.DataFr
 
 
 def write_rounds_report(result: ActiveLearning, out_dir: str | Path) -> list[Path]:
-    """rounds.csv, rounds_summary.csv, rounds_summary.json and (with matplotlib) rounds.png, each atomic."""
+    """rounds.csv, rounds_summary.csv, rounds_summary.json and rounds.png, each atomic."""
     out_dir = Path(out_dir)
     written = write_tables(out_dir, result.rounds, result, rows_name="rounds", summary_name="rounds_summary")
-    try:
-        from xsel.plots import plot_rounds
-    except ImportError:  # matplotlib is part of the `train` extra; a site install has no plots
-        return written
     written.append(plot_rounds(result.summary, out_dir / "rounds.png"))
     return written

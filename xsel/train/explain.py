@@ -23,9 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from torch import nn
 
+from xsel import plots
+from xsel.encoders import create_encoder, weights_sha256
 from xsel.errors import InputError
 from xsel.io.atomic import write_atomic
+from xsel.io.images import decode_or_error, preprocess
+from xsel.io.table import PATH_COLUMN, read_image_table, write_csv_atomic, write_errors_csv
+from xsel.progress import notify, progress_bar
+from xsel.train.head import load_classifier
+from xsel.train.runtime import resolve_device
 
 CONTACT_SHEET = "contact_sheet.png"
 TABLE = "explain.csv"
@@ -48,8 +60,6 @@ class ExplainResult:
 
 def rebuild_backbone(classifier, weights: str | None = None):
     """The encoder network the classifier's head reads, in eval mode (see the module docstring for the rule)."""
-    from xsel.encoders import create_encoder, weights_sha256
-
     identity = classifier.encoder_identity
     name, size = identity.get("encoder"), int(identity["preprocessing"]["image_size"])
     if classifier.backbone_state is not None:
@@ -79,8 +89,6 @@ def rebuild_backbone(classifier, weights: str | None = None):
 
 def target_layer(backbone) -> tuple[object, bool]:
     """The module whose output Grad-CAM weighs, and whether a ReLU follows it in the forward pass."""
-    from torch import nn
-
     if hasattr(backbone, "layer4"):  # torchvision ResNets
         return backbone.layer4, False
     if hasattr(backbone, "features") and type(backbone).__name__ == "DenseNet":  # forward: relu(features(x))
@@ -97,9 +105,6 @@ def grad_cam(backbone, head, layer, images, label_index: int, *, relu_after: boo
     Samples are independent in eval mode, so one backward pass of the summed logits gives every image's gradient.
     The input requires grad so the activation is in the graph even when every parameter is frozen.
     """
-    import torch
-    import torch.nn.functional as F
-
     captured = {}
 
     def hook(module, inputs, output):
@@ -129,8 +134,6 @@ def grad_cam(backbone, head, layer, images, label_index: int, *, relu_after: boo
 
 def upsample(cam, shape: tuple[int, int]) -> np.ndarray:
     """A low-resolution map resized bilinearly to ``shape`` (H, W) and scaled to [0, 1] by its maximum."""
-    import torch.nn.functional as F
-
     resized = F.interpolate(cam[None, None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0]
     resized = resized.clamp(min=0).numpy()
     peak = float(resized.max())
@@ -139,8 +142,6 @@ def upsample(cam, shape: tuple[int, int]) -> np.ndarray:
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     """RGB uint8: the X-ray in gray with the heatmap in the 'jet' colormap blended where it is high."""
-    from matplotlib import colormaps
-
     colors = colormaps["jet"](heatmap)[..., :3]
     weight = OVERLAY_ALPHA * heatmap[..., None]
     rgb = (1 - weight) * gray[..., None] + weight * colors
@@ -148,8 +149,6 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 def _shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
-    from PIL import Image
-
     height, width = gray.shape
     if max(height, width) <= max_side:
         return gray
@@ -181,15 +180,6 @@ def explain(
     show_progress: bool = True,
 ) -> ExplainResult:
     """Grad-CAM of ``label`` for every image of ``csv``, written into ``out`` (see the module docstring)."""
-    import torch
-    from PIL import Image
-
-    from xsel.classifier import load_classifier
-    from xsel.io.images import ImageDecodeError, preprocess, read_image
-    from xsel.io.table import PATH_COLUMN, read_image_table, write_csv_atomic
-    from xsel.progress import notify, progress_bar
-    from xsel.runtime import resolve_device
-
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: use 1 or more")
     if max_side < 1:
@@ -211,10 +201,9 @@ def explain(
         for start in range(0, len(table.files), batch_size):
             grays, inputs, indices = [], [], []
             for index in range(start, min(start + batch_size, len(table.files))):
-                try:
-                    gray = read_image(table.files[index])
-                except ImageDecodeError as error:
-                    errors.append((table.paths[index], str(error)))
+                gray, error = decode_or_error(table.files[index], None)
+                if error is not None:
+                    errors.append((table.paths[index], error))
                     continue
                 grays.append(_shrink(gray, max_side))
                 inputs.append(preprocess(gray, preprocessing))
@@ -256,19 +245,13 @@ def explain(
         raise InputError(f"{table.csv_path}: none of the {len(table.files)} images could be read{first}")
     frame = pd.DataFrame(rows)
     write_csv_atomic(frame, out / TABLE)
-    errors_csv = (
-        write_csv_atomic(pd.DataFrame(errors, columns=[PATH_COLUMN, "error"]), out / ERRORS) if errors else None
-    )
-    if not errors:
-        (out / ERRORS).unlink(missing_ok=True)
+    errors_csv = write_errors_csv(out / ERRORS, [path for path, _ in errors], [message for _, message in errors])
     sheet_path = contact_sheet(sheet, label, out / CONTACT_SHEET)
     return ExplainResult(out, label, frame, len(errors), sheet_path, errors_csv)
 
 
 def contact_sheet(items: list[tuple[str, float, np.ndarray]], label: str, path: Path) -> Path:
     """A grid of overlays, each titled with its file stem and the label's probability (matplotlib, atomic)."""
-    from xsel import plots
-
     columns = min(6, len(items))
     lines = -(-len(items) // columns)
     figure, axes = plots.plt.subplots(lines, columns, figsize=(2.2 * columns, 2.4 * lines), squeeze=False)

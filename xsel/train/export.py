@@ -1,5 +1,9 @@
 """``xsel export``: an encoder (and optionally a learned selector) → an ONNX bundle a site runs without torch.
 
+Any learned selector plugin exports: its ``scorer()`` (``(1, N, D′)`` → ``(1, N)`` scores) becomes
+``selector.onnx`` with the top-k inside the graph, and the manifest names the plugin, the input features it reads
+(``pool_features``) and how the site prepares them, so a site runs it with no code of the plugin's.
+
 The legacy TorchScript-based exporter (``dynamo=False``) is used on purpose: it keeps the batch, pool
 length and K symbolic for the bidirectional LSTM, where the dynamo exporter freezes the pool length.
 Every model is checked with ``onnx.checker`` and against PyTorch on seeded inputs — encoder at several
@@ -13,16 +17,20 @@ import datetime as dt
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 
 from xsel import __version__, plugins
 from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, make_session
-from xsel.encoders import create_encoder, weights_sha256
+from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError, XselError
+from xsel.identity import describe_identity
 from xsel.io.table import file_sha256
-from xsel.selection import describe_identity
+from xsel.selectors import PoolFeatures, create_selector, factory_options, parse_selector_spec
 
 OPSET = 17
 ENCODER_BATCHES = (1, 3)
@@ -31,30 +39,22 @@ SELECTOR_K = 20
 RTOL, ATOL = 1e-3, 1e-4
 
 
-def _selector_module(scorer):
+class ExportedSelector(torch.nn.Module):
     """Scores plus the top-k indices, k clamped to the pool length inside the graph (ONNX TopK needs k ≤ N)."""
-    import torch
 
-    class ExportedSelector(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scorer = scorer
+    def __init__(self, scorer: torch.nn.Module):
+        super().__init__()
+        self.scorer = scorer
 
-        def forward(self, pool, k):
-            scores = self.scorer(pool)
-            k_in_pool = torch.minimum(k, torch._shape_as_tensor(pool)[1])
-            return scores, torch.topk(scores, k_in_pool, dim=1).indices
-
-    return ExportedSelector().eval()
+    def forward(self, pool, k):
+        scores = self.scorer(pool)
+        k_in_pool = torch.minimum(k, torch._shape_as_tensor(pool)[1])
+        return scores, torch.topk(scores, k_in_pool, dim=1).indices
 
 
 def _onnx_export(module, example, path: Path, **options) -> None:
     """torch.onnx.export with the legacy exporter, chosen on purpose: silence its notices (the parity
     checks that follow are what proves the graph right)."""
-    import warnings
-
-    import torch
-
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*LSTM can cause an error.*")
@@ -73,8 +73,6 @@ def _check(name: str, reference: np.ndarray, exported: np.ndarray) -> dict:
 
 
 def _add_metadata(path: Path, metadata: dict) -> None:
-    import onnx
-
     model = onnx.load(str(path))
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -89,28 +87,24 @@ def export_bundle(
     encoder: str = "resnet18",
     weights: str | None = None,
     image_size: int | None = None,
-    selector_checkpoint: str | Path | None = None,
+    selector: str | Path | object | None = None,
     overwrite: bool = False,
     opset: int = OPSET,
 ) -> dict:
-    """Write the bundle folder ``out``; returns its manifest."""
-    import torch
+    """Write the bundle folder ``out``; returns its manifest.
 
-    from xsel.medselect import MedSelectSelector
-
+    ``selector``: a learned selector to include — ``NAME=CHECKPOINT`` (any plugin whose selector offers
+    ``scorer()``), a bare ``RUN/selector.pt`` (MedSelect), or a ready selector object with a ``name``.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
     model = create_encoder(encoder, weights, image_size=image_size).cpu().eval()
-    identity = {
-        "encoder": plugins.get("encoder", encoder).name,
-        "weights_sha256": weights_sha256(model),
-        "preprocessing": model.preprocessing,
-    }
-    learned = MedSelectSelector(selector_checkpoint) if selector_checkpoint is not None else None
+    identity = model_identity(encoder, model)
+    name, learned = _learned_selector(selector) if selector is not None else (None, None)
     if learned is not None and learned.encoder_identity != identity:
         raise InputError(
-            f"{selector_checkpoint} was trained on embeddings of {describe_identity(learned.encoder_identity)}, not "
+            f"selector {name!r} was trained on embeddings of {describe_identity(learned.encoder_identity)}, not "
             f"of {describe_identity(identity)}; export the encoder (weights, --image-size) it was trained with"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +112,7 @@ def export_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        manifest = _write_models(staging, model, identity, learned, opset, torch)
+        manifest = _write_models(staging, model, identity, name, learned, opset)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             retired = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -132,12 +126,28 @@ def export_bundle(
     return manifest
 
 
+def _learned_selector(selector) -> tuple[str, object]:
+    """(registered name, selector object) of an exportable learned selector; anything else is an input error."""
+    refusal = (
+        "cannot be exported: a bundle holds learned selectors (a plugin whose selector offers scorer() and "
+        "encoder_identity); baselines run at the site by name with --selector"
+    )
+    if isinstance(selector, (str, Path)):
+        spec = str(selector)
+        _, name, options = parse_selector_spec(spec if "=" in spec else f"medselect={spec}")
+        if "checkpoint" not in options or "checkpoint" not in factory_options(plugins.get("selector", name).factory):
+            raise InputError(f"selector {name!r} {refusal}")
+        instance = create_selector(name, **options)
+    else:
+        name, instance = selector.name, selector
+    if not callable(getattr(instance, "scorer", None)) or getattr(instance, "encoder_identity", None) is None:
+        raise InputError(f"selector {name!r} {refusal}")
+    return name, instance
+
+
 def export_encoder(model, path: Path, opset: int = OPSET, device: str = "cpu") -> list[dict]:
     """Write ``model`` as ONNX (dynamic batch, input ``images``, output ``embeddings``), check it, and
     compare it with PyTorch at each of ``ENCODER_BATCHES``; returns the parity results."""
-    import onnx
-    import torch
-
     pre = model.preprocessing
     size, channels = int(pre["image_size"]), int(pre["channels"])
     generator = torch.Generator().manual_seed(0)
@@ -164,19 +174,16 @@ def export_encoder(model, path: Path, opset: int = OPSET, device: str = "cpu") -
     return checks
 
 
-def _write_models(folder: Path, model, identity: dict, learned, opset: int, torch) -> dict:
-    pre = model.preprocessing
-    generator = torch.Generator().manual_seed(0)
-    encoder_path = folder / ENCODER_FILE
+def _write_models(folder: Path, model, identity: dict, name: str | None, learned, opset: int) -> dict:
     parity = {
         "tolerance": {"rtol": RTOL, "atol": ATOL},
-        "encoder": export_encoder(model, encoder_path, opset),
+        "encoder": export_encoder(model, folder / ENCODER_FILE, opset),
         "selector": [],
     }
     encoder_entry = {
         "name": identity["encoder"],
         "weights_sha256": identity["weights_sha256"],
-        "preprocessing": pre,
+        "preprocessing": identity["preprocessing"],
         "embedding_dim": int(model.embedding_dim),
         "input": "images",
         "output": "embeddings",
@@ -191,27 +198,28 @@ def _write_models(folder: Path, model, identity: dict, learned, opset: int, torc
         "selector": None,
     }
     if learned is not None:
-        manifest["selector"] = _write_selector(folder, learned, opset, parity, generator, torch)
+        manifest["selector"] = _write_selector(folder, name, learned, int(model.embedding_dim), opset, parity)
     parity["passed"] = True
     manifest["parity"] = parity
-    for name in (ENCODER_FILE, SELECTOR_FILE):
-        if (folder / name).exists():
-            _add_metadata(folder / name, {"xsel_encoder": encoder_entry, "xsel_version": __version__})
+    for file in (ENCODER_FILE, SELECTOR_FILE):
+        if (folder / file).exists():
+            _add_metadata(folder / file, {"xsel_encoder": encoder_entry, "xsel_version": __version__})
     manifest["sha256"] = {
-        name: file_sha256(folder / name) for name in (ENCODER_FILE, SELECTOR_FILE) if (folder / name).exists()
+        file: file_sha256(folder / file) for file in (ENCODER_FILE, SELECTOR_FILE) if (folder / file).exists()
     }
     return manifest
 
 
-def _write_selector(folder: Path, learned, opset: int, parity: dict, generator, torch) -> dict:
-    import onnx
-
+def _write_selector(folder: Path, name: str, learned, embedding_dim: int, opset: int, parity: dict) -> dict:
+    """``selector.onnx`` from the selector's scorer, checked at pool sizes other than the export example; returns
+    the manifest entry that lets a site prepare its input and run it."""
+    features = getattr(learned, "pool_features", None) or PoolFeatures()
+    width = features.width(embedding_dim)
     scorer = learned.scorer().cpu().eval()
-    module = _selector_module(scorer)
-    width = scorer.input_dim
+    generator = torch.Generator().manual_seed(0)
     path = folder / SELECTOR_FILE
     _onnx_export(
-        module,
+        ExportedSelector(scorer).eval(),
         (torch.randn(1, 50, width, generator=generator), torch.tensor(5, dtype=torch.int64)),
         path,
         input_names=["pool", "k"],
@@ -239,18 +247,19 @@ def _write_selector(folder: Path, learned, opset: int, parity: dict, generator, 
             raise XselError(f"parity check failed for selector top-k at pool {pool_size}; no bundle was written")
         check["same_top_k"] = bool(np.array_equal(top[0], expected))
         parity["selector"].append(check)
-    config = learned.config
+    registration = plugins.get("selector", name)
+    details = learned.export_details() if callable(getattr(learned, "export_details", None)) else {}
     return {
-        "name": "medselect",
+        "name": registration.name,
+        "plugin": registration.plugin,
+        "distribution": registration.distribution,
+        "version": registration.version,
         "file": SELECTOR_FILE,
         "inputs": {"pool": "pool", "k": "k"},
         "outputs": {"scores": "scores", "top_indices": "top_indices"},
         "input_dim": int(width),
-        "embedding_dim": int(scorer.embedding_dim),
-        "use_metadata": bool(config.use_metadata),
-        "age_mean": float(config.age_mean),
-        "age_std": float(config.age_std),
-        "trained_k": int(config.k),
-        "conditions": list(config.conditions),
-        "checkpoint": str(learned.checkpoint),
+        "embedding_dim": int(embedding_dim),
+        "features": features.to_dict(),
+        "checkpoint": str(getattr(learned, "checkpoint", "")),
+        "details": details,
     }

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from xsel.checkpoints import read_checkpoint
 from xsel.errors import InputError
-from xsel.io.atomic import save_torch_atomic
+from xsel.train.checkpoints import read_checkpoint, save_torch_atomic
 
 CHECKPOINT_FORMAT = "xsel-classifier-1"
 CHECKPOINT_NAME = "classifier.pt"
@@ -34,27 +36,27 @@ LOSSES = ("weighted-bce", "focal")
 FOCAL_GAMMA = 2.0
 
 
-def build_head(embedding_dim: int, num_labels: int, *, input_mean=None, input_scale=None):
-    """The linear head as a torch module; standardisation statistics are buffers so they travel with it."""
-    import torch
-    from torch import nn
+class LinearHead(nn.Module):
+    """Standardise, then one linear layer; the standardisation statistics are buffers so they travel with it."""
 
-    class LinearHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(embedding_dim, num_labels)
-            mean = torch.zeros(embedding_dim) if input_mean is None else torch.as_tensor(input_mean).float()
-            scale = torch.ones(embedding_dim) if input_scale is None else torch.as_tensor(input_scale).float()
-            self.register_buffer("input_mean", mean)
-            self.register_buffer("input_scale", scale)
+    def __init__(self, embedding_dim: int, num_labels: int, *, input_mean=None, input_scale=None):
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, num_labels)
+        mean = torch.zeros(embedding_dim) if input_mean is None else torch.as_tensor(input_mean).float()
+        scale = torch.ones(embedding_dim) if input_scale is None else torch.as_tensor(input_scale).float()
+        self.register_buffer("input_mean", mean)
+        self.register_buffer("input_scale", scale)
 
-        def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-            return self.linear((embeddings - self.input_mean) / self.input_scale)
-
-    return LinearHead()
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear((embeddings - self.input_mean) / self.input_scale)
 
 
-def head_state(head) -> dict:
+def build_head(embedding_dim: int, num_labels: int, *, input_mean=None, input_scale=None) -> LinearHead:
+    """A fresh linear head (identity standardisation unless statistics are given)."""
+    return LinearHead(embedding_dim, num_labels, input_mean=input_mean, input_scale=input_scale)
+
+
+def head_state(head: LinearHead) -> dict:
     """The checkpoint's ``head`` entry from a head module."""
     return {
         "weight": head.linear.weight.detach().cpu().float().clone(),
@@ -84,9 +86,6 @@ def multilabel_loss(logits, targets, *, loss: str, pos_weight, neg_weight):
     ``weighted-bce``: BCE with w₊ on positives and w₋ on negatives. ``focal``: the same weights times
     (1 − p_t)^γ with γ = 2 (Lin et al. 2017), which down-weights easy examples.
     """
-    import torch
-    import torch.nn.functional as F
-
     if loss not in LOSSES:
         raise InputError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
     known = ~torch.isnan(targets)
@@ -108,14 +107,12 @@ def fit_linear_head(
     learning_rate: float = 1e-2,
     weight_decay: float = 1e-3,
     seed: int = 0,
-):
+) -> LinearHead:
     """Train a linear head on embeddings (full batch, AdamW + OneCycle): the CPU-friendly linear probe.
 
     ``embeddings`` (N, D) float32, ``targets`` (N, L) with 1/0/NaN. Inputs are standardised with the
     statistics of these embeddings (kept in the head). Returns the head module in eval mode.
     """
-    import torch
-
     x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     y = torch.as_tensor(np.asarray(targets, dtype=np.float32))
     mean = x.mean(dim=0)
@@ -142,7 +139,7 @@ class Classifier:
 
     path: Path
     labels: list[str]
-    head: object  # the LinearHead torch module, eval mode
+    head: LinearHead  # eval mode
     encoder_identity: dict
     thresholds: list[float]
     config: dict = field(default_factory=dict)
@@ -150,8 +147,6 @@ class Classifier:
 
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
         """Sigmoid outputs (N, L) float64 for store embeddings."""
-        import torch
-
         if embeddings.shape[1] != self.head.linear.in_features:
             raise InputError(
                 f"{self.path} reads {self.head.linear.in_features}-d embeddings, these are {embeddings.shape[1]}-d; "
@@ -171,7 +166,7 @@ class Classifier:
 def save_classifier(
     path: str | Path,
     *,
-    head,
+    head: LinearHead,
     labels: list[str],
     encoder_identity: dict,
     thresholds: list[float],
@@ -179,7 +174,6 @@ def save_classifier(
     backbone_state: dict | None = None,
 ) -> Path:
     """Write ``classifier.pt`` atomically (temporary file + rename)."""
-
     path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,

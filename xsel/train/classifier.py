@@ -4,14 +4,15 @@ Two paths write the same run folder (``classifier.pt``, ``metrics.csv``, ``repor
 ``errors.csv`` when rows were skipped):
 
 * **fine-tuning** (default): an encoder plugin's network (DenseNet-121 as in CheXNet) plus the linear head of
-  :mod:`xsel.classifier` on its pooled features, trained end to end — AdamW + OneCycle, gradient clipping,
+  :mod:`xsel.train.head` on its pooled features, trained end to end — AdamW + OneCycle, gradient clipping,
   fp16 AMP on CUDA, light augmentation, optional class-balanced sampling. The fine-tuned backbone is saved
   as ``state_dict``, so ``xsel embed --encoder NAME --weights RUN/classifier.pt`` makes stores the head reads.
-* **linear probe** (``store=``): only the head, fitted with :func:`xsel.classifier.fit_linear_head` on the
+* **linear probe** (``store=``): only the head, fitted with :func:`xsel.train.head.fit_linear_head` on the
   embeddings of an existing store (rows matched by ``Path``): minutes on a CPU.
 
-Both split labelled images by patient (never one ``PatientID`` on both sides), keep the epoch with the best mean
-validation AUROC (the last one when no AUROC is defined), and choose per-label decision thresholds on validation.
+Both split labelled images by patient (never one ``PatientID`` on both sides), keep one epoch by the same rule
+(:class:`EpochChoice`: the best mean validation AUROC, the last epoch while none is defined), and choose per-label
+decision thresholds on validation.
 Targets are (N, L) float arrays: 1 positive, 0 negative, NaN unknown (the uncertain policy already applied).
 
 Pseudo-labels (``pseudo_labels``) come from the pool: rows without any known label (the CSV's own and
@@ -30,20 +31,45 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import (
+    average_precision_score,
+    cohen_kappa_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+from torch import nn
+from torch.utils.data import DataLoader
 
-from xsel.classifier import (
+from xsel import plots
+from xsel.encoders import create_encoder, model_identity
+from xsel.errors import InputError
+from xsel.io.table import (
+    PATH_COLUMN,
+    check_unique_paths,
+    read_csv_checked,
+    read_image_table,
+    write_csv_atomic,
+    write_errors_csv,
+)
+from xsel.labels import FINDING_LABELS, UNCERTAIN_POLICIES, available_conditions, condition_labels, patient_ids
+from xsel.progress import notify, progress_bar
+from xsel.store import read_store
+from xsel.train.head import (
     CHECKPOINT_NAME,
     LOSSES,
+    LinearHead,
     build_head,
     fit_linear_head,
     label_weights,
     multilabel_loss,
     save_classifier,
 )
-from xsel.errors import InputError
-from xsel.io.table import PATH_COLUMN, check_unique_paths, read_csv_checked, read_image_table, write_csv_atomic
-from xsel.labels import FINDING_LABELS, UNCERTAIN_POLICIES, available_conditions, condition_labels, patient_ids
-from xsel.progress import notify, progress_bar
+from xsel.train.inference import ImageDataset, collate_decoded
+from xsel.train.runtime import autocast_dtype, resolve_device
 
 METRICS = "metrics.csv"
 REPORT = "report.csv"
@@ -175,7 +201,7 @@ def sample_weights(targets: np.ndarray) -> np.ndarray:
     """Per-image draw weights that balance positives and negatives of every label.
 
     An image's weight is the mean over its known labels of that class's weight from
-    :func:`xsel.classifier.label_weights` (N/(2·N₊) or N/(2·N₋)); with one label, positives and negatives are
+    :func:`xsel.train.head.label_weights` (N/(2·N₊) or N/(2·N₋)); with one label, positives and negatives are
     then drawn equally often. Images without a known label get weight 1.
     """
     pos_weight, neg_weight = label_weights(targets)
@@ -249,8 +275,6 @@ def epoch_length(train: int, pool: int, pseudo_labels: bool) -> int:
 
 def label_auroc(targets: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """AUROC per label over known targets; NaN for a label without both classes."""
-    from sklearn.metrics import roc_auc_score
-
     result = []
     for column in range(targets.shape[1]):
         known = ~np.isnan(targets[:, column])
@@ -259,12 +283,29 @@ def label_auroc(targets: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     return np.asarray(result, dtype=np.float64)
 
 
+@dataclass
+class EpochChoice:
+    """The one rule both training paths keep an epoch by: the highest mean validation AUROC (the earliest of
+    equals); while no epoch has a defined AUROC, the latest. Offered epoch by epoch, so fine-tuning snapshots a
+    network only when it becomes the kept one."""
+
+    epoch: int = -1  # 0-based; -1 before the first offer
+    val_auroc: float = math.nan
+
+    def offer(self, epoch: int, val_auroc: float) -> bool:
+        """Whether ``epoch`` becomes the kept one (the caller then keeps its state)."""
+        if self.epoch >= 0 and not math.isnan(self.val_auroc) and not val_auroc > self.val_auroc:
+            return False
+        self.epoch, self.val_auroc = epoch, val_auroc
+        return True
+
+
 def best_epoch(mean_aurocs: list[float]) -> int:
-    """Index of the epoch to keep: highest mean validation AUROC, the last epoch when none is defined."""
-    values = np.asarray(mean_aurocs, dtype=np.float64)
-    if np.isnan(values).all():
-        return len(values) - 1
-    return int(np.nanargmax(values))
+    """Index of the epoch :class:`EpochChoice` keeps from a finished run's mean validation AUROCs."""
+    choice = EpochChoice()
+    for epoch, value in enumerate(mean_aurocs):
+        choice.offer(epoch, float(value))
+    return choice.epoch
 
 
 def label_report(labels: list[str], targets: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
@@ -273,8 +314,6 @@ def label_report(labels: list[str], targets: np.ndarray, probabilities: np.ndarr
     The threshold is chosen on the same validation images it is scored on, so F1 and kappa are optimistic;
     AUROC and AP do not depend on it. A label without both classes gets NaN metrics and threshold 0.5.
     """
-    from sklearn.metrics import average_precision_score, cohen_kappa_score, f1_score, precision_recall_curve
-
     rows = []
     for column, label in enumerate(labels):
         known = ~np.isnan(targets[:, column])
@@ -302,10 +341,6 @@ def label_report(labels: list[str], targets: np.ndarray, probabilities: np.ndarr
 
 def plot_roc(labels: list[str], targets: np.ndarray, probabilities: np.ndarray, path: Path) -> Path:
     """Validation ROC curve per label (labels without both classes are left out), written atomically."""
-    from sklearn.metrics import roc_curve
-
-    from xsel import plots
-
     figure, axes = plots.plt.subplots(figsize=(5.2, 5))
     for column, label in enumerate(labels):
         known = ~np.isnan(targets[:, column])
@@ -341,6 +376,21 @@ class _Data:
     identity: dict | None  # the store's encoder identity (store path)
 
 
+@dataclass
+class _StoreRows:
+    """The CSV rows found in the store (``keep``), their embeddings, and one error per row it lacks."""
+
+    keep: np.ndarray
+    embeddings: np.ndarray | None = None
+    identity: dict | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _has_label(targets: np.ndarray) -> np.ndarray:
+    """Rows with at least one known (or pseudo-) label."""
+    return ~np.isnan(targets).all(axis=1)
+
+
 def _read_rows(config: ClassifierConfig, csv: Path, image_root) -> tuple[list[str], list[Path], pd.DataFrame]:
     if config.store:
         frame = read_csv_checked(csv)
@@ -351,8 +401,10 @@ def _read_rows(config: ClassifierConfig, csv: Path, image_root) -> tuple[list[st
     return table.paths, table.files, table.frame
 
 
-def _prepare(config: ClassifierConfig, csv: Path, image_root) -> tuple[_Data, list[str]]:
-    """Read the CSV(s), apply the label policy, match the store, split by patient; log the split."""
+def _read_all(
+    config: ClassifierConfig, csv: Path, image_root
+) -> tuple[list[str], list[Path], np.ndarray, list[str | None]]:
+    """Paths, files, targets (N, L) and patients of the labelled CSV followed by ``--unlabeled``'s rows."""
     paths, files, frame = _read_rows(config, csv, image_root)
     targets = label_matrix(frame, config.labels, uncertain=config.uncertain, source=csv)
     patients = patient_ids(frame)
@@ -364,47 +416,42 @@ def _prepare(config: ClassifierConfig, csv: Path, image_root) -> tuple[_Data, li
         files += extra_files
         patients += [None] * len(extra) if extra_patients is None else list(extra_patients)
         targets = np.concatenate([targets, np.full((len(extra), len(config.labels)), np.nan)])
-    errors: list[tuple[str, str]] = []
-    embeddings = None
-    keep = np.ones(len(paths), dtype=bool)
-    if config.store:
-        from xsel.store import read_store
+    return paths, files, targets, patients
 
-        store = read_store(config.store)
-        index = {path: row for row, path in enumerate(store.paths)}
-        where = np.asarray([index.get(path, -1) for path in paths])
-        keep = where >= 0
-        if not keep.any():
-            raise InputError(
-                f"{csv}: none of its {len(paths)} Path values is in {config.store}; "
-                f"embed this CSV into the store first (xsel embed {csv} --out {config.store})"
-            )
-        errors = [(paths[i], f"not in {Path(config.store).name}") for i in np.flatnonzero(~keep)]
-        embeddings = np.zeros((len(paths), store.embeddings.shape[1]), dtype=np.float32)
-        embeddings[keep] = store.embeddings[where[keep]]
-        identity = store.encoder_identity
-    else:
-        identity = None
-    labelled = np.flatnonzero(keep & ~np.isnan(targets).all(axis=1))
-    if len(labelled) == 0:
-        raise InputError(f"{csv}: no row has a known value for {', '.join(config.labels)}")
-    train_pos, val_pos = split_by_patient([patients[i] for i in labelled], config.val_fraction, config.seed)
-    train, val = labelled[train_pos], labelled[val_pos]
+
+def _match_store(config: ClassifierConfig, csv: Path, paths: list[str]) -> _StoreRows:
+    """Look every path up in ``config.store`` (fine-tuning: every row is kept)."""
+    if not config.store:
+        return _StoreRows(keep=np.ones(len(paths), dtype=bool))
+    store = read_store(config.store)
+    index = {path: row for row, path in enumerate(store.paths)}
+    where = np.asarray([index.get(path, -1) for path in paths])
+    keep = where >= 0
+    if not keep.any():
+        raise InputError(
+            f"{csv}: none of its {len(paths)} Path values is in {config.store}; "
+            f"embed this CSV into the store first (xsel embed {csv} --out {config.store})"
+        )
+    embeddings = np.zeros((len(paths), store.embeddings.shape[1]), dtype=np.float32)
+    embeddings[keep] = store.embeddings[where[keep]]
+    errors = [(paths[i], f"not in {Path(config.store).name}") for i in np.flatnonzero(~keep)]
+    return _StoreRows(keep, embeddings, store.encoder_identity, errors)
+
+
+def _pseudo_pool(paths, patients, targets, keep, labelled, val) -> np.ndarray:
+    """Unlabelled rows that may be pseudo-labelled: not a labelled or repeated path, not a validation patient."""
     val_patients = {patients[i] for i in val if patients[i] is not None}
     seen = {paths[i] for i in labelled}  # a labelled image (validation above all) never returns as pseudo-labelled
     pool = []
-    for i in np.flatnonzero(keep & np.isnan(targets).all(axis=1)):
+    for i in np.flatnonzero(keep & ~_has_label(targets)):
         if paths[i] not in seen and (patients[i] is None or patients[i] not in val_patients):
             pool.append(i)
         seen.add(paths[i])
-    pool = np.asarray(pool, dtype=np.int64)
-    if config.pseudo_labels and len(pool) == 0:
-        raise InputError(
-            f"--pseudo-labels: no unlabelled row to pseudo-label (rows without a known {', '.join(config.labels)}, "
-            "not already labelled, not of a validation patient"
-            + (", and in the store" if config.store else "")
-            + "); add --unlabeled CSV or leave out --pseudo-labels"
-        )
+    return np.asarray(pool, dtype=np.int64)
+
+
+def _report_split(config: ClassifierConfig, targets: np.ndarray, patients, train, val) -> list[str]:
+    """Log the split; warn (and return the warnings) for labels whose validation AUROC cannot be defined."""
     who = "patients" if any(p is not None for p in patients) else "images (no PatientID column)"
     notify(
         f"patient-level split: {len(train)} training and {len(val)} validation images, "
@@ -424,11 +471,47 @@ def _prepare(config: ClassifierConfig, csv: Path, image_root) -> tuple[_Data, li
                 "(label more images or raise --val-fraction)"
             )
             notify(warnings[-1])
-    data = _Data(paths, None if config.store else files, embeddings, targets, train, val, pool, errors, identity)
+    return warnings
+
+
+def _prepare(config: ClassifierConfig, csv: Path, image_root) -> tuple[_Data, list[str]]:
+    """Read the CSV(s), apply the label policy, match the store, split by patient; log the split."""
+    paths, files, targets, patients = _read_all(config, csv, image_root)
+    store = _match_store(config, csv, paths)
+    labelled = np.flatnonzero(store.keep & _has_label(targets))
+    if len(labelled) == 0:
+        raise InputError(f"{csv}: no row has a known value for {', '.join(config.labels)}")
+    train_pos, val_pos = split_by_patient([patients[i] for i in labelled], config.val_fraction, config.seed)
+    train, val = labelled[train_pos], labelled[val_pos]
+    pool = _pseudo_pool(paths, patients, targets, store.keep, labelled, val)
+    if config.pseudo_labels and len(pool) == 0:
+        raise InputError(
+            f"--pseudo-labels: no unlabelled row to pseudo-label (rows without a known {', '.join(config.labels)}, "
+            "not already labelled, not of a validation patient"
+            + (", and in the store" if config.store else "")
+            + "); add --unlabeled CSV or leave out --pseudo-labels"
+        )
+    warnings = _report_split(config, targets, patients, train, val)
+    files = None if config.store else files
+    data = _Data(paths, files, store.embeddings, targets, train, val, pool, store.errors, store.identity)
     return data, warnings
 
 
 # ---------------------------------------------------------------- the run
+
+
+@dataclass
+class _Trained:
+    """What a training path hands back: the kept epoch's head and its validation predictions."""
+
+    head: LinearHead
+    identity: dict  # the encoder identity of the embedding space the head reads
+    kept: EpochChoice
+    val_rows: np.ndarray  # validation rows that decoded
+    val_probabilities: np.ndarray  # (len(val_rows), L)
+    device: str = "cpu"
+    backbone_state: dict | None = None  # fine-tuning only
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, message) of undecodable images
 
 
 def train_classifier(
@@ -457,41 +540,21 @@ def train_classifier(
     data, warnings = _prepare(config, csv, image_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.store:
-        outcome = _fit_probe(config, data, run_dir)
-        device_name = "cpu"
+        trained = _fit_probe(config, data, run_dir)
     else:
-        outcome = _fine_tune(config, data, run_dir, device, show_progress)
-        device_name = outcome["device"]
-    val_probabilities = outcome["val_probabilities"]
-    val_ok = outcome["val_rows"]
-    report = label_report(config.labels, data.targets[val_ok], val_probabilities)
-    write_csv_atomic(report, run_dir / REPORT)
-    plot_roc(config.labels, data.targets[val_ok], val_probabilities, run_dir / ROC_PLOT)
-    checkpoint = save_classifier(
-        run_dir / CHECKPOINT_NAME,
-        head=outcome["head"],
-        labels=config.labels,
-        encoder_identity=outcome["identity"],
-        thresholds=report["threshold"].tolist(),
-        config={**asdict(config), "best_epoch": outcome["best_epoch"] + 1},
-        backbone_state=outcome.get("backbone_state"),
-    )
-    errors = data.errors + outcome.get("errors", [])
-    if errors:
-        write_csv_atomic(pd.DataFrame(errors, columns=[PATH_COLUMN, "error"]), run_dir / ERRORS)
-    else:
-        (run_dir / ERRORS).unlink(missing_ok=True)
+        trained = _fine_tune(config, data, run_dir, device, show_progress)
+    report, checkpoint, errors = _write_run(config, data, trained, run_dir)
     return ClassifierResult(
         run_dir=run_dir,
         checkpoint=checkpoint,
-        best_epoch=outcome["best_epoch"] + 1,
-        best_val_auroc=outcome["best_auroc"],
+        best_epoch=trained.kept.epoch + 1,
+        best_val_auroc=trained.kept.val_auroc,
         report=report,
         train_images=len(data.train),
         val_images=len(data.val),
         skipped=len(errors),
         seconds=time.perf_counter() - started,
-        device=device_name,
+        device=trained.device,
         warnings=warnings,
     )
 
@@ -519,114 +582,113 @@ def _check(config: ClassifierConfig) -> None:
         raise InputError("--unlabeled feeds --pseudo-labels; add --pseudo-labels or leave it out")
 
 
-def _metrics_row(epoch, loss, aurocs, labels, pseudo, lr, started) -> dict:
-    mean = float(np.nanmean(aurocs)) if not np.isnan(aurocs).all() else float("nan")
-    row = {"epoch": epoch + 1, "train_loss": loss, "val_auroc": mean}
-    row |= {f"val_auroc_{label}": float(value) for label, value in zip(labels, aurocs, strict=True)}
-    row["pseudo_labeled"] = 0 if pseudo is None else int((~np.isnan(pseudo)).any(axis=1).sum())
-    row |= {
-        f"pseudo_{label}": 0 if pseudo is None else int((~np.isnan(pseudo[:, c])).sum())
-        for c, label in enumerate(labels)
-    }
-    return row | {"learning_rate": lr, "seconds": round(time.perf_counter() - started, 2)}
+def _write_run(
+    config: ClassifierConfig, data: _Data, trained: _Trained, run_dir: Path
+) -> tuple[pd.DataFrame, Path, list[tuple[str, str]]]:
+    """report.csv, roc.png, classifier.pt and errors.csv (or the removal of a stale one) from the kept epoch."""
+    targets = data.targets[trained.val_rows]
+    report = label_report(config.labels, targets, trained.val_probabilities)
+    write_csv_atomic(report, run_dir / REPORT)
+    plot_roc(config.labels, targets, trained.val_probabilities, run_dir / ROC_PLOT)
+    checkpoint = save_classifier(
+        run_dir / CHECKPOINT_NAME,
+        head=trained.head,
+        labels=config.labels,
+        encoder_identity=trained.identity,
+        thresholds=report["threshold"].tolist(),
+        config={**asdict(config), "best_epoch": trained.kept.epoch + 1},
+        backbone_state=trained.backbone_state,
+    )
+    errors = data.errors + trained.errors
+    write_errors_csv(run_dir / ERRORS, [path for path, _ in errors], [message for _, message in errors])
+    return report, checkpoint, errors
 
 
-def _pseudo(config: ClassifierConfig, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-targets of the pool and the mask of pool rows that received at least one hard label."""
-    targets = pseudo_targets(probabilities, flexmatch_thresholds(probabilities, config.pseudo_threshold))
-    return targets, ~np.isnan(targets).all(axis=1)
+# ---------------------------------------------------------------- what both paths share per epoch
 
 
-def _fit_probe(config: ClassifierConfig, data: _Data, run_dir: Path) -> dict:
+@dataclass
+class _History:
+    """``metrics.csv``, rewritten after every epoch, and the epoch kept so far."""
+
+    path: Path
+    labels: list[str]
+    started: float = field(default_factory=time.perf_counter)
+    rows: list[dict] = field(default_factory=list)
+    kept: EpochChoice = field(default_factory=EpochChoice)
+
+    def record(self, epoch: int, loss: float, aurocs: np.ndarray, pseudo: np.ndarray | None, lr: float) -> bool:
+        """Log one epoch (``pseudo``: the pseudo-targets it trained with); True when it becomes the kept one."""
+        mean = float(np.nanmean(aurocs)) if not np.isnan(aurocs).all() else float("nan")
+        row = {"epoch": epoch + 1, "train_loss": loss, "val_auroc": mean}
+        row |= {f"val_auroc_{label}": float(value) for label, value in zip(self.labels, aurocs, strict=True)}
+        row["pseudo_labeled"] = 0 if pseudo is None else int(_has_label(pseudo).sum())
+        row |= {
+            f"pseudo_{label}": 0 if pseudo is None else int((~np.isnan(pseudo[:, c])).sum())
+            for c, label in enumerate(self.labels)
+        }
+        self.rows.append(row | {"learning_rate": lr, "seconds": round(time.perf_counter() - self.started, 2)})
+        write_csv_atomic(pd.DataFrame(self.rows), self.path)
+        return self.kept.offer(epoch, mean)
+
+
+def _pseudo_label(config: ClassifierConfig, probabilities: np.ndarray) -> np.ndarray:
+    """Hard pseudo-targets (U, L) of the pool from its predicted probabilities (FlexMatch thresholds)."""
+    return pseudo_targets(probabilities, flexmatch_thresholds(probabilities, config.pseudo_threshold))
+
+
+# ---------------------------------------------------------------- linear probe on a store
+
+
+def _fit_probe(config: ClassifierConfig, data: _Data, run_dir: Path) -> _Trained:
     """Linear probe: one fit per epoch when pseudo-labelling, else one.
 
     Each refit is full-batch on the labelled rows plus at most μ× as many pseudo-labelled rows (a seeded draw,
     :func:`epoch_rows`), so the pool cannot outweigh the labels.
     """
-    import torch
-
     x, y = data.embeddings, data.targets.copy()  # pool rows receive pseudo-labels in y
-    rounds = config.epochs if config.pseudo_labels else 1
-    started, metrics, states, aurocs = time.perf_counter(), [], [], []
-    pseudo = None
-    for epoch in range(rounds):
+    history, kept, pseudo = _History(run_dir / METRICS, config.labels), None, None
+    for epoch in range(config.epochs if config.pseudo_labels else 1):
         rows = data.train
         if pseudo is not None:
-            targets_pool, chosen = pseudo
-            y[data.pool] = targets_pool
-            length = len(data.train) + min(PSEUDO_RATIO * len(data.train), int(chosen.sum()))
-            rows = epoch_rows(data.train, data.pool[chosen], length, seed=config.seed, epoch=epoch)
-        targets = y[rows]
+            y[data.pool] = pseudo
+            chosen = data.pool[_has_label(pseudo)]
+            length = epoch_length(len(data.train), len(chosen), pseudo_labels=True)
+            rows = epoch_rows(data.train, chosen, length, seed=config.seed, epoch=epoch)
         head = fit_linear_head(
             x[rows],
-            targets,
+            y[rows],
             loss=config.loss,
             epochs=config.probe_steps,
             learning_rate=config.lr(),
             weight_decay=config.weight_decay,
             seed=config.seed,
         )
-        with torch.inference_mode():
-            logits = head(torch.from_numpy(x[rows]))
-            pos_weight, neg_weight = (torch.as_tensor(w) for w in label_weights(targets))
-            loss = float(
-                multilabel_loss(
-                    logits,
-                    torch.as_tensor(targets, dtype=torch.float32),
-                    loss=config.loss,
-                    pos_weight=pos_weight,
-                    neg_weight=neg_weight,
-                )
-            )
-            val_p = torch.sigmoid(head(torch.from_numpy(x[data.val])).double()).numpy()
-            pool_p = (
-                torch.sigmoid(head(torch.from_numpy(x[data.pool])).double()).numpy() if config.pseudo_labels else None
-            )
-        aurocs.append(label_auroc(y[data.val], val_p))
-        states.append((head, val_p))
-        metrics.append(
-            _metrics_row(
-                epoch,
-                loss,
-                aurocs[-1],
-                config.labels,
-                None if pseudo is None else np.where(pseudo[1][:, None], pseudo[0], np.nan),
-                config.lr(),
-                started,
-            )
-        )
-        write_csv_atomic(pd.DataFrame(metrics), run_dir / METRICS)
-        if pool_p is not None and epoch + 1 >= config.warmup_epochs:
-            pseudo = _pseudo(config, pool_p)
-    best = best_epoch([row["val_auroc"] for row in metrics])
-    head, val_p = states[best]
-    return {
-        "head": head,
-        "identity": data.identity,
-        "val_probabilities": val_p,
-        "val_rows": data.val,
-        "best_epoch": best,
-        "best_auroc": metrics[best]["val_auroc"],
-    }
+        val_p = _probabilities(head, x[data.val])
+        loss = _probe_loss(head, x[rows], y[rows], config.loss)
+        if history.record(epoch, loss, label_auroc(y[data.val], val_p), pseudo, config.lr()):
+            kept = head, val_p
+        if config.pseudo_labels and epoch + 1 >= config.warmup_epochs:
+            pseudo = _pseudo_label(config, _probabilities(head, x[data.pool]))
+    head, val_p = kept
+    return _Trained(head, data.identity, history.kept, data.val, val_p)
 
 
-class _Images:
-    """Decoded, preprocessed images for a DataLoader; a failure travels as a message, not an exception."""
+def _probabilities(head: LinearHead, embeddings: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.sigmoid(head(torch.from_numpy(embeddings)).double()).numpy()
 
-    def __init__(self, files: list[Path], rows: np.ndarray, preprocessing: dict):
-        self.files, self.rows, self.preprocessing = files, rows, preprocessing
 
-    def __len__(self) -> int:
-        return len(self.rows)
+def _probe_loss(head: LinearHead, embeddings: np.ndarray, targets: np.ndarray, loss: str) -> float:
+    """The fitted head's training loss (what metrics.csv reports as ``train_loss``)."""
+    pos_weight, neg_weight = (torch.as_tensor(w) for w in label_weights(targets))
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(embeddings))
+        y = torch.as_tensor(targets, dtype=torch.float32)
+        return float(multilabel_loss(logits, y, loss=loss, pos_weight=pos_weight, neg_weight=neg_weight))
 
-    def __getitem__(self, position: int):
-        from xsel.io.images import ImageDecodeError, load_image
 
-        row = int(self.rows[position])
-        try:
-            return row, load_image(self.files[row], self.preprocessing), None
-        except ImageDecodeError as error:
-            return row, None, str(error)
+# ---------------------------------------------------------------- fine-tuning
 
 
 def augment_seed(seed: int, epoch: int, row: int) -> int:
@@ -634,14 +696,11 @@ def augment_seed(seed: int, epoch: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1)[0])
 
 
-def augment(images, seeds: list[int]):
+def augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Light augmentation, one seed per image: rotation ±5°, scale ±5%, shift ±4%, contrast and brightness ±10%.
 
     No horizontal flips: the heart's side is anatomy, not noise.
     """
-    import torch
-    import torch.nn.functional as F
-
     uniform = torch.stack([torch.rand(6, generator=torch.Generator().manual_seed(seed)) for seed in seeds]) * 2 - 1
     angle = uniform[:, 0] * math.radians(AUGMENT_DEGREES)
     scale = 1 + uniform[:, 1] * AUGMENT_SCALE
@@ -660,24 +719,26 @@ def augment(images, seeds: list[int]):
     return moved * contrast + brightness
 
 
-def _loader(data: _Data, rows: np.ndarray, preprocessing: dict, config: ClassifierConfig):
-    """Batches of ``rows`` in the given order (the order itself is seeded by :func:`epoch_rows`)."""
-    from torch.utils.data import DataLoader
-
-    from xsel.embed import collate_decoded  # drops failed images from the batch, keeps their messages
-
+def _loader(files: list[Path], rows: np.ndarray, preprocessing: dict, config: ClassifierConfig) -> DataLoader:
+    """Batches of ``rows`` in the given order (the order itself is seeded by :func:`epoch_rows`); an undecodable
+    image is dropped from its batch and its message travels beside it."""
     return DataLoader(
-        _Images(data.files, rows, preprocessing),
+        ImageDataset(files, rows.tolist(), preprocessing),
         batch_size=config.batch_size,
         num_workers=config.workers,
         collate_fn=collate_decoded,
     )
 
 
-def predict(backbone, head, loader, device, amp_dtype, failed: dict) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    backbone: nn.Module,
+    head: LinearHead,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    failed: dict[int, str],
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows that decoded and their probabilities (n, L) in eval mode; failures are added to ``failed``."""
-    import torch
-
     backbone.eval()
     head.eval()
     rows, outputs = [], []
@@ -695,18 +756,40 @@ def predict(backbone, head, loader, device, amp_dtype, failed: dict) -> tuple[np
     return np.concatenate(rows), np.concatenate(outputs)
 
 
-def _fine_tune(config: ClassifierConfig, data: _Data, run_dir: Path, device: str, show_progress: bool) -> dict:
-    """End-to-end training of backbone + head; returns the best epoch's state and validation predictions."""
-    import torch
+@dataclass
+class _FineTuning:
+    """The state of a fine-tuning run, built once by :func:`_start_fine_tuning` and advanced epoch by epoch."""
 
-    from xsel import plugins
-    from xsel.encoders import create_encoder, weights_sha256
-    from xsel.runtime import autocast_dtype, resolve_device
+    backbone: nn.Module
+    head: LinearHead
+    parameters: list[nn.Parameter]  # backbone's then head's: what AdamW updates and the gradient clip covers
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.OneCycleLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    preprocessing: dict
+    pos_weight: torch.Tensor  # (L,) class weights from the labelled training rows
+    neg_weight: torch.Tensor
+    targets: np.ndarray  # (N, L): the labels, and the pool rows' current pseudo-labels
+    pseudo_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows labelled now
+    failed: dict[int, str] = field(default_factory=dict)  # row → why its image could not be decoded
 
+    def predict(self, rows: np.ndarray, files: list[Path], config: ClassifierConfig):
+        """Decoded rows among ``rows`` and their probabilities (n, L); failures are remembered."""
+        loader = _loader(files, rows, self.preprocessing, config)
+        return predict(self.backbone, self.head, loader, self.device, self.amp_dtype, self.failed)
+
+    def usable(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without those whose image already failed to decode."""
+        return np.asarray([r for r in rows if r not in self.failed], dtype=np.int64)
+
+
+def _start_fine_tuning(config: ClassifierConfig, data: _Data, device: str, steps: int) -> _FineTuning:
+    """The encoder plugin's network, a seeded head, AdamW with a OneCycle schedule over ``steps``, AMP on CUDA."""
     torch_device = resolve_device(device)
     amp_dtype = autocast_dtype("auto", torch_device)
     backbone = create_encoder(config.encoder, config.weights, image_size=config.image_size)
-    preprocessing = backbone.preprocessing
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = build_head(int(backbone.embedding_dim), len(config.labels))
@@ -714,103 +797,107 @@ def _fine_tune(config: ClassifierConfig, data: _Data, run_dir: Path, device: str
     head.to(torch_device)
     parameters = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr(), weight_decay=config.weight_decay)
-    length = epoch_length(len(data.train), len(data.pool), config.pseudo_labels)
-    steps_per_epoch = math.ceil(length / config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr(), total_steps=config.epochs * steps_per_epoch
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr(), total_steps=steps)
     scaler = torch.amp.GradScaler(torch_device.type, enabled=amp_dtype == torch.float16)
-    failed: dict[int, str] = {}
     targets = data.targets.copy()  # pool rows receive pseudo-labels here
-    pseudo_rows = np.zeros(0, dtype=np.int64)
-    started, metrics, best_state, best_auroc, best_val = time.perf_counter(), [], None, -np.inf, None
-    last_val = None
-    total = config.epochs * length
     pos_weight, neg_weight = (torch.as_tensor(w).to(torch_device) for w in label_weights(targets[data.train]))
-    with progress_bar("Fine-tuning", total=total, show=show_progress) as advance:
+    return _FineTuning(
+        backbone=backbone,
+        head=head,
+        parameters=parameters,
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=scaler,
+        device=torch_device,
+        amp_dtype=amp_dtype,
+        preprocessing=backbone.preprocessing,
+        pos_weight=pos_weight,
+        neg_weight=neg_weight,
+        targets=targets,
+    )
+
+
+def _train_step(run: _FineTuning, config: ClassifierConfig, rows: np.ndarray, batch, epoch: int) -> float:
+    """One optimiser step on a decoded batch (augmented with per-row seeds); returns its loss."""
+    images = batch.to(run.device)
+    if config.augment:
+        images = augment(images, [augment_seed(config.seed, epoch, int(row)) for row in rows])
+    y = torch.from_numpy(run.targets[rows]).float().to(run.device)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        logits = run.head(run.backbone(images))
+    loss = multilabel_loss(logits, y, loss=config.loss, pos_weight=run.pos_weight, neg_weight=run.neg_weight)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.schedule.step()
+    return float(loss.detach())
+
+
+def _train_epoch(run: _FineTuning, config: ClassifierConfig, data: _Data, epoch: int, length: int, advance) -> float:
+    """One epoch of ``length`` seeded rows (labelled, and pseudo-labelled ones once there are); its mean loss."""
+    labelled = run.usable(data.train)
+    weights = sample_weights(run.targets[labelled]) if config.balanced_sampler else None
+    order = epoch_rows(labelled, run.pseudo_rows, length, seed=config.seed, epoch=epoch, weights=weights)
+    run.backbone.train()
+    run.head.train()
+    losses = []
+    for rows, batch, errors in _loader(data.files, order, run.preprocessing, config):
+        run.failed.update(errors)
+        advance(len(rows) + len(errors))
+        if batch is not None and len(rows) >= 2:  # batch norm needs two images
+            losses.append(_train_step(run, config, rows, batch, epoch))
+    if not losses and run.failed:
+        row, message = next(iter(run.failed.items()))
+        raise InputError(f"no training image could be decoded (first: {data.paths[row]}: {message})")
+    if not losses:
+        raise InputError("no training batch held two images; add images")
+    return float(np.mean(losses))
+
+
+def _relabel_pool(run: _FineTuning, config: ClassifierConfig, data: _Data) -> None:
+    """Predict the pool and replace its pseudo-labels (rows without a confident label get none)."""
+    pool_ok, pool_p = run.predict(run.usable(data.pool), data.files, config)
+    pool_targets = _pseudo_label(config, pool_p)
+    run.targets[data.pool] = np.nan
+    run.targets[pool_ok] = pool_targets
+    run.pseudo_rows = pool_ok[_has_label(pool_targets)]
+
+
+def _fine_tune(config: ClassifierConfig, data: _Data, run_dir: Path, device: str, show_progress: bool) -> _Trained:
+    """End-to-end training of backbone + head; returns the kept epoch's network and validation predictions."""
+    length = epoch_length(len(data.train), len(data.pool), config.pseudo_labels)
+    run = _start_fine_tuning(config, data, device, steps=config.epochs * math.ceil(length / config.batch_size))
+    history, kept = _History(run_dir / METRICS, config.labels), None
+    with progress_bar("Fine-tuning", total=config.epochs * length, show=show_progress) as advance:
         for epoch in range(config.epochs):
-            labelled = np.asarray([r for r in data.train if r not in failed], dtype=np.int64)
-            weights = sample_weights(targets[labelled]) if config.balanced_sampler else None
-            order = epoch_rows(labelled, pseudo_rows, length, seed=config.seed, epoch=epoch, weights=weights)
-            backbone.train()
-            head.train()
-            losses = []
-            for rows, batch, errors in _loader(data, order, preprocessing, config):
-                failed.update(errors)
-                advance(len(rows) + len(errors))
-                if batch is None or len(rows) < 2:  # batch norm needs two images
-                    continue
-                images = batch.to(torch_device)
-                if config.augment:
-                    images = augment(images, [augment_seed(config.seed, epoch, int(row)) for row in rows])
-                y = torch.from_numpy(targets[rows]).float().to(torch_device)
-                with torch.autocast(torch_device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = head(backbone(images))
-                loss = multilabel_loss(logits, y, loss=config.loss, pos_weight=pos_weight, neg_weight=neg_weight)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                losses.append(float(loss.detach()))
-            if not losses:
-                raise InputError(
-                    f"no training image could be decoded (first: {data.paths[next(iter(failed))]}: "
-                    f"{next(iter(failed.values()))})"
-                    if failed
-                    else "no training batch held two images; add images"
-                )
-            val_ok, val_p = predict(
-                backbone, head, _loader(data, data.val, preprocessing, config), torch_device, amp_dtype, failed
-            )
-            aurocs = label_auroc(targets[val_ok], val_p) if len(val_ok) else np.full(len(config.labels), np.nan)
-            pseudo_now = targets[pseudo_rows] if len(pseudo_rows) else None
-            metrics.append(
-                _metrics_row(
-                    epoch, float(np.mean(losses)), aurocs, config.labels, pseudo_now, schedule.get_last_lr()[0], started
-                )
-            )
-            write_csv_atomic(pd.DataFrame(metrics), run_dir / METRICS)
-            mean = metrics[-1]["val_auroc"]
-            last_val = (val_ok, val_p)
-            if best_state is None or mean > best_auroc or (np.isnan(best_auroc) and not np.isnan(mean)):
-                best_auroc, best_epoch_index, best_val = mean, epoch, (val_ok, val_p)
-                best_state = _snapshot(backbone), _snapshot(head)
+            loss = _train_epoch(run, config, data, epoch, length, advance)
+            val_ok, val_p = run.predict(data.val, data.files, config)
+            aurocs = label_auroc(run.targets[val_ok], val_p) if len(val_ok) else np.full(len(config.labels), np.nan)
+            pseudo = run.targets[run.pseudo_rows] if len(run.pseudo_rows) else None
+            if history.record(epoch, loss, aurocs, pseudo, run.schedule.get_last_lr()[0]):
+                kept = _snapshot(run.backbone), _snapshot(run.head), val_ok, val_p
             if config.pseudo_labels and epoch + 1 >= config.warmup_epochs:
-                pool = np.asarray([r for r in data.pool if r not in failed], dtype=np.int64)
-                pool_ok, pool_p = predict(
-                    backbone, head, _loader(data, pool, preprocessing, config), torch_device, amp_dtype, failed
-                )
-                pool_targets, chosen = _pseudo(config, pool_p)
-                targets[data.pool] = np.nan
-                targets[pool_ok] = pool_targets
-                pseudo_rows = pool_ok[chosen]
-    if np.isnan([row["val_auroc"] for row in metrics]).all():  # nothing to choose by: keep the last epoch
-        best_epoch_index, best_state, best_val = len(metrics) - 1, (_snapshot(backbone), _snapshot(head)), last_val
-    backbone.load_state_dict(best_state[0])
-    head.load_state_dict(best_state[1])
-    backbone.cpu()
-    head.cpu()
-    identity = {
-        "encoder": plugins.get("encoder", config.encoder).name,
-        "weights_sha256": weights_sha256(backbone),
-        "preprocessing": preprocessing,
-    }
-    errors = [(data.paths[row], message) for row, message in sorted(failed.items())]
-    return {
-        "head": head.eval(),
-        "identity": identity,
-        "backbone_state": backbone.state_dict(),
-        "val_probabilities": best_val[1],
-        "val_rows": best_val[0],
-        "best_epoch": best_epoch_index,
-        "best_auroc": metrics[best_epoch_index]["val_auroc"],
-        "errors": errors,
-        "device": str(torch_device),
-    }
+                _relabel_pool(run, config, data)
+    backbone_state, head_state, val_ok, val_p = kept
+    run.backbone.load_state_dict(backbone_state)
+    run.head.load_state_dict(head_state)
+    backbone, head = run.backbone.cpu(), run.head.cpu().eval()
+    errors = [(data.paths[row], message) for row, message in sorted(run.failed.items())]
+    return _Trained(
+        head=head,
+        identity=model_identity(config.encoder, backbone),
+        kept=history.kept,
+        val_rows=val_ok,
+        val_probabilities=val_p,
+        device=str(run.device),
+        backbone_state=backbone.state_dict(),
+        errors=errors,
+    )
 
 
-def _snapshot(module) -> dict:
+def _snapshot(module: nn.Module) -> dict:
+    """A CPU copy of the module's weights, so later steps cannot change the kept epoch."""
     return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
-from xsel.checkpoints import read_checkpoint
 from xsel.errors import InputError
-from xsel.io.atomic import save_torch_atomic
+from xsel.selectors import METADATA_FEATURES, PoolFeatures
+from xsel.train.checkpoints import read_checkpoint, save_torch_atomic
 
-METADATA_FEATURES = ("sex", "age", "frontal")
 CHECKPOINT_FORMAT = 1
 
 
@@ -58,57 +59,31 @@ class SelectorConfig:
     extra: dict = field(default_factory=dict)
 
 
-def metadata_features(meta: pd.DataFrame | None, rows: np.ndarray, age_mean: float, age_std: float) -> np.ndarray:
-    """(len(rows), 3) float32: sex, z-scored age, frontal view; 0 wherever the value is unknown."""
-    features = np.zeros((len(rows), len(METADATA_FEATURES)), dtype=np.float32)
-    if meta is None:
-        return features
-    subset = meta.iloc[rows]
-    if "Sex" in subset.columns:
-        sex = subset["Sex"].astype(str).str.upper().str[:1]
-        features[:, 0] = np.select([sex == "M", sex == "F"], [1.0, -1.0], 0.0)
-    if "Age" in subset.columns:
-        age = pd.to_numeric(subset["Age"], errors="coerce").to_numpy(dtype=np.float64)
-        features[:, 1] = np.nan_to_num((age - age_mean) / age_std, nan=0.0)
-    if "View" in subset.columns:
-        view = subset["View"].astype(str).str.upper()
-        frontal = view.str.contains("PA|AP|FRONTAL", regex=True)
-        lateral = view.str.startswith("L")
-        features[:, 2] = np.select([frontal, lateral], [1.0, -1.0], 0.0)
-    return features
-
-
-def build_scorer(embedding_dim: int, *, hidden: int = 256, use_metadata: bool = False):
+class MedSelectScorer(nn.Module):
     """The exportable module: ``(B, N, D′)`` float32 → ``(B, N)`` logits, D′ = D (+3 with metadata)."""
-    import torch
-    from torch import nn
 
-    class MedSelectScorer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding_dim = embedding_dim
-            self.input_dim = embedding_dim + (len(METADATA_FEATURES) if use_metadata else 0)
-            self.lstm = nn.LSTM(self.input_dim, hidden, batch_first=True, bidirectional=True)
-            self.head = nn.Linear(2 * hidden, 1)
+    def __init__(self, embedding_dim: int, *, hidden: int = 256, use_metadata: bool = False):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.input_dim = embedding_dim + (len(METADATA_FEATURES) if use_metadata else 0)
+        self.lstm = nn.LSTM(self.input_dim, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, 1)
 
-        def forward(self, pool: torch.Tensor) -> torch.Tensor:
-            embeddings = pool[..., : self.embedding_dim]
-            unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            scaled = unit * math.sqrt(self.embedding_dim)
-            centred = scaled - scaled.mean(dim=1, keepdim=True)
-            features = torch.cat([centred, pool[..., self.embedding_dim :]], dim=-1)
-            hidden_states, _ = self.lstm(features)
-            return self.head(hidden_states).squeeze(-1)
-
-    return MedSelectScorer()
+    def forward(self, pool: torch.Tensor) -> torch.Tensor:
+        embeddings = pool[..., : self.embedding_dim]
+        unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scaled = unit * math.sqrt(self.embedding_dim)
+        centred = scaled - scaled.mean(dim=1, keepdim=True)
+        features = torch.cat([centred, pool[..., self.embedding_dim :]], dim=-1)
+        hidden_states, _ = self.lstm(features)
+        return self.head(hidden_states).squeeze(-1)
 
 
-def pool_inputs(embeddings: np.ndarray, meta, rows: np.ndarray, config: SelectorConfig) -> np.ndarray:
-    """The scorer's input for one pool (rows in store order): (N, D′) float32."""
-    features = np.asarray(embeddings[rows], dtype=np.float32)
-    if config.use_metadata:
-        features = np.concatenate([features, metadata_features(meta, rows, config.age_mean, config.age_std)], axis=1)
-    return features
+def pool_features(config: SelectorConfig) -> PoolFeatures:
+    """What the scorer reads besides the embedding: the three metadata features with ``use_metadata``."""
+    return PoolFeatures(
+        metadata=METADATA_FEATURES if config.use_metadata else (), age_mean=config.age_mean, age_std=config.age_std
+    )
 
 
 def save_checkpoint(path: Path, *, scorer, config: SelectorConfig, identity: dict, extra: dict) -> None:
@@ -145,31 +120,31 @@ class MedSelectSelector:
         payload = load_checkpoint(checkpoint)
         known = set(SelectorConfig.__dataclass_fields__)
         self.config = SelectorConfig(**{k: v for k, v in payload["config"].items() if k in known})
-        self.scorer_module = build_scorer(
+        self.scorer_module = MedSelectScorer(
             payload["embedding_dim"], hidden=self.config.hidden, use_metadata=self.config.use_metadata
         )
         self.scorer_module.load_state_dict(payload["state_dict"])
         self.scorer_module.eval()
         self.encoder_identity = payload["encoder_identity"]
         self.checkpoint = payload["path"]
+        self.pool_features = pool_features(self.config)
 
     def scorer(self):
         """The torch module of the plugin contract: (1, N, D′) → (1, N) scores."""
         return self.scorer_module
 
+    def export_details(self) -> dict:
+        """What a bundle's manifest records about this selector besides its features."""
+        return {"trained_k": int(self.config.k), "conditions": list(self.config.conditions)}
+
     def scores(self, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> np.ndarray:
         """One score per pool row (rows in the order given: xsel passes store order)."""
-        import torch
-
         if embeddings.shape[1] != self.scorer_module.embedding_dim:
             raise InputError(
                 f"{self.checkpoint} was trained on {self.scorer_module.embedding_dim}-d embeddings, "
                 f"this store has {embeddings.shape[1]}-d"
             )
-        rows = np.arange(len(embeddings))
-        inputs = pool_inputs(
-            embeddings, metadata.reset_index(drop=True) if metadata is not None else None, rows, self.config
-        )
+        inputs = self.pool_features.inputs(embeddings, metadata)
         with torch.inference_mode():
             return self.scorer_module(torch.from_numpy(inputs)[None])[0].numpy()
 

@@ -1,0 +1,400 @@
+"""``xsel train selector``: meta-learn the MedSelect scorer with REINFORCE over labeling episodes.
+
+Each step draws a batch of episodes of one seen condition (train patients only), samples K picks per
+episode *without* replacement by Gumbel-top-k on the scorer's logits, and rewards them with the query
+AUROC of the few-shot classifier fitted on their labels. The baseline is the AUROC of K random picks
+from the same pool; loss = −mean((R − R_random) · log p(picks)), where log p is the Plackett–Luce
+probability of the ordered sample. Validation runs a fixed set of episodes of the unseen validation
+conditions on held-out patients with the deterministic top-k; the best checkpoint is kept.
+
+Everything random derives from (seed, step), so ``resume`` continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from xsel import plugins
+from xsel.episodes import EpisodeTask
+from xsel.errors import InputError
+from xsel.labels import patient_ids
+from xsel.progress import notify, progress_bar
+from xsel.resume import resumed_settings
+from xsel.store import Store, check_finite, read_store
+from xsel.train.medselect import MedSelectScorer, SelectorConfig, load_checkpoint, pool_features, save_checkpoint
+from xsel.train.runtime import resolve_device
+
+BEST = "selector.pt"
+LAST = "last.pt"
+METRICS = "metrics.csv"
+RESUMABLE = ("max_minutes",)  # a time budget does not change what is learned
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run wrote its files and how it ended."""
+
+    run_dir: Path
+    steps: int
+    episodes: int
+    best_val_auroc: float
+    best_step: int
+    random_val_auroc: float
+    seconds: float
+    stopped_by: str
+
+
+def plackett_luce_log_prob(logits, picks):
+    """log P(ordered picks) under Plackett–Luce: Σ_j [l(i_j) − logsumexp(l over items not yet picked)].
+
+    ``logits`` (B, N), ``picks`` (B, K) → (B,). This is the exact probability of the ordered sample that
+    Gumbel-top-k draws."""
+    chosen = logits.gather(1, picks)
+    taken = torch.zeros_like(logits, dtype=torch.bool)
+    total = torch.zeros(logits.shape[0], dtype=logits.dtype)
+    for step in range(picks.shape[1]):
+        total = total + chosen[:, step] - torch.logsumexp(logits.masked_fill(taken, float("-inf")), dim=1)
+        taken = taken.scatter(1, picks[:, step : step + 1], True)
+    return total
+
+
+def gumbel_top_k(logits, k: int, generator):
+    """K indices per row sampled without replacement with probabilities softmax(logits) (ordered)."""
+    uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
+    return torch.topk(logits.detach() - torch.log(-torch.log(uniform)), k, dim=1).indices
+
+
+def batch_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row-wise AUROC of (B, M) scores against (B, M) 0/1 labels, ties counted half (rank formula)."""
+    ranks = rankdata(scores, axis=1)
+    positives = labels.sum(axis=1)
+    negatives = labels.shape[1] - positives
+    rank_sum = (ranks * labels).sum(axis=1)
+    return (rank_sum - positives * (positives + 1) / 2) / np.maximum(positives * negatives, 1)
+
+
+class _Episodes:
+    """Batches of episodes as arrays: pools (B, N, D′), labels, and query sets."""
+
+    def __init__(self, store: Store, config: SelectorConfig, conditions: list[str], rows: np.ndarray):
+        self.store, self.config, self.features = store, config, pool_features(config)
+        self.tasks = [
+            EpisodeTask(
+                store,
+                condition,
+                negative=config.negative,
+                uncertain=config.uncertain,
+                pool_size=config.pool_size,
+                query_size=config.query_size,
+                k=config.k,
+                rows=rows,
+            )
+            for condition in conditions
+        ]
+        self.classifier = plugins.get("classifier", config.classifier).factory
+
+    def batch(self, task: EpisodeTask, indices: list[int], seed: int):
+        episodes = [task.episode(i, seed) for i in indices]
+        size = min(len(e.pool) for e in episodes)  # equal lengths for one tensor (they rarely differ)
+        pools = np.stack(
+            [
+                self.features.inputs(self.store.embeddings[e.pool[:size]], self.store.meta.iloc[e.pool[:size]])
+                for e in episodes
+            ]
+        )
+        labels = np.stack([e.pool_labels[:size] for e in episodes])
+        return episodes, pools, labels, size
+
+    def rewards(self, episodes, picks: np.ndarray) -> np.ndarray:
+        """Query AUROC per episode of the classifier fitted on each episode's picks (loop over episodes only)."""
+        scores, labels = [], []
+        for episode, chosen in zip(episodes, picks, strict=True):
+            pool = self.store.embeddings[episode.pool]
+            model = self.classifier().fit(pool[chosen], episode.pool_labels[chosen])
+            scores.append(model.decision_function(self.store.embeddings[episode.query]))
+            labels.append(episode.query_labels)
+        return batch_auroc(np.stack(labels), np.stack(scores))
+
+
+def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of training and validation patients; a patient (or an image without one) is on one side only."""
+    patients = patient_ids(store.meta)
+    keys = [f"row:{i}" if patients is None or patients[i] is None else patients[i] for i in range(len(store))]
+    held_out = np.asarray([(zlib.crc32(f"{seed}:{key}".encode()) % 10_000) < fraction * 10_000 for key in keys])
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in ``last.pt`` with the weights, optimizer and schedule."""
+
+    step: int = 0
+    best_val: float = -np.inf
+    best_step: int = 0
+    seconds: float = 0.0  # over every invocation of the run
+
+
+@dataclass
+class _Training:
+    """What one invocation works with: the scorer, its optimizer and schedule, the episodes, the run folder."""
+
+    config: SelectorConfig
+    run_dir: Path
+    scorer: MedSelectScorer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    train: _Episodes
+    val: _Episodes
+    device: torch.device
+    identity: dict
+    total_steps: int
+
+
+def train_selector(
+    store: str | Path | Store,
+    run_dir: str | Path,
+    config: SelectorConfig | dict | None = None,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a selector on ``config.conditions``, validate on ``config.val_conditions``; files in ``run_dir``.
+
+    Writes ``selector.pt`` (best validation), ``last.pt`` (for ``resume``) and ``metrics.csv``. With ``resume``
+    the run goes on with the settings saved in ``last.pt``; ``config`` may then be None, or the settings asked for
+    again (a dict of some, or a whole config): changing one other than ``max_minutes`` is refused.
+    """
+    store = store if isinstance(store, Store) else read_store(store)
+    check_finite(store)
+    run_dir = Path(run_dir)
+    if not resume and any((run_dir / name).exists() for name in (LAST, BEST, METRICS)):
+        raise InputError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    saved = load_checkpoint(run_dir / LAST) if resume and (run_dir / LAST).exists() else None
+    config = _run_config(config, saved, run_dir)
+    _check_config(config)
+    if saved is None and config.use_metadata:  # ages are z-scored with the training store's statistics
+        ages = np.asarray(store.meta["Age"], dtype=np.float64) if "Age" in store.meta.columns else np.array([])
+        ages = ages[np.isfinite(ages)]
+        config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
+    training = _start(store, config, run_dir, resolve_device(device))
+    state = RunState()
+    if saved is not None:
+        training.scorer.load_state_dict(saved["state_dict"])
+        training.optimizer.load_state_dict(saved["optimizer"])
+        training.scheduler.load_state_dict(saved["scheduler"])
+        state = RunState(saved["step"], saved["best_val"], saved["best_step"], saved["seconds"])
+        _truncate_metrics(run_dir / METRICS, state.step)  # rows logged after the last checkpoint are redone
+    random_val = _mean_val(training, None)
+    started = time.perf_counter()  # --max-minutes budgets this invocation; state.seconds carries the run's total
+    stopped_by = "episodes"
+    with progress_bar("Training", total=training.total_steps, unit="steps", show=show_progress) as advance:
+        advance(state.step)
+        while state.step < training.total_steps:
+            if time.perf_counter() - started > config.max_minutes * 60:
+                stopped_by = "time budget"
+                break
+            row = _train_step(training, state.step)
+            state.step += 1
+            if state.step % config.val_every == 0 or state.step == training.total_steps:
+                row |= _validate_and_save(training, state, random_val, started)
+            _append_metrics(run_dir / METRICS, row, config.val_conditions)
+            advance(1)
+    if state.best_step == 0:  # stopped before the first validation: a checkpoint is always written
+        state.best_val = _mean_val(training, training.scorer)
+        state.best_step = state.step
+        _save(training, BEST, {"step": state.step, "val_auroc": state.best_val, "val_random_auroc": random_val})
+    return TrainResult(
+        run_dir=run_dir,
+        steps=state.step,
+        episodes=state.step * config.batch_size,
+        best_val_auroc=float(state.best_val),
+        best_step=state.best_step,
+        random_val_auroc=random_val,
+        seconds=state.seconds + time.perf_counter() - started,
+        stopped_by=stopped_by,
+    )
+
+
+def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_dir: Path) -> SelectorConfig:
+    """A new run's config as given; a resumed run's as saved, with what this invocation asks for checked."""
+    if saved is None:
+        if config is None or isinstance(config, dict):
+            config = SelectorConfig(**(config or {"conditions": [], "val_conditions": []}))
+        return config
+    requested = asdict(config) if isinstance(config, SelectorConfig) else dict(config or {})
+    if isinstance(config, SelectorConfig) and config.use_metadata:  # set from the store when the run began
+        requested = {key: value for key, value in requested.items() if key not in ("age_mean", "age_std")}
+    settings = resumed_settings(saved["config"], requested, where=run_dir / LAST, may_change=RESUMABLE)
+    known = set(SelectorConfig.__dataclass_fields__)
+    return SelectorConfig(**{key: value for key, value in settings.items() if key in known})
+
+
+def _check_config(config: SelectorConfig) -> None:
+    if not config.conditions:
+        raise InputError("--conditions is empty: name the seen conditions to train on")
+    if not config.val_conditions:
+        raise InputError("--val-conditions is empty: name conditions held out for validation")
+    if set(config.conditions) & set(config.val_conditions):
+        both = ", ".join(sorted(set(config.conditions) & set(config.val_conditions)))
+        raise InputError(f"{both} is both a training and a validation condition; validation must be unseen")
+    checks = (
+        ("--episodes", config.episodes),
+        ("--batch-size", config.batch_size),
+        ("--k", config.k),
+        ("--val-every", config.val_every),
+        ("--val-episodes", config.val_episodes),
+    )
+    for name, value in checks:
+        if value < 1:
+            raise InputError(f"{name} {value}: use at least 1")
+    if config.learning_rate <= 0 or config.seed < 0:
+        raise InputError("--learning-rate must be positive and --seed 0 or more")
+
+
+def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.device) -> _Training:
+    """Episodes split by patient, the scorer (seeded), Adam and the step decay."""
+    train_rows, val_rows = split_patients(store, config.val_fraction, config.seed)
+    train = _Episodes(store, config, config.conditions, train_rows)
+    val = _Episodes(store, config, config.val_conditions, val_rows)
+    for task in [*train.tasks, *val.tasks]:
+        if task.warning:
+            notify(task.warning)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        scorer = MedSelectScorer(store.embeddings.shape[1], hidden=config.hidden, use_metadata=config.use_metadata)
+    scorer.to(device)  # before any state is loaded, so the optimizer's state lands on the same device
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=config.learning_rate)
+    total_steps = max(1, config.episodes // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, int(total_steps * config.decay_at)), gamma=0.1
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _Training(
+        config, run_dir, scorer, optimizer, scheduler, train, val, device, store.encoder_identity, total_steps
+    )
+
+
+def _train_step(training: _Training, step: int) -> dict:
+    """One REINFORCE step on a batch of episodes of one seen condition; returns its metrics row."""
+    config, scorer = training.config, training.scorer
+    task = training.train.tasks[step % len(training.train.tasks)]
+    indices = list(range(step * config.batch_size, (step + 1) * config.batch_size))
+    episodes, pools, _, size = training.train.batch(task, indices, config.seed)
+    generator = torch.Generator().manual_seed(int(zlib.crc32(f"{config.seed}:{step}".encode())))
+    scorer.train()
+    logits = scorer(torch.from_numpy(pools).to(training.device)).cpu()
+    picks = gumbel_top_k(logits, config.k, generator)
+    log_prob = plackett_luce_log_prob(logits, picks)
+    reward = training.train.rewards(episodes, picks.numpy())
+    random_picks = np.stack([torch.randperm(size, generator=generator)[: config.k].numpy() for _ in episodes])
+    baseline = training.train.rewards(episodes, random_picks)
+    loss = -(torch.from_numpy(reward - baseline).float() * log_prob).mean()
+    training.optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
+    training.optimizer.step()
+    training.scheduler.step()
+    return {
+        "step": step + 1,
+        "episodes": (step + 1) * config.batch_size,
+        "condition": task.condition,
+        "reward": float(reward.mean()),
+        "baseline": float(baseline.mean()),
+        "loss": float(loss.detach()),
+        "learning_rate": training.scheduler.get_last_lr()[0],
+    }
+
+
+def _validate_and_save(training: _Training, state: RunState, random_val: float, started: float) -> dict:
+    """Validate, keep the best checkpoint, write ``last.pt``; returns the validation columns of the metrics row."""
+    per_condition = _validate(training.val, training.scorer, training.config, training.device)
+    mean = float(np.mean(list(per_condition.values())))
+    if mean > state.best_val:
+        state.best_val, state.best_step = mean, state.step
+        _save(training, BEST, {"step": state.step, "val_auroc": mean, "val_random_auroc": random_val})
+    _save(
+        training,
+        LAST,
+        {
+            "step": state.step,
+            "best_val": state.best_val,
+            "best_step": state.best_step,
+            "seconds": state.seconds + time.perf_counter() - started,
+            "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
+        },
+    )
+    return {f"val_auroc_{c}": v for c, v in per_condition.items()} | {"val_auroc": mean, "val_random_auroc": random_val}
+
+
+def _mean_val(training: _Training, scorer: MedSelectScorer | None) -> float:
+    """Mean validation AUROC over the validation conditions (random picks when ``scorer`` is None)."""
+    return float(np.mean(list(_validate(training.val, scorer, training.config, training.device).values())))
+
+
+def _save(training: _Training, name: str, extra: dict) -> None:
+    save_checkpoint(
+        training.run_dir / name,
+        scorer=training.scorer.cpu(),
+        config=training.config,
+        identity=training.identity,
+        extra=extra,
+    )
+    training.scorer.to(training.device)
+
+
+def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[str, float]:
+    """Mean query AUROC per validation condition over its fixed episodes (deterministic top-k, or random picks
+    when ``scorer`` is None)."""
+    results = {}
+    for task in val.tasks:
+        episodes, pools, _, size = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
+        if scorer is None:
+            rng = np.random.default_rng([config.seed, 99])
+            picks = np.stack([rng.permutation(size)[: config.k] for _ in episodes])
+        else:
+            scorer.eval()
+            with torch.inference_mode():
+                logits = scorer(torch.from_numpy(pools).to(device)).cpu()
+            picks = torch.topk(logits, config.k, dim=1).indices.numpy()
+        results[task.condition] = float(val.rewards(episodes, picks).mean())
+    return results
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [lines[0], *[line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]]
+        path.write_text("".join(kept))
+
+
+def _append_metrics(path: Path, row: dict, val_conditions: list[str]) -> None:
+    columns = [
+        "step",
+        "episodes",
+        "condition",
+        "reward",
+        "baseline",
+        "loss",
+        "learning_rate",
+        "val_auroc",
+        "val_random_auroc",
+        *[f"val_auroc_{c}" for c in val_conditions],
+    ]
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow({c: row.get(c, "") for c in columns})
