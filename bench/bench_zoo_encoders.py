@@ -4,8 +4,10 @@ resnet18 measured in the same run as the reference.
 Every encoder runs with seeded random weights (`--weights none`: nothing to download; speed does not depend on the
 weights) at its own published input size and preprocessing, on the same images (real chest X-rays from
 ../shared/data/realcxr when present, else synthetic demo images), fp32, through the real `xsel embed` path (decode
-workers, batching, store). resnet18 runs first and last; the ratio column divides by the mean of those two runs, and
-their spread shows how much the machine drifted during the run. Encoders whose plugin is not installed are skipped.
+workers, batching, store). resnet18 runs first (after an untimed warm-up run) and last; the ratio column divides by
+the mean of those two runs, and their spread shows how much the machine drifted during the run. With few images the
+fixed cost of each run (decode workers starting) weighs most on the fastest encoders. Encoders whose plugin is not
+installed are skipped.
 
     python bench/bench_zoo_encoders.py [--images 32] [--batch-size 16] [--encoders a,b,...] [--json FILE]
 """
@@ -76,6 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         csv = image_csv(args.images, workdir)
+        embed_speed(csv, workdir / "store.h5", REFERENCE, args.batch_size)  # warm-up: page cache, imports, JIT
         reference = [embed_speed(csv, workdir / "store.h5", REFERENCE, args.batch_size)[0]]
         for name in available:
             speed, info = embed_speed(csv, workdir / "store.h5", name, args.batch_size)

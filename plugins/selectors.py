@@ -46,6 +46,10 @@ class RandomSelector:
     def select(self, embeddings, k, *, seed, metadata=None):
         return np.random.default_rng(seed).permutation(len(embeddings))[: min(k, len(embeddings))]
 
+    def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
+        picks = self.select(embeddings, k, seed=seed)
+        return picks, [f"drawn at random (seed {seed})"] * len(picks)
+
 
 class KCenterSelector:
     """Greedy k-center (core-set): start at the point nearest the mean, then repeatedly take the point
@@ -54,18 +58,22 @@ class KCenterSelector:
     uses_labels = False
 
     def select(self, embeddings, k, *, seed, metadata=None):
+        return self.select_with_reasons(embeddings, k, seed=seed)[0]
+
+    def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         points = unit_rows(embeddings)
         k = min(k, len(points))
         centre = points.mean(axis=0, keepdims=True)
         first = int(np.argmin(squared_distances(points, centre)[:, 0]))
-        picks = [first]
+        picks, reasons = [first], ["nearest the centre of the pool"]
         nearest = squared_distances(points, points[first : first + 1])[:, 0]
         for _ in range(k - 1):
             nearest[picks[-1]] = -1.0
             pick = int(np.argmax(nearest))
             picks.append(pick)
+            reasons.append(f"farthest from the picks so far (cosine distance {nearest[pick] / 2:.3f})")
             nearest = np.minimum(nearest, squared_distances(points, points[pick : pick + 1])[:, 0])
-        return np.asarray(picks, dtype=np.int64)
+        return np.asarray(picks, dtype=np.int64), reasons
 
 
 class KMedoidsSelector:
@@ -77,6 +85,9 @@ class KMedoidsSelector:
     max_iterations = 20
 
     def select(self, embeddings, k, *, seed, metadata=None):
+        return self.select_with_reasons(embeddings, k, seed=seed)[0]
+
+    def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         rows = subsample(len(embeddings), seed)
         points = unit_rows(embeddings[rows])
         k = min(k, len(points))
@@ -111,7 +122,9 @@ class KMedoidsSelector:
         assignment = np.argmin(squared_distances(points, points[medoids]), axis=1)
         sizes = np.bincount(assignment, minlength=k)
         order = np.argsort(-sizes, kind="stable")
-        return rows[medoids[order]]
+        sampled = f" of a {len(rows)}-image sample" if len(rows) < len(embeddings) else ""
+        reasons = [f"medoid of cluster {rank} of {k}{sampled} ({sizes[c]} images)" for rank, c in enumerate(order, 1)]
+        return rows[medoids[order]], reasons
 
     @staticmethod
     def _distinct(points, medoids):
@@ -132,6 +145,9 @@ class TypiClustSelector:
     uses_labels = False
 
     def select(self, embeddings, k, *, seed, metadata=None):
+        return self.select_with_reasons(embeddings, k, seed=seed)[0]
+
+    def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         points = unit_rows(embeddings)
         k = min(k, len(points))
         assignment = kmeans_labels(points, k, seed)
@@ -144,10 +160,19 @@ class TypiClustSelector:
                 ranked.append(members[np.argsort(-self._typicality(points, members, rng), kind="stable")])
         # one point per cluster; only when k-means found fewer clusters than K (duplicate points)
         # does a second round take each cluster's next most typical point
-        picks = [
-            int(members[depth]) for depth in range(max(map(len, ranked))) for members in ranked if depth < len(members)
+        chosen = [
+            (int(members[depth]), depth, rank, len(members))
+            for depth in range(max(map(len, ranked)))
+            for rank, members in enumerate(ranked, 1)
+            if depth < len(members)
+        ][:k]
+        ordinal = ("most", "2nd most", "3rd most")
+        reasons = [
+            f"{ordinal[depth] if depth < 3 else f'{depth + 1}th most'} typical image of cluster {rank} of "
+            f"{len(ranked)} ({size} images)"
+            for _, depth, rank, size in chosen
         ]
-        return np.asarray(picks[:k], dtype=np.int64)
+        return np.asarray([pick for pick, *_ in chosen], dtype=np.int64), reasons
 
     @staticmethod
     def _typicality(points, members, rng):
@@ -178,6 +203,9 @@ class ProbCoverSelector:
     uses_labels = False
 
     def select(self, embeddings, k, *, seed, metadata=None):
+        return self.select_with_reasons(embeddings, k, seed=seed)[0]
+
+    def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         rows = subsample(len(embeddings), seed)
         points = unit_rows(embeddings[rows])
         n, k = len(points), min(k, len(points))
@@ -186,18 +214,19 @@ class ProbCoverSelector:
         gain = np.asarray(graph.sum(axis=1)).ravel().astype(np.int64)
         covered = np.zeros(n, dtype=bool)
         tie_break = np.random.default_rng([seed, 3]).permutation(n)
-        picks = []
+        picks, reasons = [], []
         for _ in range(k):
             order = np.lexsort((tie_break, -gain))  # largest gain first, seeded tie-break
             pick = next(i for i in order if i not in picks)
             picks.append(int(pick))
+            reasons.append(f"its δ-ball (δ {delta:.3f}) covers {max(gain[pick], 0)} images not covered yet")
             newly = graph.indices[graph.indptr[pick] : graph.indptr[pick + 1]]
             newly = newly[~covered[newly]]
             covered[newly] = True
             if len(newly):
                 gain -= np.asarray(graph[newly].sum(axis=0)).ravel().astype(np.int64)  # symmetric graph
             gain[picks[-1]] = -1
-        return rows[np.asarray(picks, dtype=np.int64)]
+        return rows[np.asarray(picks, dtype=np.int64)], reasons
 
     @staticmethod
     def radius(points: np.ndarray, clusters: np.ndarray, seed: int = 0) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,6 +60,16 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path, cli):
     assert len(store) == 400 and store.attrs["encoder"] == "pixels"
     assert (out / "evaluation" / "summary.csv").is_file() and (out / "bundle" / "manifest.json").is_file()
     assert len(pd.read_csv(out / "selection.csv")) == 20
+    # the hospital's side: DICOM archive → scan → constrained selection → certificate → labelling tools
+    assert "left out: 1 view L is not frontal" in result.stdout and "(verified)" in result.stdout
+    site = pd.read_csv(out / "site" / "to_label.csv")
+    assert len(site) == 20 and site["StudyInstanceUID"].is_unique and site["SOPInstanceUID"].notna().all()
+    assert site["View"].value_counts().to_dict() == {"PA": 10, "AP": 10}
+    certificate = json.loads((out / "site" / "to_label.SELECTION.json").read_text())
+    assert certificate["mode"] == "site" and certificate["constraints"]["dedup"] == 0.999
+    tasks = json.loads((out / "site" / "label-studio" / "tasks.json").read_text())
+    assert len(tasks) == 20 and all("score" in task["data"] for task in tasks)
+    assert len((out / "site" / "cvat" / "images" / "manifest.jsonl").read_text().splitlines()) == 2 + 20
     assert reset_demo_dir(out) == out and [p.name for p in out.iterdir()] == [".xsel-demo"], "a demo may be rebuilt"
 
 

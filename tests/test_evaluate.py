@@ -97,10 +97,14 @@ def test_cli_end_to_end_with_a_single_selector(demo_store, tmp_path, cli):
         "random",
         "--out",
         tmp_path,
+        "--report",
+        tmp_path / "report.html",
         *QUICK_EVALUATION,
     )
     assert result.exit_code == 0, result.output
     assert "K=5" in result.stdout and (tmp_path / "summary.csv").is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert "<svg" in html and "Edema" in html and "random" in html
 
 
 def test_cli_json(demo_store, tmp_path, cli):

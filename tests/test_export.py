@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -348,3 +349,20 @@ def test_a_schema_1_bundle_still_runs(bundle_copy, trained, demo_store, tmp_path
     site = site_select(demo_store.parent / "labels.csv", bundle_copy, 12, out=tmp_path / "s.csv", show_progress=False)
     workstation = select(demo_store, 12, checkpoint=trained[0])
     assert site.table["Path"].tolist() == workstation.table["Path"].tolist()
+
+
+def test_site_selection_with_constraints_certificate_and_report_verifies(trained, demo_store, tmp_path, cli):
+    out = tmp_path / "site.csv"
+    result = cli(
+        "select", demo_store.parent / "labels.csv", "--bundle", trained[1], "--k", "8", "--out", out,
+        "--store", tmp_path / "site.h5", "--balance", "View", "--dedup", "0.999", "--report", tmp_path / "r.html", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "site.SELECTION.json").read_text())
+    assert record["mode"] == "site" and record["inputs"]["bundle"]["sha256"] and record["inputs"]["images"]["sha256"]
+    assert record["selector"]["name"] == "medselect" and record["strata"]
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("data:image/png;base64") >= 8
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "self-contained: nothing is fetched"
+    verified = cli("select", "--verify", tmp_path / "site.SELECTION.json", "-q")
+    assert verified.exit_code == 0 and "all 8 picks were reproduced" in verified.stdout, verified.output

@@ -141,6 +141,8 @@ def test_picks_outside_the_store_are_input_errors(pool):
     selection.loc[0, "Path"] = "elsewhere.dcm"
     with pytest.raises(InputError, match="1 picks are not in the store"):
         write_selection_report(tmp_path / "r.html", selection, store_path)
+    with pytest.raises(InputError, match="needs 'rank' and 'Path'"):
+        write_selection_report(tmp_path / "r.html", selection.drop(columns=["rank"]), store_path)
 
 
 def test_coverage_counts_and_age_bands():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 import xsel.scan as scan_module
-from tests.dicom_folder import write_dicom, write_site_folder
+from tests.dicom_folder import gradient, write_dicom, write_site_folder
 from xsel.errors import InputError
 from xsel.io.table import file_sha256, read_image_table
 from xsel.scan import SCAN_COLUMNS, normalise_view, parse_age, scan_errors_path, scan_folder
@@ -134,8 +137,6 @@ def test_a_missing_folder_is_an_input_error(tmp_path, cli):
 def test_deflated_files_are_read(tmp_path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from tests.dicom_folder import gradient
-
     write_dicom(
         tmp_path / "d.dcm",
         name="d",
@@ -192,3 +193,20 @@ def test_real_dicom_originals(realcxr):
     assert result.errors.empty and result.left_out_counts == {
         "not DICOM: no Modality/BodyPartExamined to tell (--chest-only)": 17
     }
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_every_encoding_and_nested_sequences_are_read(tmp_path, transfer_syntax):
+    """Sequences before the tags are stepped over, non-ASCII names decoded with SpecificCharacterSet."""
+    inner = Dataset()
+    inner.CodeValue, inner.PatientID = "X", "not-the-patient"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    item.ConceptNameCodeSequence = Sequence([inner])
+    write_dicom(
+        tmp_path / "x.dcm", name="x", pixels=gradient(1), transfer_syntax=transfer_syntax, PatientID="Müller",
+        SpecificCharacterSet="ISO_IR 100", ViewPosition="PA", ReferencedStudySequence=Sequence([item, Dataset()]),
+        PatientAge="045Y",
+    )  # fmt: skip
+    row = scan_folder(tmp_path, show_progress=False).table.iloc[0]
+    assert (row.PatientID, row.View, row.Age) == ("Müller", "PA", 45)

@@ -135,6 +135,6 @@ def test_bad_merges_are_input_errors(parts, cli, arguments, message):
 
 def test_overwrite_replaces_an_existing_store(parts):
     folder, _, _ = parts
-    (folder / "all.h5").write_text("old")
+    (folder / "all.h5").write_bytes((folder / "a.h5").read_bytes())  # --overwrite replaces only an xsel store
     merge_stores([folder / "a.h5", folder / "b.h5"], folder / "all.h5", overwrite=True)
     assert len(read_store(folder / "all.h5")) == 5

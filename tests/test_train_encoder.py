@@ -272,3 +272,20 @@ def test_pretraining_on_real_chest_xrays_feeds_the_probe_and_embed(realcxr, tmp_
                      weights=str(tmp_path / "run" / "encoder.pt"), show_progress=False)  # fmt: skip
     store = read_store(embedded.store)
     assert store.attrs["preprocessing"]["image_size"] == 64 and np.isfinite(store.embeddings).all()
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (2, 0.5), (1, 0.3), (50, 0.1)])
+def test_one_cycle_runs_every_step_even_with_a_one_step_warm_up(steps, warmup):
+    """torch's OneCycle divides by zero when the warm-up ends exactly one step in (160 images, batch 64, 5 epochs)."""
+    import torch
+
+    from xsel.train.runtime import one_cycle
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = one_cycle(optimizer, 0.1, steps, warmup)
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        rates.append(schedule.get_last_lr()[0])
+    assert len(rates) == steps and all(np.isfinite(rates))

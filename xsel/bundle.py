@@ -20,7 +20,9 @@ from xsel.errors import InputError
 from xsel.identity import encoder_identity
 from xsel.io.images import decode_or_error
 from xsel.io.table import file_sha256
+from xsel.io.workers import die_with_parent
 from xsel.progress import notify, progress_bar
+from xsel.selectors import PoolFeatures
 
 BUNDLE_SCHEMA = 2  # 2: the selector entry names its plugin and input features (any learned selector)
 MANIFEST = "manifest.json"
@@ -108,7 +110,40 @@ class Bundle:
                 raise InputError(f"{path}: {name} is missing; the bundle is incomplete, copy it again")
             if file_sha256(path / name) != digest:
                 raise InputError(f"{path / name}: SHA-256 does not match the manifest; the bundle was modified")
-        return cls(path=path, manifest=manifest, device=device)
+        extra = sorted(entry.name for entry in path.iterdir() if entry.name not in {MANIFEST, *files})
+        if extra:
+            notify(f"{path} holds files its manifest does not list ({', '.join(extra[:3])}); they are not used")
+        bundle = cls(path=path, manifest=manifest, device=device)
+        bundle._check_models()
+        return bundle
+
+    def _check_models(self) -> None:
+        """Open every model and compare its inputs and outputs with the manifest: a model swapped for another
+        valid one (and re-hashed into the manifest) is refused here, naming the file, not deep in onnxruntime."""
+        encoder = self.encoder
+        pre = encoder["preprocessing"]
+        size, channels, dim = int(pre["image_size"]), int(pre["channels"]), int(encoder["embedding_dim"])
+        _check_signature(
+            self.path / ENCODER_FILE,
+            self.session(ENCODER_FILE),
+            inputs={encoder["input"]: ("float", (None, channels, size, size))},
+            outputs={encoder["output"]: ("float", (None, dim))},
+        )
+        selector = self.selector
+        if selector:
+            width = selector.get("input_dim") or PoolFeatures.from_dict(selector.get("features", {})).width(dim)
+            _check_signature(
+                self.path / SELECTOR_FILE,
+                self.session(SELECTOR_FILE),
+                inputs={
+                    selector["inputs"]["pool"]: ("float", (None, None, width)),
+                    selector["inputs"]["k"]: ("int64", ()),
+                },
+                outputs={
+                    selector["outputs"]["scores"]: ("float", (None, None)),
+                    selector["outputs"]["top_indices"]: ("int64", (None, None)),
+                },
+            )
 
     @property
     def encoder(self) -> dict:
@@ -125,7 +160,15 @@ class Bundle:
 
     def session(self, name: str):
         if name not in self._sessions:
-            self._sessions[name] = make_session(self.path / name, self.device)
+            try:
+                self._sessions[name] = make_session(self.path / name, self.device)
+            except Exception as error:  # onnxruntime's own errors share no base class but Exception
+                if not type(error).__module__.startswith("onnxruntime"):
+                    raise
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise InputError(
+                    f"{self.path / name}: onnxruntime cannot load it ({first}); re-export the bundle"
+                ) from None
         return self._sessions[name]
 
     def embed_files(self, files: list[Path], *, batch_size: int = 32, workers: int | None = None, show_progress=True):
@@ -185,6 +228,33 @@ def _from_schema_1(manifest: dict) -> dict:
     return {**manifest, "selector": {**selector, "name": "medselect", "features": features, "details": details}}
 
 
+def _check_signature(path: Path, session, *, inputs: dict, outputs: dict) -> None:
+    """Each named input and output has the manifest's element type, rank and static sizes (None: any size); the
+    model takes no other input."""
+    for kind, declared, args in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
+        found = {arg.name: arg for arg in args}
+        if kind == "input" and set(found) != set(declared):
+            raise InputError(
+                f"{path}: inputs {sorted(found)}, the manifest expects {sorted(declared)}; the model is not the one "
+                "exported, re-export the bundle"
+            )
+        for name, (dtype, dims) in declared.items():
+            arg = found.get(name)
+            if arg is None:
+                raise InputError(f"{path}: no {kind} named {name!r} ({sorted(found)}); re-export the bundle")
+            shape = list(arg.shape)
+            sizes_differ = any(
+                want is not None and isinstance(have, int) and have != want
+                for have, want in zip(shape, dims, strict=False)  # rank compared below
+            )
+            if arg.type != f"tensor({dtype})" or len(shape) != len(dims) or sizes_differ:
+                expected = "[" + ", ".join("?" if want is None else str(want) for want in dims) + "]"
+                raise InputError(
+                    f"{path}: {kind} {name!r} is {arg.type} {shape}, the manifest expects tensor({dtype}) {expected}; "
+                    "the model is not the one exported, re-export the bundle"
+                )
+
+
 def _decode_one(args):
     return decode_or_error(*args)
 
@@ -195,6 +265,6 @@ def _decode_all(files, preprocessing, workers, window: int = 256):
     if workers <= 1:
         yield from map(_decode_one, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         for start in range(0, len(jobs), window):
             yield from pool.map(_decode_one, jobs[start : start + window], chunksize=8)

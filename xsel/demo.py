@@ -205,6 +205,58 @@ def reset_demo_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
+ARCHIVE_IMAGES = 160  # demo images also written as a hospital's DICOM archive
+
+
+def write_demo_archive(out_dir: str | Path, csv: str | Path, *, n_images: int = ARCHIVE_IMAGES, seed: int = 0) -> Path:
+    """The first ``n_images`` demo images as a PACS-style DICOM export: nested folders, files without suffix,
+    one study per image, DX/CR chest radiographs with the demo's patient, sex, age and view in their tags — plus
+    what real archives hold: a re-sent copy of a few images (new SOPInstanceUID, same pixels), MONOCHROME1
+    images, a lateral view and an abdomen image. UIDs derive from the seed, so the archive is reproducible."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    out_dir, csv = Path(out_dir), Path(csv)
+    labels = pd.read_csv(csv, dtype={"PatientID": str}).head(n_images)
+    uid = lambda *parts: generate_uid(entropy_srcs=[str(seed), *map(str, parts)])  # noqa: E731
+
+    def write(row, name: str, *, copy: int = 0, **tags) -> None:
+        pixels = np.asarray(Image.open(csv.parent / row.Path).convert("L"), dtype=np.uint16) * 16  # 12-bit
+        dataset = Dataset()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+        dataset.file_meta.MediaStorageSOPInstanceUID = uid(row.Path, "sop", copy)
+        dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = uid(row.Path, "study"), uid(row.Path, "series")
+        dataset.PatientID, dataset.PatientSex, dataset.PatientAge = row.PatientID, row.Sex, f"{int(row.Age):03d}Y"
+        dataset.Modality, dataset.BodyPartExamined, dataset.ViewPosition = "DX", "CHEST", row.View
+        dataset.StudyDate = "20260101"
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        for key, value in tags.items():
+            setattr(dataset, key, value)
+        if dataset.PhotometricInterpretation == "MONOCHROME1":
+            pixels = 4080 - pixels
+        dataset.Rows, dataset.Columns = pixels.shape
+        dataset.SamplesPerPixel, dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 1, 16, 12, 11
+        dataset.PixelRepresentation = 0
+        dataset.PixelData = pixels.tobytes()
+        target = out_dir / row.PatientID / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pydicom.dcmwrite(target, dataset, enforce_file_format=True)
+
+    for index, row in enumerate(labels.itertuples()):
+        write(row, f"IM{index:05d}", PhotometricInterpretation="MONOCHROME1" if index % 7 == 3 else "MONOCHROME2")
+    for index, row in enumerate(labels.head(4).itertuples()):  # re-sent by the modality: same pixels, new UID
+        write(row, f"IM{index:05d}-resent", copy=1)
+    extras = labels.iloc[4:6].itertuples()
+    write(next(extras), "LATERAL", copy=2, ViewPosition="LL")
+    write(next(extras), "ABDOMEN", copy=3, BodyPartExamined="ABDOMEN")
+    return out_dir
+
+
 # MedSelect's protocol on the demo: train on seen conditions, validate on one, report unseen ones
 SEEN = ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Pneumothorax")
 VALIDATION = ("Nodule",)
@@ -226,6 +278,22 @@ class DemoResult:
     bundle: Path
     selection: object  # xsel.selection.Selection (site runtime, from the bundle)
     site_matches_workstation: bool
+    site: SiteRun
+
+
+@dataclass(frozen=True)
+class SiteRun:
+    """The hospital's side of the demo: DICOM archive → scan → constrained selection → certificate → labelling."""
+
+    archive: Path
+    scan: object  # xsel.scan.ScanResult
+    selection: object  # xsel.selection.Selection
+    selection_csv: Path
+    certificate: Path
+    report: Path
+    verified: object  # xsel.certificate.Verification
+    label_studio: Path
+    cvat: Path
 
 
 def run_demo(
@@ -306,4 +374,50 @@ def run_demo(
     write_csv_atomic(selection.table, selection_csv)
     workstation = select(store, k, checkpoint=checkpoint, seed=seed)
     matches = selection.table["Path"].tolist() == workstation.table["Path"].tolist()
-    return DemoResult(out_dir, csv, store, pd.read_csv(csv), embedded, training, evaluation, bundle, selection, matches)
+    site = run_site(out_dir / "site", csv, bundle, k=k, seed=seed, show_progress=show_progress)
+    return DemoResult(
+        out_dir, csv, store, pd.read_csv(csv), embedded, training, evaluation, bundle, selection, matches, site
+    )
+
+
+def run_site(out_dir: Path, csv: Path, bundle: Path, *, k: int, seed: int, show_progress: bool) -> SiteRun:
+    """A hospital site with the bundle: scan its DICOM archive (chest, frontal), select K with one image per study,
+    near-duplicates merged and views balanced, write the certificate and report, verify, hand off to labelling."""
+    from xsel.certificate import verify, write_certificate
+    from xsel.constraints import Constraints
+    from xsel.labelling import export_labels
+    from xsel.report import write_selection_report
+    from xsel.scan import scan_folder, write_scan
+    from xsel.site import site_select
+
+    archive = write_demo_archive(out_dir / "pacs", csv, seed=seed)
+    scanned = scan_folder(archive, chest_only=True, frontal_only=True, show_progress=show_progress)
+    images_csv = out_dir / "images.csv"
+    write_scan(scanned, images_csv)
+    constraints = Constraints(one_per="study", dedup=0.999, balance=("View",))
+    selection_csv = out_dir / "to_label.csv"
+    selection = site_select(
+        images_csv,
+        bundle,
+        k,
+        out=selection_csv,
+        image_root=archive,
+        store=out_dir / "site.h5",
+        seed=seed,
+        constraints=constraints,
+        show_progress=show_progress,
+    )
+    write_csv_atomic(selection.table, selection_csv)
+    certificate = write_certificate(selection, selection_csv)
+    report = write_selection_report(
+        out_dir / "report.html", selection.table, selection.store, pool_rows=selection.pool, image_root=archive
+    )
+    verified = verify(certificate)
+    exports = {
+        form: export_labels(
+            selection_csv, out_dir / form, format=form, images_csv=images_csv, image_root=archive,
+            show_progress=show_progress,
+        ).out_dir
+        for form in ("label-studio", "cvat")
+    }  # fmt: skip
+    return SiteRun(archive, scanned, selection, selection_csv, certificate, report, verified, *exports.values())

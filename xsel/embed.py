@@ -1,9 +1,13 @@
 """``xsel embed`` as a library call: images listed in a CSV → an HDF5 embedding store.
 
-Crash safety: rows are embedded in fixed blocks of ``chunk_rows``; each finished block is written as
-its own small ``.npz`` shard (temporary file + rename) into ``<store>.partial/``. A process killed at
-any moment (SIGKILL included) leaves only whole shards, so ``resume=True`` embeds just the missing
-blocks. The store itself is assembled from the shards at the end and appears in one rename.
+Crash safety: finished rows are saved every few seconds of work (``flush_seconds``; at most ``chunk_rows`` rows at a
+time) as a small ``.npz`` shard (temporary file + rename) in ``<store>.partial/``. A shard covers consecutive rows,
+each one embedded or failed, and is named by its first and last row; ``job.json`` records the run's settings and
+the shard format. A process killed at any moment (SIGKILL included) leaves only whole shards, so ``resume=True``
+embeds exactly the rows no shard covers, after reading every shard back (a damaged one is removed, with a notice,
+and its rows are embedded again). The store is assembled from the shards at the end and appears in one rename.
+Before any work the output is checked and locked (:func:`xsel.io.outputs.claim_output`): a second run writing
+the same store is refused.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +26,18 @@ import numpy as np
 import pandas as pd
 
 from xsel import __version__
-from xsel.errors import InputError
-from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_errors_csv
+from xsel.errors import InputError, XselError
+from xsel.identity import describe_identity, identity_of
+from xsel.io.atomic import write_text_atomic
+from xsel.io.outputs import claim_output, writing
+from xsel.io.table import PATH_COLUMN, read_image_table, write_errors_csv
+from xsel.progress import notify
 from xsel.resume import resumed_settings
-from xsel.store import errors_path, write_store
+from xsel.store import errors_path, read_store, write_store
 
 JOB_FILE = "job.json"
+SHARD_FORMAT = 2  # 1 (xsel 0.1): fixed blocks of chunk_rows named by their first row; such a partial run starts again
+SHARD_NAME = re.compile(r"rows-(\d{10})-(\d{10})\.npz")
 
 
 @dataclass(frozen=True)
@@ -49,46 +61,87 @@ class EmbedResult:
         return done / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _shard_path(partial: Path, start: int) -> Path:
-    return partial / f"rows-{start:010d}.npz"
+def _shard_path(partial: Path, first: int, last: int) -> Path:
+    return partial / f"rows-{first:010d}-{last:010d}.npz"
 
 
-def _write_shard(partial: Path, start: int, rows, embeddings, error_rows, error_messages) -> None:
-    target = _shard_path(partial, start)
+def _write_shard(partial: Path, first: int, rows, embeddings, error_rows, error_messages) -> None:
+    last = max([*rows[-1:], *error_rows[-1:]])
+    target = _shard_path(partial, first, last)
     temporary = target.with_suffix(".tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(
-            handle,
-            rows=np.asarray(rows, dtype=np.int64),
-            embeddings=np.asarray(embeddings, dtype=np.float32),
-            error_rows=np.asarray(error_rows, dtype=np.int64),
-            error_messages=np.asarray(error_messages, dtype=str),
-        )
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
+    with writing(target, needed=np.asarray(embeddings).nbytes):
+        try:
+            with open(temporary, "wb") as handle:
+                np.savez(
+                    handle,
+                    rows=np.asarray(rows, dtype=np.int64),
+                    embeddings=np.asarray(embeddings, dtype=np.float32),
+                    error_rows=np.asarray(error_rows, dtype=np.int64),
+                    error_messages=np.asarray(error_messages, dtype=str),
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
-def _read_shard(partial: Path, start: int):
-    with np.load(_shard_path(partial, start), allow_pickle=False) as shard:
-        return (shard["rows"], shard["embeddings"], shard["error_rows"], shard["error_messages"])
+def _read_shard(path: Path):
+    with np.load(path, allow_pickle=False) as shard:
+        return shard["rows"], shard["embeddings"], shard["error_rows"], shard["error_messages"]
 
 
-def _prepare_partial(partial: Path, job: dict, resume: bool) -> set[int]:
-    """Return the block starts already done; a partial run of another job is refused or discarded."""
+def _list_shards(partial: Path) -> list[tuple[int, int, Path]]:
+    """(first row, last row, file) of every shard, in row order."""
+    found = (SHARD_NAME.fullmatch(path.name) for path in partial.glob("rows-*.npz"))
+    return sorted((int(match[1]), int(match[2]), partial / match[0]) for match in found if match)
+
+
+def _verified_shards(partial: Path, embedding_dim: int, total: int) -> list[tuple[int, int, Path]]:
+    """The shards of an interrupted run that read back whole and consistent; a damaged one (truncated by a full
+    disk, overwritten, …) is removed with a notice, so its rows are embedded again."""
+    kept, covered = [], np.zeros(total, dtype=bool)
+    for first, last, path in _list_shards(partial):
+        try:
+            rows, embeddings, error_rows, _ = _read_shard(path)
+            problem = None
+            if last >= total or covered[first : last + 1].any():
+                problem = "rows outside the CSV or in another shard"
+            elif not np.array_equal(np.sort(np.concatenate([rows, error_rows])), np.arange(first, last + 1)):
+                problem = "its rows do not match its name"
+            elif embeddings.shape != (len(rows), embedding_dim):
+                problem = f"embeddings of shape {embeddings.shape}, expected ({len(rows)}, {embedding_dim})"
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # truncated or corrupt file
+            problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            notify(f"{path.name} in {partial} is damaged ({problem}); embedding its rows {first}–{last} again")
+            path.unlink(missing_ok=True)
+            continue
+        covered[first : last + 1] = True
+        kept.append((first, last, path))
+    return kept
+
+
+def _prepare_partial(partial: Path, job: dict, resume: bool, embedding_dim: int) -> list[tuple[int, int, Path]]:
+    """The verified shards of an interrupted run of this job. A partial run of another job is refused; one of an
+    older shard format, or any without ``resume``, is discarded."""
     job_file = partial / JOB_FILE
     if partial.is_dir() and resume and job_file.is_file():
-        resumed_settings(
-            json.loads(job_file.read_text()),
-            job,
-            where=partial,
-            hint="rerun with the same settings, or with --overwrite to start again",
-        )
-        return {int(p.stem.split("-")[1]) for p in partial.glob("rows-*.npz")}
+        try:
+            saved = json.loads(job_file.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if isinstance(saved, dict) and saved.get("shard_format") == SHARD_FORMAT:
+            resumed_settings(
+                saved, job, where=partial, hint="rerun with the same settings, or with --overwrite to start again"
+            )
+            return _verified_shards(partial, embedding_dim, job["rows"])
+        notify(f"{partial} was left by an older xsel or its {JOB_FILE} is unreadable; embedding every image again")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    job_file.write_text(json.dumps(job, sort_keys=True))
-    return set()
+    with writing(partial):
+        partial.mkdir(parents=True)
+        write_text_atomic(json.dumps(job, sort_keys=True), job_file)
+    return []
 
 
 def embed(
@@ -106,6 +159,7 @@ def embed(
     resume: bool = False,
     overwrite: bool = False,
     chunk_rows: int = 1024,
+    flush_seconds: float = 5.0,
     engine: str = "local",
     runtime: str = "torch",
     address: str | None = None,
@@ -121,7 +175,8 @@ def embed(
     ``runtime="onnx"`` exports the encoder to ONNX (checked against PyTorch) and runs it with onnxruntime,
     fp32 only — about 1.4× PyTorch fp32 on the CPUs measured here. ``engine="ray"`` runs decoding and the
     encoder on a Ray cluster (``address``; a local one when None),
-    writing the same shards and store as the local engine.
+    writing the same shards and store as the local engine. Progress is saved every ``flush_seconds`` of work
+    (and every ``chunk_rows`` rows), which bounds what a kill can lose.
     """
     out = Path(out)
     if batch_size < 1:
@@ -134,13 +189,38 @@ def embed(
         raise InputError("--runtime onnx runs locally in fp32: leave out --engine ray and --precision")
     if workers is not None and workers < 0:
         raise InputError(f"--workers {workers}: use 0 (decode in this process) or more")
-    partial = out.with_name(out.name + ".partial")
-    if out.exists() and not overwrite:
-        if resume and not partial.exists():
-            return _already_complete(out)
-        if not resume:
-            raise InputError(f"{out} already exists; pass --overwrite to replace it or --resume to finish it")
-    table = read_image_table(csv, image_root)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows {chunk_rows}: use 1 or more")
+    if out.exists() and not overwrite and not resume:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it or --resume to finish it")
+    table = read_image_table(csv, image_root, show_progress=show_progress)
+    inputs = [table.csv_path] if table.csv_path.is_file() else []  # a scanned folder may hold its store
+    with claim_output(out, kind="store", inputs=inputs, overwrite=overwrite or resume):
+        return _embed_claimed(
+            table,
+            out,
+            encoder=encoder,
+            weights=weights,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            precision=precision,
+            image_size=image_size,
+            resume=resume and not overwrite,
+            chunk_rows=chunk_rows,
+            flush_seconds=flush_seconds,
+            engine=engine,
+            runtime=runtime,
+            address=address,
+            num_gpus_per_worker=num_gpus_per_worker,
+            concurrency=concurrency,
+            show_progress=show_progress,
+        )
+
+
+def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, engine, runtime, **run) -> EmbedResult:
+    """:func:`embed` once the output is checked and locked: build the encoder, embed the rows no shard covers,
+    assemble the store."""
     if engine == "ray":
         from xsel.train.ray_engine import import_ray
 
@@ -149,32 +229,33 @@ def embed(
     from xsel.train import inference
     from xsel.train.runtime import autocast_dtype, resolve_device
 
+    device, precision = run["device"], run["precision"]
     torch_device = resolve_device(device if engine == "local" else "cpu")  # Ray workers resolve their own
     amp_dtype = autocast_dtype(precision, torch_device)
     model = create_encoder(encoder, weights, image_size=image_size)
     identity = model_identity(encoder, model)
+    dim = int(model.embedding_dim)
+    partial = out.with_name(out.name + ".partial")
     job = {
         **identity,
-        "source_csv_sha256": file_sha256(table.csv_path),
+        "source_csv_sha256": table.source_sha256,
         "rows": len(table.files),
-        "chunk_rows": chunk_rows,
         "precision": str(amp_dtype or "float32").removeprefix("torch."),
         "runtime": runtime,
+        "shard_format": SHARD_FORMAT,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done_starts = _prepare_partial(partial, job, resume)
-    starts = list(range(0, len(table.files), chunk_rows))
-    todo_rows = [
-        row
-        for start in starts
-        if start not in done_starts
-        for row in range(start, min(start + chunk_rows, len(table.files)))
-    ]
+    if resume and out.exists() and not partial.exists():
+        return _already_complete(out, table, job)
+    done = _prepare_partial(partial, job, resume, dim)
+    covered = np.zeros(len(table.files), dtype=bool)
+    for first, last, _ in done:
+        covered[first : last + 1] = True
+    todo_rows = np.flatnonzero(~covered).tolist()
     resumed_rows = len(table.files) - len(todo_rows)
 
     began = time.perf_counter()
     if todo_rows:
-        writer = ShardWriter(partial, chunk_rows, todo_rows[0], int(model.embedding_dim))
+        writer = ShardWriter(partial, dim, chunk_rows=run["chunk_rows"], flush_seconds=run["flush_seconds"])
         if engine == "ray":
             from xsel.train.ray_engine import embed_rows_ray
 
@@ -191,11 +272,11 @@ def embed(
                 table.files,
                 todo_rows,
                 writer,
-                batch_size=batch_size,
-                address=address,
-                num_gpus_per_worker=num_gpus_per_worker,
-                concurrency=concurrency,
-                show_progress=show_progress,
+                batch_size=run["batch_size"],
+                address=run["address"],
+                num_gpus_per_worker=run["num_gpus_per_worker"],
+                concurrency=run["concurrency"],
+                show_progress=run["show_progress"],
             )
         else:
             forward = (
@@ -209,17 +290,20 @@ def embed(
                 table.files,
                 todo_rows,
                 writer,
-                batch_size,
-                workers,
+                run["batch_size"],
+                run["workers"],
                 torch_device,
-                show_progress,
+                run["show_progress"],
             )
         writer.flush()
     seconds = time.perf_counter() - began
 
+    shards = _list_shards(partial)
+    if sum(last - first + 1 for first, last, _ in shards) != len(table.files):
+        raise XselError(f"{partial}: the shards do not cover every row of {table.csv_path}; rerun with --resume")
     result_rows, error_rows, error_messages = [], [], []
-    for start in starts:
-        rows, _, bad_rows, messages = _read_shard(partial, start)
+    for _, _, path in shards:
+        rows, _, bad_rows, messages = _read_shard(path)
         result_rows.append(rows)
         error_rows.extend(bad_rows.tolist())
         error_messages.extend(messages.tolist())
@@ -243,7 +327,7 @@ def embed(
     meta = table.frame.drop(columns=[PATH_COLUMN]).iloc[kept].reset_index(drop=True)
     write_store(
         out,
-        embedding_chunks=(_read_shard(partial, start)[1] for start in starts),
+        embedding_chunks=(_read_shard(path)[1] for _, _, path in shards),
         paths=[table.paths[row] for row in kept],
         meta=meta,
         attrs=attrs,
@@ -257,19 +341,33 @@ def embed(
         failed=len(error_rows),
         resumed_rows=resumed_rows,
         seconds=seconds,
-        device=f"ray ({address or 'local cluster'})" if engine == "ray" else str(torch_device),
+        device=f"ray ({run['address'] or 'local cluster'})" if engine == "ray" else str(torch_device),
         encoder=identity["encoder"],
-        embedding_dim=int(model.embedding_dim),
+        embedding_dim=dim,
         errors_csv=errors_csv,
     )
 
 
-def _already_complete(out: Path) -> EmbedResult:
-    from xsel.store import read_store
-
+def _already_complete(out: Path, table, job: dict) -> EmbedResult:
+    """A finished store, when it is the one this run would make: same encoder identity, same CSV, every row
+    accounted for; anything else is refused, naming the difference."""
     store = read_store(out)
     errors_csv = errors_path(out)
     failed = len(pd.read_csv(errors_csv)) if errors_csv.is_file() else 0
+    differences = []
+    if identity_of(store.attrs) != identity_of(job):
+        differences.append(
+            f"it was made by {describe_identity(identity_of(store.attrs))}, this run encodes with "
+            f"{describe_identity(identity_of(job))}"
+        )
+    if store.attrs.get("source_csv_sha256") != job["source_csv_sha256"]:
+        differences.append(f"{table.csv_path} has changed since (SHA-256 differs)")
+    if len(store) + failed != job["rows"]:
+        differences.append(f"it accounts for {len(store) + failed} images, the CSV lists {job['rows']}")
+    if differences:
+        raise InputError(
+            f"{out} is complete but not this run's: {'; '.join(differences)}; pass --overwrite to embed again"
+        )
     return EmbedResult(
         store=out,
         rows=len(store) + failed,
@@ -285,32 +383,45 @@ def _already_complete(out: Path) -> EmbedResult:
 
 
 class ShardWriter:
-    """Takes results in row order, from either engine, and writes one shard per finished block of rows."""
+    """Takes results in row order, from either engine, and saves them as shards of consecutive rows: after
+    ``flush_seconds`` of work, at ``chunk_rows`` rows, and before a row that does not follow the last one (a
+    resumed run skips the rows saved before)."""
 
-    def __init__(self, partial: Path, chunk_rows: int, first_row: int, embedding_dim: int):
-        self.partial, self.chunk_rows, self.dim = partial, chunk_rows, embedding_dim
-        self.block_start = first_row - first_row % chunk_rows
+    def __init__(self, partial: Path, embedding_dim: int, *, chunk_rows: int = 1024, flush_seconds: float = 5.0):
+        self.partial, self.dim, self.chunk_rows, self.flush_seconds = partial, embedding_dim, chunk_rows, flush_seconds
+        self._start()
+
+    def _start(self) -> None:
+        self.first, self.next_row, self.since = None, None, time.monotonic()
         self.rows, self.embeddings, self.error_rows, self.errors = [], [], [], []
 
-    def add(self, rows: np.ndarray, embeddings: np.ndarray, errors: list[tuple[int, str]]) -> int:
+    def add(self, rows: np.ndarray, embeddings: np.ndarray | None, errors: list[tuple[int, str]]) -> int:
         """Add a batch (rows embedded, their embeddings, and (row, message) failures); returns its size."""
         error_map = dict(errors)
-        position = {row: i for i, row in enumerate(rows.tolist())}
+        position = {row: i for i, row in enumerate(np.asarray(rows).tolist())}
         ordered = sorted([*position, *error_map])
-        for row in ordered:  # a batch may straddle block boundaries
-            start = row - row % self.chunk_rows
-            if start != self.block_start:
+        for row in ordered:
+            if self.first is not None and row != self.next_row:
                 self.flush()
-                self.block_start = start
+            if self.first is None:
+                self.first = row
+            self.next_row = row + 1
             if row in error_map:
                 self.error_rows.append(row)
                 self.errors.append(error_map[row])
             else:
                 self.rows.append(row)
                 self.embeddings.append(embeddings[position[row] : position[row] + 1])
+            if self.next_row - self.first >= self.chunk_rows:
+                self.flush()
+        if time.monotonic() - self.since >= self.flush_seconds:
+            self.flush()
         return len(ordered)
 
     def flush(self) -> None:
+        """Save what has been added since the last shard, if anything."""
+        if self.first is None:
+            return
         embeddings = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, self.dim), np.float32)
-        _write_shard(self.partial, self.block_start, self.rows, embeddings, self.error_rows, self.errors)
-        self.rows, self.embeddings, self.error_rows, self.errors = [], [], [], []
+        _write_shard(self.partial, self.first, self.rows, embeddings, self.error_rows, self.errors)
+        self._start()

@@ -8,6 +8,7 @@ An encoder is a ``torch.nn.Module`` mapping a preprocessed float32 batch ``(B, C
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 from xsel import plugins
@@ -42,15 +43,24 @@ def model_identity(name: str, model) -> dict:
     return encoder_identity(plugins.get("encoder", name).name, weights_sha256(model), model.preprocessing)
 
 
+def _load_tensors(path, **options):
+    """``torch.load`` of tensors only (never arbitrary pickled code), without the warnings torch prints about
+    legacy pickles before refusing them: callers report an unreadable file in one line."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, **options)
+
+
 def weights_record(weights: str | None) -> dict | None:
     """The ``xsel`` record inside a weights file written by xsel (``encoder.pt``, ``classifier.pt``), if any:
     the encoder it was trained as and the preprocessing it was trained with."""
-    import torch
 
     if weights is None or not Path(weights).is_file():
         return None
     try:
-        loaded = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        loaded = _load_tensors(weights, mmap=True)
     except Exception:
         return None  # not a zip checkpoint: load_weights reports what is wrong with it
     record = loaded.get("xsel") if isinstance(loaded, dict) else None
@@ -133,7 +143,7 @@ def read_state_dict(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"--weights {path}: file not found; pass a state-dict file, 'imagenet' or 'none'")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _load_tensors(path)
     except Exception as error:
         raise InputError(
             f"--weights {path}: cannot read it as PyTorch weights ({type(error).__name__}); "

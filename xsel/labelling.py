@@ -182,13 +182,7 @@ def _to_png(gray: np.ndarray, max_side: int | None) -> Image.Image:
 def _image_url(relative: str, out_dir: Path, url_prefix: str | None, document_root: Path) -> str:
     if url_prefix is not None:
         return url_prefix + quote(relative)
-    inside = Path(os.path.relpath(out_dir.resolve() / relative, document_root.resolve())).as_posix()
-    if inside.startswith("../"):
-        raise InputError(
-            f"--out {out_dir} is not inside the Label Studio document root {document_root}; "
-            "pass --document-root or --url-prefix"
-        )
-    return "/data/local-files/?d=" + quote(inside)
+    return "/data/local-files/?d=" + quote(Path(os.path.relpath(out_dir / relative, document_root)).as_posix())
 
 
 def _write_json(path: Path, payload) -> None:
@@ -227,7 +221,12 @@ def export_labels(
     selection_csv, out_dir = Path(selection_csv), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"{out_dir} exists; pass --overwrite to replace it (it stays until the export is complete)")
-    document_root = Path(document_root) if document_root is not None else out_dir.absolute().parent
+    document_root = (Path(document_root) if document_root is not None else out_dir.absolute().parent).resolve()
+    if format == "label-studio" and url_prefix is None and not out_dir.resolve().is_relative_to(document_root):
+        raise InputError(
+            f"--out {out_dir} is not inside the Label Studio document root {document_root}; "
+            "pass --document-root or --url-prefix"
+        )
     selection = _selection(selection_csv)
     files, selection = _source_files(selection, selection_csv, image_root, images_csv)
 
@@ -276,7 +275,7 @@ def export_labels(
         if format == "label-studio":
             tasks = []
             for relative, pick in rows:
-                data = {"image": _image_url(relative, out_dir, url_prefix, document_root)}
+                data = {"image": _image_url(relative, out_dir.resolve(), url_prefix, document_root)}
                 data.update({c: _json_value(pick[c]) for c in TASK_FIELDS if c in pick.index})
                 data["rank"] = int(pick["rank"])
                 tasks.append({"data": data})

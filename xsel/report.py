@@ -199,6 +199,8 @@ def write_selection_report(
     if isinstance(selection, str | Path):
         selection = read_csv_checked(selection)
     store = store if isinstance(store, Store) else read_store(store)
+    if not {"rank", PATH_COLUMN} <= set(selection.columns):
+        raise InputError("the selection needs 'rank' and 'Path' columns (as `xsel select` writes)")
     selection = selection.sort_values("rank", kind="stable").reset_index(drop=True)
     row_of = {p: i for i, p in enumerate(store.paths)}
     missing = [p for p in selection[PATH_COLUMN] if p not in row_of]

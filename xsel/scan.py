@@ -15,6 +15,8 @@ byte 128 (PACS exports often have no suffix); hidden files and folders are skipp
 with the reason and skipped, when its header cannot be parsed, it has no pixel data, its pixel data is
 truncated, or its transfer syntax needs a decoder that is not installed (the message names the package).
 PNG/JPEG files are checked by their header only; a file that fails to decode later is listed by ``embed``.
+Headers are read by ``pydicom.dcmread(stop_before_pixels=True, specific_tags=…)``; large folders by a process
+pool.
 
 Filters (each left-out file is counted under its reason):
   chest_only    Modality is a projection radiograph (CR, DX, DR, RG) and the body part is the chest:
@@ -32,7 +34,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,9 +75,10 @@ DESCRIPTION_VIEWS = {
     "L": re.compile(r"(?<![A-Z])(LAT|LATERAL|LL|RL)(?![A-Z])"),
 }
 AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
-PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0009), (0x7FE0, 0x0008)}
+PIXEL_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}  # PixelData, DoubleFloatPixelData, FloatPixelData
 LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 TAGS = [
+    "SpecificCharacterSet",
     "PatientID",
     "PatientSex",
     "PatientAge",
@@ -97,6 +100,9 @@ TAGS = [
     "NumberOfFrames",
 ]
 TAG_NUMBERS = {keyword: keyword_dict[keyword] for keyword in TAGS}
+WANTED_TAGS = set(TAG_NUMBERS.values())
+SHORT_TAGS = {"Rows", "Columns", "SamplesPerPixel", "BitsAllocated"}  # US: 2-byte binary, the rest is text
+UNDEFINED = 0xFFFFFFFF
 # Pool start-up costs ~0.1 s; below this many files one process is faster.
 POOL_THRESHOLD = 2000
 POOL_CHUNK = 256
@@ -115,7 +121,6 @@ class ScanResult:
     left_out: pd.DataFrame
     files_seen: int
     seconds: float
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def left_out_counts(self) -> dict[str, int]:
@@ -150,30 +155,74 @@ def _candidates(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _text(dataset, keyword: str) -> str:
-    """A text tag's value, stripped; read from the raw bytes when ASCII (pydicom's conversion is the slow part)."""
-    element = dataset.get_item(TAG_NUMBERS[keyword])
-    if element is None or element.value is None:
+@dataclass
+class _Header:
+    """What a scan needs from a DICOM file: the raw values of ``TAGS`` and where the pixel data element is."""
+
+    transfer_syntax: str
+    values: dict[int, bytes]
+    little_endian: bool
+    pixel: tuple[int, int] | None  # (value length, value offset in the file); None: the file has none
+    pixel_checked: bool = True  # False for deflated files, whose file offsets say nothing
+
+
+def _pydicom_header(path: Path, size: int) -> _Header:
+    """Any DICOM pydicom reads: big endian, deflated, long headers; raises what pydicom raises."""
+    with open(path, "rb") as handle:
+        dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=TAGS)
+        transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID") or "")
+        implicit, little = dataset.original_encoding
+        start = handle.tell()
+        element = handle.read(12)
+    values = {}
+    for tag in WANTED_TAGS:
+        item = dataset.get_item(tag)
+        if item is not None and item.value is not None:
+            values[tag] = item.value if isinstance(item.value, bytes) else str(item.value).encode("utf-8")
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:  # parsed from an inflated copy
+        return _Header(transfer_syntax, values, little, None, pixel_checked=False)
+    if len(element) < 8:
+        return _Header(transfer_syntax, values, little, None)
+    order = "<" if little else ">"
+    group, number = struct.unpack(order + "HH", element[:4])
+    tag = group << 16 | number
+    if tag not in PIXEL_TAGS:
+        raise ValueError(f"reading stopped at tag {tag:08X}, not at the pixel data")
+    if implicit:
+        pixel = struct.unpack(order + "I", element[4:8])[0], start + 8
+    elif element[4:6] in LONG_LENGTH_VRS:
+        pixel = struct.unpack(order + "I", element[8:12])[0], start + 12
+    else:
+        pixel = struct.unpack(order + "H", element[6:8])[0], start + 8
+    return _Header(transfer_syntax, values, little, pixel)
+
+
+def _text(header: _Header, keyword: str) -> str:
+    """A text tag's value, stripped; non-ASCII values are decoded with the file's SpecificCharacterSet."""
+    raw = header.values.get(TAG_NUMBERS[keyword])
+    if not raw:
         return ""
-    value = element.value
-    if isinstance(value, bytes) and value.isascii():
-        return value.decode("ascii").strip(" \x00")
-    value = dataset[TAG_NUMBERS[keyword]].value  # other character sets: pydicom decodes them
-    if not isinstance(value, str) and hasattr(value, "__iter__"):
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip(" \x00")
+    if raw.isascii():
+        return raw.decode("ascii").strip(" \x00")
+    from pydicom.charset import convert_encodings, decode_bytes
 
-
-def _number(dataset, keyword: str) -> int:
-    """An integer tag (US, or IS text such as NumberOfFrames); 0 when absent or unreadable."""
-    element = dataset.get_item(TAG_NUMBERS[keyword])
-    if element is None or not element.value:
-        return 0
-    value = element.value
-    if isinstance(value, bytes) and element.VR != "IS" and len(value) == 2:
-        return int.from_bytes(value, "little" if element.is_little_endian else "big")
+    charset = header.values.get(TAG_NUMBERS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip(" \x00")
     try:
-        return int(str(value.decode("ascii") if isinstance(value, bytes) else value).strip(" \x00") or 0)
+        text = decode_bytes(raw, convert_encodings(charset.split("\\") if charset else None), set())
+    except (LookupError, ValueError):
+        text = raw.decode("latin-1")
+    return text.strip(" \x00")
+
+
+def _number(header: _Header, keyword: str) -> int:
+    """An integer tag (US, or IS text such as NumberOfFrames); 0 when absent or unreadable."""
+    raw = header.values.get(TAG_NUMBERS[keyword])
+    if not raw:
+        return 0
+    if keyword in SHORT_TAGS:
+        return int.from_bytes(raw[:2], "little" if header.little_endian else "big")
+    try:
+        return int(raw.decode("ascii", "replace").strip(" \x00") or 0)
     except ValueError:
         return 0
 
@@ -225,38 +274,26 @@ def _missing_decoder(uid: str) -> str | None:
     return f"transfer syntax {transfer_syntax.name} needs a decoder that is not installed: {remedy}"
 
 
-def _pixel_data_problem(handle, dataset, size: int) -> str | None:
-    """Check the pixel data element the header read stopped at, reading its 12-byte header only."""
-    start = handle.tell()
-    header = handle.read(12)
-    if len(header) < 8:
+def _pixel_data_problem(header: _Header, size: int) -> str | None:
+    """Why the pixel data cannot be decoded (absent, empty, cut off, no geometry); None when it looks whole."""
+    if not header.pixel_checked:
+        return None
+    if header.pixel is None:
         return "no pixel data (not an image: a report, presentation state or directory)"
-    implicit, little = dataset.original_encoding
-    order = "<" if little else ">"
-    group, element = struct.unpack(order + "HH", header[:4])
-    if (group, element) not in PIXEL_TAGS:
-        return f"no pixel data (reading stopped at tag ({group:04X},{element:04X}))"
-    if implicit:
-        length, value_start = struct.unpack(order + "I", header[4:8])[0], start + 8
-    elif header[4:6] in LONG_LENGTH_VRS:
-        if len(header) < 12:
-            return "truncated file: the pixel data element is cut off"
-        length, value_start = struct.unpack(order + "I", header[8:12])[0], start + 12
-    else:
-        length, value_start = struct.unpack(order + "H", header[6:8])[0], start + 8
-    available = size - value_start
-    if length == 0xFFFFFFFF:  # encapsulated (compressed) frames: at least the offset table item must follow
+    length, start = header.pixel
+    available = size - start
+    if length == UNDEFINED:  # encapsulated (compressed) frames: at least the offset table item must follow
         return None if available >= 8 else "truncated file: the compressed pixel data is cut off"
     if length == 0:
         return "no pixel data (the pixel data element is empty)"
     if available < length:
         return f"truncated file: the pixel data needs {length} bytes, the file holds {available}"
-    rows, columns, bits = (_number(dataset, k) for k in ("Rows", "Columns", "BitsAllocated"))
+    rows, columns, bits = (_number(header, k) for k in ("Rows", "Columns", "BitsAllocated"))
     if not rows or not columns or not bits:
         return "the image header lacks Rows, Columns or BitsAllocated; pixels cannot be decoded"
-    if _text(dataset, "PhotometricInterpretation").startswith("YBR_FULL_422"):
+    if _text(header, "PhotometricInterpretation").startswith("YBR_FULL_422"):
         return None  # subsampled colour: the size rule below does not apply
-    samples, frames = _number(dataset, "SamplesPerPixel") or 1, _number(dataset, "NumberOfFrames") or 1
+    samples, frames = _number(header, "SamplesPerPixel") or 1, _number(header, "NumberOfFrames") or 1
     expected = -(-rows * columns * samples * frames * bits // 8)
     if length < expected:
         shape = f"{rows}×{columns}×{samples}×{frames} at {bits} bits"
@@ -267,38 +304,31 @@ def _pixel_data_problem(handle, dataset, size: int) -> str | None:
 def _read_dicom(path: Path) -> tuple[dict | None, str | None]:
     try:
         size = path.stat().st_size
-        with open(path, "rb") as handle:
-            dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=TAGS)
-            transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID") or "")
-            # a deflated data set is parsed from an inflated copy: the file position says nothing there
-            deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
-            problem = None if deflated else _pixel_data_problem(handle, dataset, size)
+        header = _pydicom_header(path, size)
     except InvalidDicomError:
         return None, "not a DICOM file (no DICM header)"
     except Exception as error:  # parsers raise many types; all mean "this header is unusable"
         return None, f"cannot read the DICOM header: {type(error).__name__}: {error}".strip()
-    if not transfer_syntax:
+    if not header.transfer_syntax:
         return None, "no TransferSyntaxUID in the file meta information; pixels cannot be decoded"
-    problem = problem or _missing_decoder(transfer_syntax)
+    problem = _pixel_data_problem(header, size) or _missing_decoder(header.transfer_syntax)
     if problem:
         return None, problem
-    if not _text(dataset, "PhotometricInterpretation"):
+    if not _text(header, "PhotometricInterpretation"):
         return None, "no PhotometricInterpretation; pixels cannot be decoded"
-    descriptions = [_text(dataset, k) for k in ("SeriesDescription", "ProtocolName", "StudyDescription")]
-    age = parse_age(_text(dataset, "PatientAge"))
-    sex = _text(dataset, "PatientSex").upper()
-    body_part = _text(dataset, "BodyPartExamined").upper()
+    descriptions = [_text(header, k) for k in ("SeriesDescription", "ProtocolName", "StudyDescription")]
+    sex = _text(header, "PatientSex").upper()
     row = {
-        "PatientID": _text(dataset, "PatientID"),
+        "PatientID": _text(header, "PatientID"),
         "Sex": sex if sex in ("M", "F", "O") else "",
-        "Age": age,
-        "View": normalise_view(_text(dataset, "ViewPosition"), descriptions[:2]),
-        "StudyInstanceUID": _text(dataset, "StudyInstanceUID"),
-        "SeriesInstanceUID": _text(dataset, "SeriesInstanceUID"),
-        "SOPInstanceUID": _text(dataset, "SOPInstanceUID"),
-        "Modality": _text(dataset, "Modality").upper(),
-        "BodyPart": body_part,
-        "StudyDate": _study_date(_text(dataset, "StudyDate")),
+        "Age": parse_age(_text(header, "PatientAge")),
+        "View": normalise_view(_text(header, "ViewPosition"), descriptions[:2]),
+        "StudyInstanceUID": _text(header, "StudyInstanceUID"),
+        "SeriesInstanceUID": _text(header, "SeriesInstanceUID"),
+        "SOPInstanceUID": _text(header, "SOPInstanceUID"),
+        "Modality": _text(header, "Modality").upper(),
+        "BodyPart": _text(header, "BodyPartExamined").upper(),
+        "StudyDate": _study_date(_text(header, "StudyDate")),
         "_chest_words": bool(CHEST_WORDS.search(" ".join(descriptions).upper())),
     }
     return row, None

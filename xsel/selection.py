@@ -1,11 +1,11 @@
 """``xsel select`` as a library call: a store's pool → K rows to label, as a selection table.
 
-The framework, not each selector, applies the shared rules: rows listed in ``exclude`` leave the pool,
-then the pool keeps one image per ``PatientID`` (its first row in store order) unless
-``allow_same_patient``, so every selector returns distinct patients without special cases.
-
-A selector may offer ``select_with_scores(embeddings, k, *, seed, metadata)`` → (picks, scores of every row):
-``select`` then uses it instead of ``select`` + ``scores``, so a costly model (boostmis: VAT and density) runs once.
+The framework, not each selector, applies the shared rules (:mod:`xsel.constraints`): rows listed in ``exclude``
+leave the pool, then the pool keeps one image per patient (or study, or every image), near-duplicates are merged
+with ``dedup``, and ``balance``/``quotas`` split K over strata that the selector fills one by one — so every
+selector, the site's ONNX one included, honours them without special cases. Each pick carries a one-line reason
+(the selector's own when it offers ``select_with_reasons``) and the selection keeps a record of what the rules
+did, for its certificate.
 """
 
 from __future__ import annotations
@@ -17,29 +17,34 @@ import numpy as np
 import pandas as pd
 
 from xsel import plugins
+from xsel.certificate import input_record
+from xsel.constraints import UNIT_COLUMNS, Constraints, duplicate_groups, interleave, plan_strata
 from xsel.errors import InputError
 from xsel.io.table import PATH_COLUMN
 from xsel.selectors import (
     check_identity,
-    checked_picks,
     create_selector,
     excluded_paths,
+    explained_picks,
+    factory_options,
     pool_rows,
-    run_selector,
-    selection_scores,
 )
-from xsel.store import Store, check_finite, read_store
+from xsel.store import Store, check_distinct_paths, check_finite, read_store
 
-SELECTION_COLUMNS = ("rank", PATH_COLUMN, "score", "selector")
+SELECTION_COLUMNS = ("rank", PATH_COLUMN, "score", "selector", "reason")
 
 
 @dataclass
 class Selection:
-    """The chosen rows in priority order (``table``) plus the notes a user should read (``warnings``)."""
+    """The chosen rows in priority order (``table``), the notes a user should read (``warnings``), and what the
+    pool rules and strata did (``record``: for the selection's certificate and report)."""
 
     table: pd.DataFrame
     pool_size: int
     warnings: list[str] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+    pool: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # store rows selected from
+    store: Store | None = None
 
 
 def select(
@@ -53,6 +58,7 @@ def select(
     seed: int = 0,
     exclude: str | Path | None = None,
     allow_same_patient: bool = False,
+    constraints: Constraints | None = None,
 ) -> Selection:
     """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning.
 
@@ -60,50 +66,130 @@ def select(
     when a ``model`` (a classifier.pt, its run folder or a loaded ``Classifier``) is, else ``typiclust`` — or
     a ready selector object with a ``name`` (the site runtime passes its ONNX selector). ``checkpoint``,
     ``model`` and ``label`` become the selector's options; one it does not take is an input error.
+    ``constraints`` (one image per patient/study, dedup, balance, quotas) default to one image per patient, or
+    every image with ``allow_same_patient``.
     """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
+    inputs = {"store": input_record(store if not isinstance(store, Store) else None)}
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
+    check_distinct_paths(store)
+    inputs |= {
+        "exclude": input_record(exclude),
+        "checkpoint": input_record(checkpoint),
+        "model": input_record(model if isinstance(model, (str, Path)) else None),
+    }
+    if constraints is None:
+        constraints = Constraints(one_per="image" if allow_same_patient else "patient")
+    name, instance = _selector(selector, checkpoint, model, label)
+    check_identity(instance, name, store)
+    if getattr(instance, "uses_labels", False):
+        raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
+    rows, warnings, record = _pool(store, exclude, constraints)
+    if k > len(rows):
+        warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
+    plan = plan_strata(store.meta.iloc[rows].reset_index(drop=True), k, constraints)
+    if plan is None:
+        positions, scores, reasons = _run(instance, name, store, rows, k, seed)
+    else:
+        positions, scores, reasons = _run_strata(instance, name, store, rows, plan, seed)
+        record["strata"] = [
+            {"stratum": "/".join(key), "pool": len(members), "wanted": round(want, 2), "picked": target}
+            for key, members, want, target in zip(plan.keys, plan.rows, plan.wanted, plan.targets, strict=True)
+        ]
+        shortfalls = plan.shortfalls()
+        if shortfalls:
+            record["shortfalls"] = shortfalls
+            warnings.append(f"quotas not met, the pool is too small: {'; '.join(shortfalls)}")
+    chosen = rows[positions]
+    table = pd.DataFrame(
+        {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": scores}
+    )
+    table["selector"] = name
+    table["reason"] = reasons
+    carried = store.meta.iloc[chosen].reset_index(drop=True)
+    table = pd.concat([table, carried.drop(columns=[c for c in carried.columns if c in SELECTION_COLUMNS])], axis=1)
+    record |= {
+        "mode": "store",
+        "inputs": inputs,
+        "encoder": store.encoder_identity,
+        "selector": name,
+        "selector_options": {"label": label} if label is not None else {},
+        "k": k,
+        "seed": seed,
+        "constraints": constraints.to_dict(),
+    }
+    return Selection(table=table, pool_size=len(rows), warnings=warnings, record=record, pool=rows, store=store)
+
+
+def _selector(selector, checkpoint, model, label) -> tuple[str, object]:
+    """(registered name, selector object) from a name (or the default the options imply) or a ready object."""
+    if selector is not None and not isinstance(selector, str):
+        return selector.name, selector
     options = {
         key: value
         for key, value in (("checkpoint", checkpoint), ("model", model), ("label", label))
         if value is not None
     }
-    if isinstance(selector, str) or selector is None:
-        default = "medselect" if checkpoint else "uncertainty" if model is not None else "typiclust"
-        name = plugins.get("selector", selector or default).name
-        instance = create_selector(name, **options)
-    else:
-        name, instance = selector.name, selector
-    check_identity(instance, name, store)
-    if getattr(instance, "uses_labels", False):
-        raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
+    default = "medselect" if checkpoint else "uncertainty" if model is not None else "typiclust"
+    name = plugins.get("selector", selector or default).name
+    if checkpoint is None and "checkpoint" in factory_options(plugins.get("selector", name).factory):
+        raise InputError(
+            f"selector {name!r} is learned and needs its checkpoint: add --checkpoint RUN/selector.pt "
+            "(made by `xsel train selector`)"
+        )
+    return name, create_selector(name, **options)
+
+
+def _pool(store: Store, exclude, constraints: Constraints) -> tuple[np.ndarray, list[str], dict]:
+    """The store rows a selector may pick from after ``--exclude``, the one-per rule and dedup; the warnings and
+    the record of what each rule removed."""
     warnings = []
     excluded = excluded_paths(exclude) if exclude is not None else set()
     unknown = excluded - set(store.paths)
     if unknown:
         warnings.append(f"{len(unknown)} paths of {exclude} are not in the store (e.g. {sorted(unknown)[0]!r})")
-    rows = pool_rows(store, exclude=excluded, allow_same_patient=allow_same_patient)
+    rows = pool_rows(store, exclude=excluded, one_per=constraints.one_per)
     if len(rows) == 0:
         raise InputError(f"{store.path}: no images left to select from after --exclude")
-    if len(rows) < len(store) - len(excluded & set(store.paths)):
-        warnings.append(f"kept one image per PatientID: the pool has {len(rows)} of {len(store)} images")
-    if k > len(rows):
-        warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
-    metadata, embeddings = store.meta.iloc[rows], store.embeddings[rows]
-    if hasattr(instance, "select_with_scores"):
-        picks, scores = instance.select_with_scores(embeddings, k, seed=seed, metadata=metadata)
-        picks = checked_picks(picks, name, len(rows), k)
-        scores = np.asarray(scores)[picks]
-    else:
-        picks = run_selector(instance, name, embeddings, k, seed=seed, metadata=metadata)
-        scores = selection_scores(instance, embeddings, metadata, seed)[picks]
-    chosen = rows[picks]
-    table = pd.DataFrame(
-        {"rank": np.arange(1, len(chosen) + 1), PATH_COLUMN: [store.paths[i] for i in chosen], "score": scores}
-    )
-    table["selector"] = name
-    carried = store.meta.iloc[chosen].reset_index(drop=True)
-    table = pd.concat([table, carried.drop(columns=[c for c in carried.columns if c in SELECTION_COLUMNS])], axis=1)
-    return Selection(table=table, pool_size=len(rows), warnings=warnings)
+    labelled = len(excluded & set(store.paths))
+    record = {"store_rows": len(store), "excluded": labelled, "removed_by_one_per": len(store) - labelled - len(rows)}
+    if record["removed_by_one_per"] > 0:
+        unit = UNIT_COLUMNS[constraints.one_per]
+        warnings.append(f"kept one image per {unit}: the pool has {len(rows)} of {len(store)} images")
+    if constraints.dedup is not None:
+        groups = duplicate_groups(store.embeddings[rows], constraints.dedup)
+        dropped = np.concatenate([group[1:] for group in groups]) if groups else np.zeros(0, dtype=np.int64)
+        record["duplicate_groups"] = [[store.paths[i] for i in rows[group]] for group in groups]
+        record["removed_by_dedup"] = len(dropped)
+        rows = np.delete(rows, dropped)
+        if groups:
+            warnings.append(
+                f"--dedup {constraints.dedup}: {len(groups)} groups of near-duplicates, {len(dropped)} images left "
+                "out (each group keeps its first image)"
+            )
+    record["pool"] = len(rows)
+    return rows, warnings, record
+
+
+def _run(instance, name: str, store: Store, rows: np.ndarray, k: int, seed: int):
+    """The selector on one pool (store rows in store order): positions in ``rows``, scores, reasons."""
+    return explained_picks(instance, name, store.embeddings[rows], k, seed=seed, metadata=store.meta.iloc[rows])
+
+
+def _run_strata(instance, name: str, store: Store, rows: np.ndarray, plan, seed: int):
+    """The selector on each stratum's pool for its share of K, interleaved into one priority order."""
+    ranked, targets, scores, reasons = [], [], {}, {}
+    for key, members, target in zip(plan.keys, plan.rows, plan.targets, strict=True):
+        if target == 0:
+            continue
+        picks, stratum_scores, stratum_reasons = _run(instance, name, store, rows[members], target, seed)
+        positions = members[picks]
+        ranked.append(positions)
+        targets.append(target)
+        scores |= dict(zip(positions.tolist(), stratum_scores, strict=True))
+        tag = f" [stratum {'/'.join(key)}]"
+        reasons |= {p: why + tag for p, why in zip(positions.tolist(), stratum_reasons, strict=True)}
+    order = interleave(ranked, targets)
+    return order, np.asarray([scores[p] for p in order.tolist()]), [reasons[p] for p in order.tolist()]

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from xsel import plugins
+from xsel.constraints import UNIT_COLUMNS, one_per_unit
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
 from xsel.io.table import PATH_COLUMN, read_csv_checked
-from xsel.labels import first_image_per_patient, patient_ids
 from xsel.store import Store
 
 METADATA_FEATURES = ("sex", "age", "frontal")
@@ -180,17 +180,47 @@ def excluded_paths(exclude_csv: str | Path) -> set[str]:
     return set(frame[PATH_COLUMN].dropna().astype(str))
 
 
-def pool_rows(store: Store, *, exclude: set[str] | None = None, allow_same_patient: bool = False) -> np.ndarray:
-    """Store rows eligible for selection: one per patient (its first row) unless allowed, then without the
-    excluded images — and, under the patient rule, without any patient who already has a labelled image."""
-    rows = np.arange(len(store))
-    patients = patient_ids(store.meta)
-    if not allow_same_patient:
-        rows = first_image_per_patient(patients, rows)
+def pool_rows(store: Store, *, exclude: set[str] | None = None, one_per: str = "patient") -> np.ndarray:
+    """Store rows eligible for selection: one per patient or study (its first row) unless ``one_per="image"``,
+    then without the excluded images — and without any patient (study) that already has a labelled image."""
+    rows = one_per_unit(store.meta, np.arange(len(store)), one_per)
     if exclude:
-        labelled = {i for i, path in enumerate(store.paths) if path in exclude}
-        labelled_patients = (
-            {patients[i] for i in labelled} - {None} if patients is not None and not allow_same_patient else set()
-        )
-        rows = rows[[r not in labelled and (patients is None or patients[r] not in labelled_patients) for r in rows]]
+        labelled = [i for i, path in enumerate(store.paths) if path in exclude]
+        column = UNIT_COLUMNS.get(one_per)
+        units = store.meta[column].astype(object).to_numpy() if column in store.meta.columns else None
+        taken = {str(units[i]) for i in labelled if units is not None and _present(units[i])}
+        keep = [
+            r not in set(labelled) and (units is None or not _present(units[r]) or str(units[r]) not in taken)
+            for r in rows
+        ]
+        rows = rows[np.asarray(keep, dtype=bool)] if len(rows) else rows
     return rows
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
+
+
+def explained_picks(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None):
+    """A selector's picks held to the contract, each pick's score (NaN when it has none) and a one-line reason.
+
+    Optional selector methods, used when present: ``select_with_scores`` (picks and every row's score from one
+    pass: a costly model runs once), ``select_with_reasons`` (picks and a reason per pick, e.g. "most typical image
+    of cluster 3 of 20 (143 images)"). Without its own reasons a pick is described by its rank and score."""
+    if hasattr(selector, "select_with_scores"):
+        picks, scores = selector.select_with_scores(embeddings, k, seed=seed, metadata=metadata)
+        picks = checked_picks(picks, name, len(embeddings), k)
+        scores, reasons = np.asarray(scores)[picks], None
+    elif hasattr(selector, "select_with_reasons"):
+        picks, reasons = selector.select_with_reasons(embeddings, k, seed=seed, metadata=metadata)
+        picks = checked_picks(picks, name, len(embeddings), k)
+        scores = selection_scores(selector, embeddings, metadata, seed)[picks]
+    else:
+        picks = run_selector(selector, name, embeddings, k, seed=seed, metadata=metadata)
+        scores, reasons = selection_scores(selector, embeddings, metadata, seed)[picks], None
+    if reasons is None or len(reasons) != len(picks):
+        reasons = [
+            f"rank {rank} of {len(embeddings)} by {name}" + ("" if np.isnan(score) else f" (score {score:.4g})")
+            for rank, score in enumerate(np.asarray(scores, dtype=np.float64), 1)
+        ]
+    return picks, scores, list(reasons)

@@ -8,15 +8,19 @@ and ranked by the bundle's learned selector or by any baseline selector plugin.
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from xsel.bundle import Bundle
+from xsel.bundle import MANIFEST, Bundle
+from xsel.certificate import input_record
+from xsel.constraints import Constraints
 from xsel.errors import InputError
 from xsel.identity import describe_identity
-from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table, write_errors_csv
+from xsel.io.outputs import claim_output
+from xsel.io.table import PATH_COLUMN, read_image_table, write_errors_csv
 from xsel.selection import Selection, select
 from xsel.selectors import PoolFeatures
 from xsel.store import Store, errors_path, read_store, write_store
@@ -60,7 +64,7 @@ def bundle_store(
     them (same encoder, same CSV); returns the store and how many images failed to decode."""
     identity = bundle.encoder_identity
     table = read_image_table(csv, image_root)
-    csv_sha256 = file_sha256(table.csv_path)
+    csv_sha256 = table.source_sha256
     if store is not None and Path(store).exists():
         existing = read_store(store)
         if existing.encoder_identity != identity:
@@ -106,9 +110,11 @@ def site_select(
     seed: int = 0,
     exclude: str | Path | None = None,
     allow_same_patient: bool = False,
+    constraints: Constraints | None = None,
     show_progress: bool = True,
 ) -> Selection:
-    """Select K images of ``csv`` with a bundle; the learned selector unless ``selector`` names a baseline."""
+    """Select K images of ``csv`` (or of an image folder) with a bundle; the learned selector unless ``selector``
+    names a baseline. ``constraints`` as in :func:`xsel.selection.select`."""
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     loaded = Bundle.load(bundle, device=device)
@@ -116,20 +122,42 @@ def site_select(
     if selector is None and learned is None:
         raise InputError(f"{bundle} holds no learned selector; choose a baseline with --selector (e.g. typiclust)")
     errors_csv = errors_path(store) if store is not None else Path(str(out) + ".errors.csv")
-    pool, failed = bundle_store(
-        loaded,
-        csv,
-        store=store,
-        image_root=image_root,
-        batch_size=batch_size,
-        workers=workers,
-        errors_csv=errors_csv,
-        show_progress=show_progress,
-    )
+    with ExitStack() as claimed:
+        if store is not None:  # checked and locked before any image is encoded; an existing store is reused
+            inputs = [csv if Path(csv).is_file() else None, bundle, exclude]  # a scanned folder may hold its store
+            claimed.enter_context(claim_output(store, kind="store", option="--store", inputs=inputs, overwrite=True))
+        pool, failed = bundle_store(
+            loaded,
+            csv,
+            store=store,
+            image_root=image_root,
+            batch_size=batch_size,
+            workers=workers,
+            errors_csv=errors_csv,
+            show_progress=show_progress,
+        )
     if selector is not None and selector == learned:
         selector = None  # the bundle's own learned selector, by name
     chosen = BundleSelector(loaded) if selector is None else selector
-    result = select(pool, k, selector=chosen, seed=seed, exclude=exclude, allow_same_patient=allow_same_patient)
+    result = select(
+        pool,
+        k,
+        selector=chosen,
+        seed=seed,
+        exclude=exclude,
+        allow_same_patient=allow_same_patient,
+        constraints=constraints,
+    )
+    result.record["mode"] = "site"
+    result.record["inputs"] |= {
+        "images": input_record(csv),
+        "bundle": input_record(Path(bundle) / MANIFEST),
+        "site_store": input_record(store) if store is not None else None,
+    }
+    result.record["selector_options"] = {
+        "selector": selector,
+        "image_root": str(Path(image_root).resolve()) if image_root is not None else None,
+    }
     if failed:
         result.warnings.append(f"{failed} images could not be read; they are listed in {errors_csv}")
     return result

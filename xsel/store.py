@@ -13,6 +13,7 @@ A reader needs only /embeddings, /paths and schema_version; /meta is optional.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ import pandas as pd
 
 from xsel.errors import InputError
 from xsel.identity import describe_identity, identity_of
+from xsel.io.outputs import claim_output, writing
 
 SCHEMA_VERSION = 1
 JSON_ATTRIBUTES = ("encoder_options", "preprocessing", "merged_from")
@@ -60,6 +62,19 @@ def check_finite(store: Store) -> None:
         raise InputError(f"{store.path}: {len(bad)} embeddings hold NaN or infinite values: {named}; re-embed them")
 
 
+def check_distinct_paths(store: Store) -> None:
+    """Refuse a store listing an image twice (a hand-made or concatenated file): exclusions, the one-per-patient
+    rule and the selection CSV all key on ``Path``."""
+    seen: dict[str, int] = {}
+    for row, path in enumerate(store.paths):
+        if path in seen:
+            raise InputError(
+                f"{store.path}: rows {seen[path]} and {row} hold the same path {path!r}; every image may appear once "
+                "(`xsel embed` and `xsel store merge` write such stores)"
+            )
+        seen[path] = row
+
+
 def errors_path(store_path: str | Path) -> Path:
     """Where the images that failed to decode are listed: next to the store, ``<name>.errors.csv``."""
     store_path = Path(store_path)
@@ -73,6 +88,23 @@ def _meta_dataset(values: pd.Series) -> tuple[np.ndarray, object]:
     return text.to_numpy(dtype=object), h5py.string_dtype("utf-8")
 
 
+def _row_blocks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The rows of ``chunks`` regrouped into blocks of ``ROW_CHUNK`` (the last one shorter): whole HDF5 chunks."""
+    pending, held = [], 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk, dtype=np.float32)
+        while len(chunk):
+            take = chunk[: ROW_CHUNK - held]
+            pending.append(take)
+            held += len(take)
+            chunk = chunk[len(take) :]
+            if held == ROW_CHUNK:
+                yield np.concatenate(pending)
+                pending, held = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
 def write_store(
     path: str | Path,
     *,
@@ -84,27 +116,33 @@ def write_store(
     """Write a complete store atomically: a temporary file in the same folder, renamed when done.
 
     ``embedding_chunks`` yields float32 ``(n_i, D)`` blocks whose rows add up to ``len(paths)``;
-    streaming them keeps memory flat however large the store.
+    streaming them keeps memory flat however large the store. Rows are written a whole HDF5 chunk at a time
+    with HDF5's chunk cache off, so a full disk fails the write that hit it (a one-line :class:`InputError`,
+    the temporary removed) instead of failing later inside HDF5's cache flush, which crashed the interpreter.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    blocks = _row_blocks(embedding_chunks)
+    first = next(blocks, None)
+    dim = 0 if first is None else first.shape[1]
+    needed = len(paths) * dim * 4 + sum(len(str(p).encode()) for p in paths)  # embeddings and paths, roughly
     try:
-        with h5py.File(temporary, "w") as handle:
+        with writing(path, needed=needed), h5py.File(temporary, "w", rdcc_nbytes=0) as handle:
             written = 0
             dataset = None
-            for chunk in embedding_chunks:
-                chunk = np.asarray(chunk, dtype=np.float32)
+            for block in itertools.chain([] if first is None else [first], blocks):
                 if dataset is None:
                     dataset = handle.create_dataset(
                         "embeddings",
-                        shape=(0, chunk.shape[1]),
-                        maxshape=(None, chunk.shape[1]),
+                        shape=(0, block.shape[1]),
+                        maxshape=(None, block.shape[1]),
                         dtype=np.float32,
-                        chunks=(min(ROW_CHUNK, max(1, len(paths))), chunk.shape[1]),
+                        chunks=(min(ROW_CHUNK, max(1, len(paths))), block.shape[1]),
                     )
-                dataset.resize(written + len(chunk), axis=0)
-                dataset[written : written + len(chunk)] = chunk
-                written += len(chunk)
+                dataset.resize(written + len(block), axis=0)
+                dataset[written : written + len(block)] = block
+                written += len(block)
             if written != len(paths):
                 raise ValueError(f"store writer got {written} embeddings for {len(paths)} paths")
             handle.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -117,7 +155,8 @@ def write_store(
             for key, value in attrs.items():
                 handle.attrs[key] = json.dumps(value, sort_keys=True) if key in JSON_ATTRIBUTES else value
             handle.attrs["schema_version"] = SCHEMA_VERSION
-        os.replace(temporary, path)
+        with writing(path):
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -212,9 +251,6 @@ def merge_stores(inputs: list[str | Path], out: str | Path, *, overwrite: bool =
     or stores of different encoder identities, are refused naming both. Each input's errors file joins
     ``<out>.errors.csv``; ``merged_from`` records every input's SHA-256.
     """
-    from xsel import __version__
-    from xsel.io.table import PATH_COLUMN, file_sha256, write_errors_csv
-
     inputs, out = [Path(p) for p in inputs], Path(out)
     if len(inputs) < 2:
         raise InputError(f"store merge needs at least two stores, got {len(inputs)}: {', '.join(map(str, inputs))}")
@@ -227,6 +263,15 @@ def merge_stores(inputs: list[str | Path], out: str | Path, *, overwrite: bool =
         raise InputError(f"--out {out} is one of the stores to merge; write the merged store to a new file")
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it (it stays until the merge is complete)")
+    with claim_output(out, kind="store", inputs=inputs, overwrite=overwrite):
+        return _merge_claimed(inputs, out)
+
+
+def _merge_claimed(inputs: list[Path], out: Path) -> MergeResult:
+    """:func:`merge_stores` once ``out`` is checked and locked."""
+    from xsel import __version__
+    from xsel.io.table import PATH_COLUMN, file_sha256, write_errors_csv
+
     headers = []
     for path in inputs:
         with _open_checked(path) as handle:

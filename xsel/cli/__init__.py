@@ -3,24 +3,61 @@
 from __future__ import annotations
 
 import inspect
+import sys
 
 import typer
 from typer.core import TyperGroup
 
 from xsel import __version__
 from xsel.errors import XselError
+from xsel.io.outputs import describe_os_error
 from xsel.progress import notify
 
 
+def _fail(message: str) -> None:
+    notify(" ".join(message.split()), label="error", style="bold red")
+
+
 class _XselGroup(TyperGroup):
-    """Turns the library's errors into one red line on stderr and their exit code, never a traceback."""
+    """The error boundary: every failure becomes one red line on stderr and an exit code, never a traceback.
+
+    xsel's errors exit with their code; a full disk, a quota or a refused write exit 2 (the machine, not xsel);
+    Ctrl-C exits 130, saying how to go on; usage errors (a bad or missing option) exit 2 in one line.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except XselError as error:
-            notify(str(error), label="error", style="bold red")
+            _fail(str(error))
             ctx.exit(error.exit_code)
+        except OSError as error:
+            message = describe_os_error(error)
+            if message is None:
+                raise
+            _fail(message)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            resumes = any(param.name == "resume" for param in getattr(command, "params", ()))
+            _fail("interrupted; rerun with --resume" if resumes else "interrupted")
+            ctx.exit(130)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as error:  # click's usage errors, public in typer as their base class
+            context = getattr(error, "ctx", None)
+            if type(error).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                see = f" See '{context.command_path} {context.help_option_names[-1]}'." if context else ""
+                _fail(error.format_message().rstrip(".") + "." + see)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _fail("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
@@ -73,6 +110,8 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 
 
 _reflow_help(app)
+for _group in app.registered_groups:  # `train …`, `store …`: the same boundary, so it knows the command that ran
+    _group.cls = _XselGroup
 
 __all__ = [
     "app",

@@ -15,6 +15,7 @@ from xsel.cli.evaluate import print_summary
 
 @app.command("demo")
 def demo_command(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images, CSV and store.")] = Path(
         "demo-output"
     ),
@@ -34,7 +35,9 @@ def demo_command(
       xsel demo --out /tmp/xsel-demo --encoder efficientnet-lite0 --images 1000
     """
     from xsel.demo import CONDITIONS, NEGATIVE, SEEN, UNSEEN, VALIDATION, run_demo
+    from xsel.io.outputs import claim_output
 
+    ctx.with_resource(claim_output(out, kind="folder"))  # the demo empties it only when an earlier demo made it
     result = run_demo(
         out,
         encoder=encoder,
@@ -81,6 +84,25 @@ def demo_command(
         f"Bundle {result.bundle} (ONNX, no PyTorch needed) picked {len(picked)} of {result.selection.pool_size} "
         f"images to label → {result.out_dir / 'selection.csv'}; {agreement} the workstation's selection.",
         soft_wrap=True,
+    )
+    site = result.site
+    left_out = ", ".join(f"{count} {reason}" for reason, count in site.scan.left_out_counts.items()) or "none"
+    record = site.selection.record
+    views = ", ".join(f"{stratum['stratum']} {stratum['picked']}" for stratum in record.get("strata", []))
+    console.print(
+        f"Hospital site: scanned {site.scan.files_seen} files of the DICOM archive {site.archive} → "
+        f"{len(site.scan.table)} chest frontal images (left out: {left_out}); one image per study, "
+        f"{len(record.get('duplicate_groups', []))} near-duplicate groups merged, views balanced "
+        f"({views}) → {site.selection_csv}",
+        soft_wrap=True,
+        markup=False,
+    )
+    verdict = "verified" if site.verified.ok else f"NOT verified: {site.verified.differences[0]}"
+    console.print(
+        f"Certificate {site.certificate} ({verdict}); report {site.report}; labelling: {site.label_studio} "
+        f"(Label Studio tasks), {site.cvat} (CVAT manifest)",
+        soft_wrap=True,
+        markup=False,
     )
     console.print(
         f"Images and labels: {result.csv}; evaluation: {result.out_dir / 'evaluation'}", soft_wrap=True, markup=False

@@ -113,6 +113,7 @@ def print_summary(result, console: Console) -> None:
 
 @app.command("evaluate")
 def evaluate_command(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Argument(help="Embedding store with label columns.")],
     conditions: Annotated[str, typer.Option(help="Comma-separated label columns to build episodes for.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for episodes.csv, summary.csv/json and plots.")],
@@ -162,6 +163,10 @@ def evaluate_command(
     ] = "positive",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the episodes and selectors.")] = 0,
     allow_same_patient: Annotated[bool, typer.Option(help="Allow several images of one PatientID.")] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Also write a self-contained HTML report (settings, AUROC charts with CIs, Δ vs random)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of a table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -170,7 +175,7 @@ def evaluate_command(
 
     [bold]Examples[/bold]
 
-      xsel evaluate pool.h5 --conditions Atelectasis,Edema --out results/
+      xsel evaluate pool.h5 --conditions Atelectasis,Edema --out results/ --report results/report.html
       xsel evaluate pool.h5 --conditions Effusion --k 10,20,40 --selectors typiclust,kcenter --out curve/
       xsel evaluate pool.h5 --conditions Edema --episodes 50 --pool-size 300 --query-size 60 --out quick/
       xsel evaluate pool.h5 --conditions Edema --selectors typiclust,medselect=runs/sel/selector.pt --out vs/
@@ -179,6 +184,10 @@ def evaluate_command(
     With [bold]--rounds R[/bold] the folder gets rounds.csv (episode, condition, strategy, round, labelled,
     auroc, …), rounds_summary.csv/json (paired Δ vs random per labelled count) and rounds.png.
     """
+    from xsel.io.outputs import claim_output
+
+    checkpoints = [spec.partition("=")[2].strip() or None for spec in (selectors or "").split(",")]
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, *checkpoints]))  # before any episode runs
     shared = {  # what an evaluation and an active-learning simulation take alike
         "pool_size": pool_size,
         "query_size": query_size,
@@ -190,6 +199,10 @@ def evaluate_command(
         **_given(episodes=episodes, selectors=split_list(selectors, "--selectors") if selectors is not None else None),
     }
     if rounds:
+        if report is not None:
+            raise InputError(
+                "--report covers selector comparisons; with --rounds read rounds_summary.csv and rounds.png"
+            )
         if classifier is not None:
             raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
         if len(parse_budgets(k)) > 1:
@@ -217,6 +230,12 @@ def evaluate_command(
     for warning in result.warnings:
         notify(warning, label="warning")
     written = write(result, out)
+    if report is not None:
+        from xsel.report import write_evaluation_report
+
+        written.append(
+            write_evaluation_report(report, result.summary, settings=result.settings, warnings=result.warnings)
+        )
     if as_json:
         typer.echo(json.dumps({"settings": result.settings, "summary": result.summary.to_dict("records")}, indent=2))
         return

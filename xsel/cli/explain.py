@@ -13,6 +13,7 @@ from xsel.cli.options import Device
 
 @app.command("explain")
 def explain_command(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="classifier.pt from `xsel train classifier` (or its run folder).")],
     csv: Annotated[Path, typer.Argument(help="CSV with a [bold]Path[/bold] column: the images to explain.")],
     label: Annotated[str, typer.Option(help="The classifier label whose evidence is mapped.")],
@@ -41,8 +42,10 @@ def explain_command(
       xsel explain runs/clf/classifier.pt to_check.csv --label Effusion --out cams/effusion
       xsel explain runs/probe/classifier.pt to_check.csv --label Edema --weights imagenet --out cams/edema
     """
+    from xsel.io.outputs import claim_output
     from xsel.train.explain import explain
 
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[checkpoint, csv]))
     result = explain(
         checkpoint,
         csv,

@@ -11,6 +11,8 @@ import typer
 from xsel.cli import app
 from xsel.progress import notify
 
+LABEL_FILES = ("images", "images.csv", "errors.csv", "tasks.json", "label_config.xml", "labels.json")  # all it writes
+
 
 class LabelFormat(str, Enum):
     label_studio = "label-studio"
@@ -20,6 +22,7 @@ class LabelFormat(str, Enum):
 
 @app.command("export-labels")
 def export_labels_command(
+    ctx: typer.Context,
     selection: Annotated[Path, typer.Argument(metavar="SELECTION.csv", help="A selection from `xsel select`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (images/, images.csv, tool files).")],
     format: Annotated[
@@ -63,8 +66,11 @@ def export_labels_command(
       xsel export-labels to_label.csv --format label-studio --out queue/ --csv /data/pacs-export
       xsel export-labels to_label.csv --format cvat --out queue-cvat/ --image-root /data/images --max-side 2048
     """
+    from xsel.io.outputs import claim_output
     from xsel.labelling import CHEXPERT_FINDINGS, export_labels
 
+    inputs = [selection, images_csv if images_csv is not None and images_csv.is_file() else None]
+    ctx.with_resource(claim_output(out, kind="folder", names=LABEL_FILES, inputs=inputs, overwrite=overwrite))
     result = export_labels(
         selection,
         out,

@@ -15,6 +15,7 @@ from xsel.progress import notify
 
 @app.command("scan")
 def scan_command(
+    ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The image CSV to write (Path, PatientID, Sex, …).")],
     chest_only: Annotated[
@@ -40,8 +41,11 @@ def scan_command(
       xsel scan /data/pacs-export --out chest.csv --chest-only --frontal-only
       xsel embed images.csv --out pool.h5        # or give the folder itself: xsel embed /data/pacs-export …
     """
-    from xsel.scan import scan_folder, write_scan
+    from xsel.io.outputs import claim_output
+    from xsel.scan import SCAN_COLUMNS, scan_folder, write_scan
 
+    # a rescan replaces the CSV an earlier scan wrote (its header), never another file; it may sit inside DIR
+    ctx.with_resource(claim_output(out, kind="csv", header=SCAN_COLUMNS, overwrite=True))
     result = scan_folder(
         folder, chest_only=chest_only, frontal_only=frontal_only, workers=workers, show_progress=not quiet
     )

@@ -16,14 +16,21 @@ from xsel.progress import notify
 
 @app.command("select")
 def select_command(
+    ctx: typer.Context,
     source: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
-            metavar="STORE_OR_CSV", help="Embedding store (from `xsel embed`); with --bundle, the image CSV."
+            metavar="STORE_OR_CSV",
+            help="Embedding store (from `xsel embed`); with --bundle, the image CSV or a folder of images.",
         ),
-    ],
-    k: Annotated[int, typer.Option("--k", "-k", help="How many images to label.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Selection CSV to write (rank, Path, score, selector, …).")],
+    ] = None,
+    k: Annotated[int | None, typer.Option("--k", "-k", help="How many images to label.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Selection CSV to write (rank, Path, score, selector, reason, …) and its certificate."
+        ),
+    ] = None,
     selector: Annotated[
         str | None,
         typer.Option(
@@ -55,7 +62,39 @@ def select_command(
     allow_same_patient: Annotated[
         bool, typer.Option(help="Allow several images of one PatientID (default: first image per patient).")
     ] = False,
+    one_per: Annotated[
+        str | None,
+        typer.Option(help="Keep one image per patient (default), per study (StudyInstanceUID) or every image."),
+    ] = None,
+    dedup: Annotated[
+        float | None,
+        typer.Option(
+            help="Leave out near-duplicates: images whose embeddings' cosine similarity reaches this (e.g. 0.995; "
+            "exact copies always do); each group keeps its first image, the certificate lists the groups."
+        ),
+    ] = None,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="Equal shares of K per value of these columns, e.g. View,Sex (AgeBand: from Age)."),
+    ] = None,
+    quota: Annotated[
+        str | None,
+        typer.Option(
+            help='Shares of K for values of one column, e.g. "View=PA:0.7" (the other values share the rest).'
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Also write a self-contained HTML report: thumbnails with reasons, a pool map, coverage."),
+    ] = None,
+    verify: Annotated[
+        Path | None,
+        typer.Option(
+            help="Recompute the selection a SELECTION.json certificate describes and confirm it (exit 1 if not)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the selection as JSON records on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing selection CSV (one xsel wrote).")] = False,
     bundle: Annotated[
         Path | None,
         typer.Option(help="Site mode: an exported bundle folder; encodes the CSV's images with onnxruntime."),
@@ -86,14 +125,35 @@ def select_command(
       xsel select pool.h5 --k 20 --out round2.csv --selector boostmis --model runs/clf/classifier.pt --exclude r1.csv
       xsel select pool.h5 --k 20 --out round2.csv --selector uncertainty --model runs/clf --label Edema
       xsel select images.csv --bundle exports/cxr --k 20 --out to_label.csv --store site.h5
+      xsel select dicoms/ --bundle exports/cxr --k 20 --out to_label.csv --dedup 0.995 --balance View --report r.html
+      xsel select --verify to_label.SELECTION.json
     """
+    from xsel.certificate import write_certificate
+    from xsel.constraints import Constraints, parse_quotas
     from xsel.errors import InputError
+    from xsel.io.outputs import claim_output
     from xsel.io.table import write_csv_atomic
+    from xsel.selection import SELECTION_COLUMNS
 
-    if bundle is None and (store is not None or image_root is not None):
-        raise InputError(
-            "--store and --image-root apply to site mode only: add --bundle DIR (the argument is then a CSV)"
-        )
+    if verify is not None:
+        _verify(verify, quiet)
+        return
+    missing = [name for name, value in (("STORE_OR_CSV", source), ("--k", k), ("--out", out)) if value is None]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}; see `xsel select --help`")
+    inputs = [source if source.is_file() else None, exclude, checkpoint, model, bundle]  # a folder may hold picks
+    header = SELECTION_COLUMNS[:4]  # rank, Path, score, selector: selections written before `reason` qualify too
+    ctx.with_resource(claim_output(out, kind="csv", header=header, inputs=inputs, overwrite=overwrite))
+    if bundle is None and store is not None:
+        raise InputError("--store applies to site mode only: add --bundle DIR (the argument is then a CSV)")
+    if allow_same_patient and one_per not in (None, "image"):
+        raise InputError(f"--allow-same-patient and --one-per {one_per} contradict each other; keep one")
+    constraints = Constraints(
+        one_per=one_per or ("image" if allow_same_patient else "patient"),
+        dedup=dedup,
+        balance=tuple(column.strip() for column in (balance or "").split(",") if column.strip()),
+        quotas=parse_quotas(quota),
+    )
     if bundle is not None and checkpoint is not None:
         raise InputError("--checkpoint and --bundle exclude each other: a bundle carries its own learned selector")
     if bundle is not None and (model is not None or label is not None):
@@ -116,7 +176,7 @@ def select_command(
             workers=workers,
             seed=seed,
             exclude=exclude,
-            allow_same_patient=allow_same_patient,
+            constraints=constraints,
             show_progress=not quiet,
         )
     else:
@@ -131,11 +191,24 @@ def select_command(
             label=label,
             seed=seed,
             exclude=exclude,
-            allow_same_patient=allow_same_patient,
+            constraints=constraints,
         )
     for warning in selection.warnings:
         notify(warning)
     write_csv_atomic(selection.table, out)
+    certificate = write_certificate(selection, out)
+    if report is not None:
+        from xsel.report import write_selection_report
+
+        write_selection_report(
+            report,
+            selection.table,
+            selection.store,
+            pool_rows=selection.pool,
+            image_root=image_root or (source if source.is_dir() else source.parent),
+            seed=seed,
+        )
+    notify(f"certificate → {certificate}" + (f", report → {report}" if report is not None else ""), label="note")
     table = selection.table
     if as_json:
         typer.echo(table.to_json(orient="records", indent=2))
@@ -150,3 +223,13 @@ def select_command(
     Console().print(view)
     if len(table) > 25:
         typer.echo(f"… and {len(table) - 25} more in {out}")
+
+
+def _verify(certificate: Path, quiet: bool) -> None:
+    from xsel.certificate import verify
+
+    result = verify(certificate, show_progress=not quiet)
+    if not result.ok:
+        notify(f"{certificate}: NOT reproduced: {result.differences[0]}", label="error", style="bold red")
+        raise typer.Exit(1)
+    typer.echo(f"{certificate}: verified — the inputs are unchanged and all {result.picks} picks were reproduced")

@@ -65,8 +65,10 @@ def train_selector_command(
       xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
+    from xsel.io.outputs import claim_output
     from xsel.train.selector import train_selector
 
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store]))
     settings = {
         "negative": negative,
         "uncertain": uncertain,
@@ -235,6 +237,7 @@ class Loss(str, Enum):
 
 @train_app.command("classifier")
 def train_classifier_command(
+    ctx: typer.Context,
     csv: Annotated[Path, typer.Argument(help="CSV with a [bold]Path[/bold] column and the label columns.")],
     labels: Annotated[str, typer.Option(help="Comma-separated label columns to learn (1/0/-1/blank, or NIH names).")],
     out: Annotated[
@@ -305,8 +308,10 @@ def train_classifier_command(
       xsel train classifier labeled.csv --labels Effusion --out runs/clf --pseudo-labels --unlabeled pool.csv
       xsel embed pool.csv --out tuned.h5 --encoder densenet121 --weights runs/clf/classifier.pt
     """
+    from xsel.io.outputs import claim_output
     from xsel.train.classifier import ERRORS, ClassifierConfig, train_classifier
 
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[csv, store, unlabeled]))
     config = ClassifierConfig(
         labels=split_list(labels, "--labels"),
         encoder=encoder,

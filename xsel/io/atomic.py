@@ -6,19 +6,23 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from xsel.io.outputs import writing
+
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(temporary)`` and rename the result to ``path``; the temporary goes away on failure.
 
     The temporary keeps the suffix (writers such as ``np.save`` and ``savefig`` choose the format by it)
-    and carries the PID, so two processes writing the same file never share one.
+    and carries the PID, so two processes writing the same file never share one. A full disk or a refused
+    write is a one-line :class:`~xsel.errors.InputError` (:func:`xsel.io.outputs.writing`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with writing(path):  # a full disk or a refused write: one line naming the file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temporary)
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path

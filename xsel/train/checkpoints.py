@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ def read_checkpoint(path: str | Path, *, file_format: str, kind: str, made_by: s
     if not path.is_file():
         raise InputError(f"{path}: {kind} checkpoint not found; make one with `{made_by}`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: the error says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(f"{path}: not a readable {kind} checkpoint ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != file_format:

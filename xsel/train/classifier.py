@@ -69,7 +69,7 @@ from xsel.train.head import (
     save_classifier,
 )
 from xsel.train.inference import ImageDataset, collate_decoded
-from xsel.train.runtime import autocast_dtype, resolve_device
+from xsel.train.runtime import autocast_dtype, one_cycle, resolve_device
 
 METRICS = "metrics.csv"
 REPORT = "report.csv"
@@ -797,7 +797,7 @@ def _start_fine_tuning(config: ClassifierConfig, data: _Data, device: str, steps
     head.to(torch_device)
     parameters = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr(), weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr(), total_steps=steps)
+    schedule = one_cycle(optimizer, config.lr(), steps)
     scaler = torch.amp.GradScaler(torch_device.type, enabled=amp_dtype == torch.float16)
     targets = data.targets.copy()  # pool rows receive pseudo-labels here
     pos_weight, neg_weight = (torch.as_tensor(w).to(torch_device) for w in label_weights(targets[data.train]))

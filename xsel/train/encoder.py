@@ -36,7 +36,7 @@ from xsel.resume import resumed_settings
 from xsel.store import Store, read_store
 from xsel.train.checkpoints import read_checkpoint, save_torch_atomic
 from xsel.train.pretext import METHODS, PretextMethod, augment, build_method, normalize, view_crops
-from xsel.train.runtime import autocast_dtype, resolve_device
+from xsel.train.runtime import autocast_dtype, one_cycle, resolve_device
 
 ENCODER = "encoder.pt"
 LAST = "last.pt"
@@ -379,9 +379,7 @@ def _build_learner(
     module.to(device)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=data.total_steps, pct_start=config.warmup_fraction
-    )
+    scheduler = one_cycle(optimizer, config.learning_rate, data.total_steps, config.warmup_fraction)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Learner(module, trainable, optimizer, scheduler, scaler, device, amp_dtype, dict(backbone.preprocessing))
 

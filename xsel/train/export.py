@@ -29,6 +29,7 @@ from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, ma
 from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
+from xsel.io.outputs import claim_output, writing
 from xsel.io.table import file_sha256
 from xsel.selectors import PoolFeatures, create_selector, factory_options, parse_selector_spec
 
@@ -97,8 +98,21 @@ def export_bundle(
     ``scorer()``), a bare ``RUN/selector.pt`` (MedSelect), or a ready selector object with a ``name``.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    with claim_output(out, kind="bundle", inputs=_export_inputs(weights, selector), overwrite=overwrite):
+        return _export_claimed(out, encoder, weights, image_size, selector, opset)
+
+
+def _export_inputs(weights, selector) -> list[Path]:
+    """The files an export reads (weights, a selector checkpoint): the bundle may not replace or hold them."""
+    named = [weights]
+    if isinstance(selector, (str, Path)):
+        named.append(str(selector).partition("=")[2] or str(selector))
+    elif selector is not None:
+        named.append(getattr(selector, "checkpoint", None))
+    return [Path(item) for item in named if item and Path(item).exists()]
+
+
+def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: int) -> dict:
     model = create_encoder(encoder, weights, image_size=image_size).cpu().eval()
     identity = model_identity(encoder, model)
     name, learned = _learned_selector(selector) if selector is not None else (None, None)
@@ -107,20 +121,20 @@ def export_bundle(
             f"selector {name!r} was trained on embeddings of {describe_identity(learned.encoder_identity)}, not "
             f"of {describe_identity(identity)}; export the encoder (weights, --image-size) it was trained with"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        manifest = _write_models(staging, model, identity, name, learned, opset)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out)
+        with writing(out):  # a full disk: one line, and the staging folder goes
+            staging.mkdir()
+            manifest = _write_models(staging, model, identity, name, learned, opset)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if out.exists():
+                retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, retired)
+                os.replace(staging, out)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -29,6 +29,7 @@ from torch import nn
 
 from xsel.errors import InputError
 from xsel.train.checkpoints import read_checkpoint, save_torch_atomic
+from xsel.train.runtime import one_cycle
 
 CHECKPOINT_FORMAT = "xsel-classifier-1"
 CHECKPOINT_NAME = "classifier.pt"
@@ -122,7 +123,7 @@ def fit_linear_head(
         head = build_head(x.shape[1], y.shape[1], input_mean=mean, input_scale=scale)
     pos_weight, neg_weight = (torch.as_tensor(w) for w in label_weights(targets))
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(epochs, 1))
+    schedule = one_cycle(optimizer, learning_rate, max(epochs, 1))
     head.train()
     for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)

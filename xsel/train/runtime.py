@@ -32,3 +32,11 @@ def autocast_dtype(precision: str, device):
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs CUDA; on a CPU use bf16 (or fp32)")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.3):
+    """torch's OneCycle schedule, except that a warm-up ending exactly one step in — which torch divides by zero on
+    (10 steps at the default 0.1 warm-up) — becomes half a step."""
+    if abs(pct_start * total_steps - 1.0) < 1e-9:
+        pct_start = 0.5 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)

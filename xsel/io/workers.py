@@ -1,0 +1,33 @@
+"""Worker processes that end with the process that started them.
+
+A decode worker (``ProcessPoolExecutor``, DataLoader) outlives a parent killed with SIGKILL — no cleanup runs —
+and keeps its memory until someone finds it. :func:`die_with_parent`, run first in each worker (an executor's
+``initializer``, a DataLoader's ``worker_init_fn``), ends it when its parent goes: on Linux at once, by the
+kernel's parent-death signal; everywhere within a second, by a watchdog thread that notices the new parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """End this worker when process ``parent`` (its starter, ``os.getpid()`` there) has gone."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:  # the signal follows the thread that forked us; this follows the process, anywhere
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="xsel-parent-watchdog", daemon=True).start()
