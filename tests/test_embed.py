@@ -161,11 +161,12 @@ def test_resume_after_sigkill(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not out.exists()
-    done = len(list(partial.glob("rows-*.npz")))
-    assert 2 <= done < 10
+    shards = [name.stem.split("-")[1:] for name in partial.glob("rows-*.npz")]  # rows-FIRST-LAST.npz
+    done = sum(int(last) - int(first) + 1 for first, last in shards)
+    assert len(shards) >= 2 and done < 600
     resumed = subprocess.run([sys.executable, "-c", code + "; print(r.resumed_rows)"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert int(resumed.stdout) == done * 64, "only the missing blocks are embedded again"
+    assert int(resumed.stdout) == done, "only the rows no shard holds are embedded again"
     reference = embed(csv, tmp_path / "ref.h5", encoder="resnet18", weights="none", image_size=48, show_progress=False)
     assert np.allclose(read_store(out).embeddings, read_store(reference.store).embeddings, atol=1e-4)
     assert read_store(out).paths == read_store(reference.store).paths

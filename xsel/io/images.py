@@ -9,6 +9,7 @@ white, MONOCHROME2 convention); :func:`preprocess` returns float32 ``(channels, 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,13 @@ def read_image(path: str | Path) -> np.ndarray:
     """Decode one image file to gray float32 in [0, 1], raising :class:`ImageDecodeError`."""
     path = Path(path)
     try:
-        gray = _read_dicom(path) if is_dicom(path) else _read_raster(path)
+        with warnings.catch_warnings():  # Pillow's warning about a huge image becomes that image's error
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            gray = _read_dicom(path) if is_dicom(path) else _read_raster(path)
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(f"image too large to decode safely: {error}") from None
     except Exception as error:  # decoders raise many types; all mean "this file is unusable"
         raise ImageDecodeError(f"cannot decode image: {type(error).__name__}: {error}") from None
     if gray.ndim != 2 or min(gray.shape) < 2:

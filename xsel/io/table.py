@@ -127,8 +127,19 @@ def read_image_table(
         root = Path(image_root)
         if not root.is_dir():
             raise InputError(f"--image-root {root}: folder not found")
-    files = [root / value for value in paths]
+    files = [locate(root, value) for value in paths]
     return ImageTable(csv_path=csv_path, frame=frame.reset_index(drop=True), files=files, scanned_sha256=scanned_sha256)
+
+
+def locate(root: Path, value: str) -> Path:
+    """The image file a ``Path`` value names: as written when that exists, else with surrounding spaces removed
+    and Windows backslashes read as slashes (a CSV made on Windows or padded by a spreadsheet). Only finding the
+    file changes: stores and selections keep the value verbatim (DESIGN: shared semantics), so rows still match
+    the user's CSV. Only unusual values cost a file-system look-up."""
+    if value == value.strip() and "\\" not in value:
+        return root / value
+    written = root / value
+    return written if written.exists() else root / value.strip().replace("\\", "/")
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:

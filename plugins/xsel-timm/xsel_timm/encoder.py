@@ -105,7 +105,7 @@ def _create_from_file(model_name: str, weights: str) -> nn.Module:
     if not path.is_file():
         raise InputError(f"--weights {weights}: not 'hub', 'none' or an existing state-dict / .safetensors file")
     try:
-        state = timm.models.load_state_dict(str(path))
+        state = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as error:  # torch.load and safetensors report an unreadable file with many types
         raise InputError(
             f"--weights {weights}: cannot read it as a state dict or .safetensors file ({type(error).__name__})"
