@@ -166,10 +166,9 @@ class TypiClustSelector:
             for rank, members in enumerate(ranked, 1)
             if depth < len(members)
         ][:k]
-        ordinal = ("most", "2nd most", "3rd most")
         reasons = [
-            f"{ordinal[depth] if depth < 3 else f'{depth + 1}th most'} typical image of cluster {rank} of "
-            f"{len(ranked)} ({size} images)"
+            f"{'most' if depth == 0 else f'number {depth + 1} by'} typical image of cluster {rank} of {len(ranked)} "
+            f"({size} images)"
             for _, depth, rank, size in chosen
         ]
         return np.asarray([pick for pick, *_ in chosen], dtype=np.int64), reasons

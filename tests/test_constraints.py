@@ -165,3 +165,60 @@ def test_cli_constraint_errors_are_one_line_exit_2(demo_store, tmp_path, cli):
     )
     assert both.exit_code == 2 and "contradict" in both.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_quota_value_missing_from_the_pool_is_reported_and_matched_regardless_of_case():
+    store = site_store()
+    missing = select(
+        store, 10, selector="random", constraints=Constraints(one_per="image", quotas=parse_quotas("View=LL:0.5"))
+    )
+    assert any("View=LL:0.5: no image in the pool for a share of 5.0" in w for w in missing.warnings)
+    lower = select(
+        store, 10, selector="random", constraints=Constraints(one_per="image", quotas=parse_quotas("View=pa:0.7"))
+    )
+    assert (lower.table["View"] == "PA").sum() == 7 and not any("not met" in w for w in lower.warnings)
+
+
+def test_malformed_quota_shares_are_input_errors():
+    for text in ("View=PA:1.2.3", "View=PA:.", "View=PA:-0.1"):
+        with pytest.raises(InputError, match="COLUMN=VALUE:SHARE|between 0 and 1"):
+            parse_quotas(text)
+
+
+def test_strata_draw_with_their_own_seeds():
+    """Two equal strata must not pick the same positions (View alternates PA/AP row by row here)."""
+    store = site_store()
+    store.meta.loc[:, "View"] = ["PA" if i % 2 else "AP" for i in range(len(store))]
+    chosen = select(store, 20, selector="random", constraints=Constraints(one_per="image", balance=("View",)))
+    rows = sorted(int(path[3:-4]) for path in chosen.table["Path"])
+    pa, ap = {r // 2 for r in rows if r % 2}, {r // 2 for r in rows if not r % 2}
+    assert pa != ap, "the strata drew the same positions"
+
+
+def test_blank_values_form_their_own_stratum_last_and_are_noted():
+    store = site_store()
+    store.meta.loc[:5, "Sex"] = None
+    chosen = select(store, 3, selector="random", constraints=Constraints(one_per="image", balance=("Sex",)))
+    assert chosen.table["Sex"].notna().sum() >= 2, "ties go to known values before blank ones"
+    assert any("6 images have no Sex" in w for w in chosen.warnings)
+
+
+def test_dedup_also_removes_copies_of_images_labelled_before(tmp_path):
+    store = site_store()
+    labelled = tmp_path / "round1.csv"
+    pd.DataFrame({"Path": ["img3.dcm"]}).to_csv(labelled, index=False)
+    chosen = select(
+        store, 200, selector="random", exclude=labelled, constraints=Constraints(one_per="image", dedup=0.999)
+    )
+    assert {"img3.dcm", "img10.dcm", "img11.dcm"}.isdisjoint(chosen.table["Path"])
+    assert chosen.record["duplicate_groups"] == [["img3.dcm", "img10.dcm", "img11.dcm"]]
+
+
+def test_a_selection_from_a_store_in_memory_cannot_be_verified_and_says_so(tmp_path):
+    from xsel.certificate import verify, write_certificate
+
+    chosen = select(site_store(), 5, selector="random")
+    out = tmp_path / "s.csv"
+    chosen.table.to_csv(out, index=False)
+    with pytest.raises(InputError, match="held in memory"):
+        verify(write_certificate(chosen, out))

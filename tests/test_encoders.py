@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xsel import plugins
+from xsel import hookimpl, plugins
 from xsel.encoders import create_encoder, load_weights, read_state_dict, weights_sha256
 from xsel.errors import InputError
 from xsel.testing import ContractError, check_encoder
@@ -162,3 +162,32 @@ def test_example_plugin_ships_real_pretrained_weights():
     random = create_encoder("efficientnet-lite0", "none", image_size=SMALL)
     assert weights_sha256(pretrained) != weights_sha256(random)
     assert plugins.get("encoder", "effnet-lite0").distribution == "xsel-efficientnet-lite"
+
+
+class ZeroStdPlugin:
+    """A plugin whose encoder declares a preprocessing that would divide every image by zero."""
+
+    @staticmethod
+    @hookimpl
+    def register_encoders(register):
+        def build(weights=None):
+            encoder = torch.nn.Flatten()
+            encoder.embedding_dim = 64
+            encoder.preprocessing = {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.0]}
+            return encoder
+
+        register("zero-std", build)
+
+
+def test_preprocessing_values_are_checked_when_the_encoder_is_created(tmp_path):
+    plugins.register_plugin(ZeroStdPlugin, name="zero-std-plugin")
+    try:
+        with pytest.raises(InputError, match=r"^encoder 'zero-std' \(plugin 'zero-std-plugin'\) preprocessing: std"):
+            create_encoder("zero-std")
+    finally:
+        plugins.unregister_plugin("zero-std-plugin")
+    state = {key: value for key, value in _reference_resnet18().state_dict().items() if not key.startswith("fc.")}
+    record = {"encoder": "resnet18", "preprocessing": {"crop_pct": 1.5}}  # a tampered training record
+    torch.save({"state_dict": state, "xsel": record}, tmp_path / "encoder.pt")
+    with pytest.raises(InputError, match=r"encoder.pt: the preprocessing it records: crop_pct 1.5 must be"):
+        create_encoder("resnet18", str(tmp_path / "encoder.pt"))

@@ -169,6 +169,14 @@ def _tamper(bundle: Path, how: str) -> None:
         (bundle / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3}))
     elif how == "not json":
         (bundle / "manifest.json").write_text("{oops")
+    elif how == "newer preprocessing":
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["encoder"]["preprocessing"]["letterbox"] = True
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "bad preprocessing value":
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["encoder"]["preprocessing"]["crop"] = "top"
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(
@@ -178,6 +186,8 @@ def _tamper(bundle: Path, how: str) -> None:
         ("missing", "encoder.onnx is missing"),
         ("newer", "bundle schema 3, this xsel reads schemas 1 and 2"),
         ("not json", "manifest.json: not valid JSON"),
+        ("newer preprocessing", "needs preprocessing this xsel does not know (letterbox)"),
+        ("bad preprocessing value", "manifest.json: encoder preprocessing: crop 'top' is not supported"),
     ],
 )
 def test_a_tampered_or_incomplete_bundle_is_refused(bundle_copy, demo_store, tmp_path, cli, how, message):
@@ -194,6 +204,7 @@ def test_a_tampered_or_incomplete_bundle_is_refused(bundle_copy, demo_store, tmp
         "-q",
     )
     assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # one line, no traceback
     assert not (tmp_path / "s.csv").exists()
 
 

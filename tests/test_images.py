@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xsel.io.images import ImageDecodeError, load_image, preprocess, read_image
+from xsel.errors import InputError
+from xsel.io.images import ImageDecodeError, check_preprocessing, load_image, preprocess, read_image
 
 GRADIENT = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))  # dark left, bright right
 
@@ -138,3 +139,41 @@ def test_load_image_matches_read_then_preprocess(tmp_path):
     Image.fromarray((GRADIENT * 255).astype(np.uint8)).save(tmp_path / "a.png")
     pre = {"image_size": 16, "channels": 1, "mean": [0.0], "std": [1.0]}
     assert np.array_equal(load_image(tmp_path / "a.png", pre), preprocess(read_image(tmp_path / "a.png"), pre))
+
+
+CHECKED = {"image_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image_size": 0}, "image_size 0 must be a whole number"),
+        ({"image_size": 32.5}, "image_size 32.5 must be a whole number"),
+        ({"image_size": True}, "image_size True must be a whole number"),
+        ({"channels": 2}, "channels 2 must be 1 or 3"),
+        ({"mean": [0.5]}, r"mean \[0.5\] must be a list of 3 finite numbers"),
+        ({"mean": [0.5, float("nan"), 0.5]}, "mean .* must be a list of 3 finite numbers"),
+        ({"std": "0.25"}, "std '0.25' must be a list of 3"),
+        ({"std": [0.25, 0.0, 0.25]}, "std .* must be above 0 in every channel"),
+        ({"std": [0.25, -1, 0.25]}, "std .* must be above 0 in every channel"),
+        ({"crop": "top"}, "crop 'top' is not supported; use 'center'"),
+        ({"crop_pct": 1.2}, r"crop_pct 1.2 must be a number in \(0, 1\]"),
+        ({"crop_pct": 0}, "crop_pct 0 must be a number"),
+        ({"interpolation": "lanczos2"}, "interpolation 'lanczos2' is not one of bilinear, bicubic"),
+        ({"interpolation": ["bicubic"]}, r"interpolation \['bicubic'\] is not one of"),
+    ],
+)
+def test_check_preprocessing_refuses_values_preprocess_cannot_apply(change, message):
+    with pytest.raises(InputError, match=f"^manifest.json: {message}") as caught:
+        check_preprocessing({**CHECKED, **change}, source="manifest.json")
+    assert "\n" not in str(caught.value)
+
+
+def test_check_preprocessing_accepts_what_preprocess_applies():
+    good = [CHECKED, {**CHECKED, "crop": "center", "crop_pct": 0.875, "interpolation": "bicubic"}]
+    good.append({"image_size": np.int64(8), "channels": 1, "mean": (np.float32(0.5),), "std": [1 / 2048]})
+    for pre in good:
+        check_preprocessing(pre)
+        assert preprocess(GRADIENT, pre).shape[1:] == (int(pre["image_size"]),) * 2
+    with pytest.raises(InputError, match="^preprocessing: expected a mapping"):
+        check_preprocessing(None)

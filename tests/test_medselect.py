@@ -135,6 +135,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     assert steps == list(range(1, 11)), "metrics rows after the last checkpoint are not duplicated"
 
 
+def test_resume_refuses_another_store_and_needs_a_run_to_resume(tmp_path):
+    config = toy_config(episodes=16 * 5, val_every=5)
+    train_selector(toy_store(), tmp_path / "run", config, show_progress=False)
+    with pytest.raises(InputError, match="resume on the same store"):
+        train_selector(toy_store(n=300), tmp_path / "run", None, resume=True, show_progress=False)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_selector(toy_store(), tmp_path / "empty", {"k": 5}, resume=True, show_progress=False)
+
+
 def test_a_checkpoint_is_written_even_when_the_budget_ends_first(tmp_path):
     result = train_selector(toy_store(), tmp_path, toy_config(max_minutes=0), show_progress=False)
     assert result.stopped_by == "time budget" and (tmp_path / "selector.pt").is_file()

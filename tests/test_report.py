@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from tests.dicom_folder import write_site_folder
+from xsel.constraints import stratum_values
 from xsel.errors import InputError
-from xsel.report import age_band, coverage_table, write_evaluation_report, write_selection_report
+from xsel.report import coverage_table, write_evaluation_report, write_selection_report
 from xsel.scan import scan_folder
 from xsel.store import read_store, write_store
 
@@ -150,17 +151,11 @@ def test_coverage_counts_and_age_bands():
     assert table["value"].tolist() == ["PA", "AP", "unknown", "L"]
     assert table["pool"].tolist() == [2, 1, 1, 0] and table["picks"].tolist() == [0, 1, 0, 1]
     assert table["picks %"].tolist() == ["0.0", "50.0", "0.0", "50.0"]
-    ordered = coverage_table(pd.Series(["80+", "0–17", "80+"]), pd.Series(["0–17"]), ["0–17", "18–39", "80+"])
-    assert ordered["value"].tolist() == ["0–17", "80+"]
-    assert [age_band(a) for a in (0.5, 17.9, 18, 65, 80, None, "n/a")] == [
-        "0–17",
-        "0–17",
-        "18–39",
-        "60–79",
-        "80+",
-        "unknown",
-        "unknown",
-    ]
+    ordered = coverage_table(pd.Series(["80+", "0-17", "80+"]), pd.Series(["0-17"]), ["0-17", "18-39", "80+"])
+    assert ordered["value"].tolist() == ["0-17", "80+"]
+    ages = pd.DataFrame({"Age": [0.5, 17.9, 18, 65, 80, None, "n/a"]})
+    bands = stratum_values(ages, "AgeBand").tolist()  # the same bands --balance AgeBand and --quota name
+    assert bands == ["0-17", "0-17", "18-39", "60-79", "80+", "(blank)", "(blank)"]
 
 
 def evaluation_summary() -> pd.DataFrame:

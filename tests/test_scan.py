@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pandas as pd
 import pydicom
 import pytest
@@ -210,3 +213,19 @@ def test_every_encoding_and_nested_sequences_are_read(tmp_path, transfer_syntax)
     )  # fmt: skip
     row = scan_folder(tmp_path, show_progress=False).table.iloc[0]
     assert (row.PatientID, row.View, row.Age) == ("Müller", "PA", 45)
+
+
+def test_an_unreadable_subfolder_is_listed_not_fatal(tmp_path, monkeypatch):
+    folder = tmp_path / "pacs"
+    write_site_folder(folder)
+    real_scandir = os.scandir
+
+    def locked(path):
+        if Path(path).name == "p2":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(scan_module.os, "scandir", locked)
+    result = scan_folder(folder, show_progress=False)
+    assert "p2/" in result.errors["Path"].tolist() and len(result.table) > 0
+    assert not result.table["Path"].str.startswith("p2/").any()

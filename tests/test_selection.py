@@ -106,7 +106,7 @@ def test_bad_input(demo_store, tmp_path, cli):
         ([_nan_store(tmp_path), "--k", "2", *out], "1 embeddings hold NaN or infinite values: row 2 (c)"),
         ([tmp_path / "missing.h5", "--k", "2", *out], "embedding store not found"),
         ([tmp_path / "v2.h5", "--k", "2", *out], "schema_version 2 is not 1"),
-        ([demo_store, "--k", "2", *out, "--store", tmp_path / "x.h5"], "apply to site mode only"),
+        ([demo_store, "--k", "2", *out, "--store", tmp_path / "x.h5"], "applies to site mode only"),
         ([demo_store, "--k", "2", *out, "--bundle", tmp_path, "--checkpoint", tmp_path / "c.pt"], "exclude each other"),
     ]
     for args, message in cases:

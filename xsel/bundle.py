@@ -18,7 +18,7 @@ import numpy as np
 
 from xsel.errors import InputError
 from xsel.identity import encoder_identity
-from xsel.io.images import decode_or_error
+from xsel.io.images import check_preprocessing, decode_or_error, unknown_preprocessing
 from xsel.io.table import file_sha256
 from xsel.io.workers import die_with_parent
 from xsel.progress import notify, progress_bar
@@ -99,6 +99,15 @@ class Bundle:
                 "update xsel or re-export the bundle with this version"
             )
         files = manifest["sha256"]
+        unknown = unknown_preprocessing(manifest.get("encoder", {}).get("preprocessing", {}))
+        if unknown:
+            raise InputError(
+                f"{manifest_path}: the encoder needs preprocessing this xsel does not know ({', '.join(unknown)}); "
+                "update xsel"
+            )
+        if "encoder" in manifest:  # a manifest without one is refused below, naming what it lacks
+            preprocessing = manifest["encoder"].get("preprocessing")
+            check_preprocessing(preprocessing, source=f"{manifest_path}: encoder preprocessing")
         needed = [ENCODER_FILE, *([SELECTOR_FILE] if manifest.get("selector") else [])]
         missing = [name for name in needed if name not in files] + [k for k in ("encoder",) if k not in manifest]
         if missing:

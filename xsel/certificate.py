@@ -22,7 +22,7 @@ from xsel import __version__, plugins
 from xsel.constraints import Constraints
 from xsel.errors import InputError
 from xsel.io.atomic import write_text_atomic
-from xsel.io.table import PATH_COLUMN, file_sha256
+from xsel.io.table import PATH_COLUMN, file_sha256, read_image_table
 
 CERTIFICATE_SCHEMA = 1
 SCORE_TOLERANCE = 1e-4  # ONNX and PyTorch agree to this (the bundle's parity check)
@@ -34,12 +34,16 @@ def certificate_path(selection_csv: str | Path) -> Path:
     return selection_csv.with_name(f"{selection_csv.stem}.SELECTION.json")
 
 
-def input_record(path: str | Path | None) -> dict | None:
-    """A file the selection read, by path (absolute, so verification works from anywhere) and SHA-256."""
+def input_record(path: str | Path | None, *, default_name: str | None = None) -> dict | None:
+    """A file the selection read, by path (absolute, so verification works from anywhere) and SHA-256. A run folder
+    stands for its ``default_name`` file (``selector.pt``); a folder of images is recorded by path, its listing is
+    hashed by the caller (``ImageTable.source_sha256``)."""
     if path is None:
         return None
     path = Path(path)
-    if path.is_dir():  # a run folder given for its checkpoint: record what is inside
+    if path.is_dir() and default_name is not None and (path / default_name).is_file():
+        path = path / default_name
+    if path.is_dir():
         return {"path": str(path.resolve()), "sha256": None}
     return {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
@@ -48,6 +52,11 @@ def write_certificate(selection, selection_csv: str | Path) -> Path:
     """Write the certificate of ``selection`` (a :class:`xsel.selection.Selection` whose CSV is ``selection_csv``)."""
     record = selection.record
     registration = plugins.registry("selector").get(record["selector"])
+    source = record.get("selector_source") or {  # a bundle's selector came from the bundle, not from this install
+        "plugin": registration.plugin if registration else None,
+        "distribution": registration.distribution if registration else None,
+        "version": registration.version if registration else None,
+    }
     table = selection.table
     sop = table["SOPInstanceUID"] if "SOPInstanceUID" in table.columns else pd.Series([None] * len(table))
     picks = [
@@ -67,13 +76,7 @@ def write_certificate(selection, selection_csv: str | Path) -> Path:
         "mode": record.get("mode", "store"),
         "inputs": record.get("inputs", {}),
         "encoder": record.get("encoder"),
-        "selector": {
-            "name": record["selector"],
-            "plugin": registration.plugin if registration else "bundle",
-            "distribution": registration.distribution if registration else None,
-            "version": registration.version if registration else None,
-            "options": record.get("selector_options", {}),
-        },
+        "selector": {"name": record["selector"], **source, "options": record.get("selector_options", {})},
         "seed": record["seed"],
         "k": record["k"],
         "constraints": record["constraints"],
@@ -138,6 +141,10 @@ def _changed_inputs(certificate: dict) -> list[str]:
     changed = []
     records = {**certificate["inputs"], "selection": certificate.get("selection")}
     for name, record in records.items():
+        if record and record.get("listing_sha256"):  # a folder of images: its scanned listing
+            listing = read_image_table(record["path"], show_progress=False).source_sha256
+            if listing != record["listing_sha256"]:
+                changed.append(f"{name} {record['path']} changed since the selection (its images or their tags)")
         if not record or record.get("sha256") is None:
             continue
         path = Path(record["path"])
@@ -173,6 +180,8 @@ def _recompute(certificate: dict, show_progress: bool):
             )
     from xsel.selection import select
 
+    if not inputs.get("store"):
+        raise InputError("this selection was made from a store held in memory (a notebook); it cannot be recomputed")
     model = inputs.get("model") or {}
     checkpoint = inputs.get("checkpoint") or {}
     return select(

@@ -16,10 +16,13 @@ Two kinds:
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from xsel.errors import InputError
 from xsel.geometry import unit_rows
@@ -30,6 +33,7 @@ AGE_BAND = "AgeBand"
 AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
 UNKNOWN = "(blank)"
 DEDUP_BLOCK = 2048  # rows compared per block: memory O(block × N), never N × N
+DEDUP_MIN = 0.9  # below this, "duplicates" are merely similar images and the pairs grow towards N²
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,11 @@ class Constraints:
     def __post_init__(self):
         if self.one_per not in ONE_PER:
             raise InputError(f"--one-per {self.one_per}: choose one of {', '.join(ONE_PER)}")
-        if self.dedup is not None and not 0.0 < self.dedup <= 1.0:
-            raise InputError(f"--dedup {self.dedup}: give a cosine similarity in (0, 1], e.g. 0.995")
+        if self.dedup is not None and not DEDUP_MIN <= self.dedup <= 1.0:
+            raise InputError(
+                f"--dedup {self.dedup}: give a cosine similarity between {DEDUP_MIN} and 1, e.g. 0.995 (lower values "
+                "merge images that merely look alike)"
+            )
         columns = {quota.column for quota in self.quotas}
         if len(columns) > 1:
             raise InputError(f"--quota: quotas on one column at a time (got {', '.join(sorted(columns))})")
@@ -91,7 +98,7 @@ def parse_quotas(text: str | None) -> tuple[Quota, ...]:
     """``"View=PA:0.7,View=AP:0.2"`` → quotas; a malformed item is an input error showing the expected form."""
     quotas = []
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        match = re.fullmatch(r"([^=]+)=([^:]*):([0-9.]+%?)", item)
+        match = re.fullmatch(r"([^=]+)=([^:]*):((?:\d+(?:\.\d*)?|\.\d+)%?)", item)
         if not match:
             raise InputError(f"--quota {item!r}: write COLUMN=VALUE:SHARE, e.g. View=PA:0.7 or View=PA:70%")
         share_text = match.group(3)
@@ -138,7 +145,7 @@ def one_per_unit(meta: pd.DataFrame, rows: np.ndarray, one_per: str) -> np.ndarr
     keep = []
     for row in rows:
         unit = units[row]
-        if unit is None or (isinstance(unit, float) and np.isnan(unit)) or str(unit).strip() == "":
+        if not present(unit):
             keep.append(row)
         elif str(unit) not in seen:
             seen.add(str(unit))
@@ -146,32 +153,33 @@ def one_per_unit(meta: pd.DataFrame, rows: np.ndarray, one_per: str) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def duplicate_groups(embeddings: np.ndarray, threshold: float) -> list[np.ndarray]:
-    """Groups (≥ 2 rows, ascending) of images linked by cosine similarity ≥ ``threshold`` (connected components).
+def present(value) -> bool:
+    """Whether an ID cell holds a value (not None, NaN or blank text): blank IDs never group images."""
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
 
-    Compared block by block: memory O(``DEDUP_BLOCK`` × N), time O(N² · D) — about a minute for 100,000 × 512 on two
-    cores; meant for pools, not whole archives at once."""
+
+def duplicate_groups(embeddings: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Groups (≥ 2 rows, ascending, ordered by first row) of images linked by cosine similarity ≥ ``threshold``:
+    the connected components of that graph.
+
+    Compared block by block: memory O(``DEDUP_BLOCK`` × N) plus the pairs found, time O(N² · D) — about a minute for
+    100,000 × 512 on two cores; meant for pools, not whole archives at once."""
     points = unit_rows(embeddings)
     n = len(points)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    rows, columns = [], []
     for start in range(0, n, DEDUP_BLOCK):
-        similarity = points[start : start + DEDUP_BLOCK] @ points[start:].T
-        rows, columns = np.nonzero(similarity >= threshold - 1e-6)
-        for row, column in zip(rows + start, columns + start, strict=True):
-            if row < column:
-                a, b = find(row), find(column)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    roots = np.array([find(i) for i in range(n)])
-    groups = [np.flatnonzero(roots == root) for root in np.unique(roots)]
-    return [group for group in groups if len(group) > 1]
+        block_rows, block_columns = np.nonzero(
+            points[start : start + DEDUP_BLOCK] @ points[start:].T >= threshold - 1e-6
+        )
+        later = block_columns > block_rows  # each pair once, never a row with itself
+        rows.append(block_rows[later] + start)
+        columns.append(block_columns[later] + start)
+    rows, columns = np.concatenate(rows or [np.zeros(0, int)]), np.concatenate(columns or [np.zeros(0, int)])
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, columns)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(labels))[:-1])
+    return sorted((group for group in groups if len(group) > 1), key=lambda group: group[0])
 
 
 # ---------------------------------------------------------------------------------------------------- strata
@@ -179,52 +187,67 @@ def duplicate_groups(embeddings: np.ndarray, threshold: float) -> list[np.ndarra
 
 @dataclass
 class StratumPlan:
-    """How K is split: each stratum's key, its pool rows (positions in the pool), target and what it got."""
+    """How K is split: each stratum's key, its pool rows (positions in the pool), target and wanted share; quota
+    values with no image in the pool (``absent``) and notes for the user."""
 
     keys: list[tuple[str, ...]]
     rows: list[np.ndarray]
     targets: list[int]
-    wanted: list[float] = field(default_factory=list)
+    wanted: list[float]
+    absent: list[tuple[str, float]] = field(default_factory=list)  # (quota, its wanted share of K)
+    notes: list[str] = field(default_factory=list)
 
     def shortfalls(self) -> list[str]:
-        """Strata that could not get their share, in words."""
-        return [
+        """Strata (and quota values) that could not get their share, in words; none when K exceeds the pool."""
+        if sum(self.targets) < round(sum(self.wanted)):  # K above the pool: every image is picked
+            return []
+        short = [
             f"{'/'.join(key)}: {len(rows)} images for a share of {want:.1f}"
             for key, rows, want in zip(self.keys, self.rows, self.wanted, strict=True)
             if len(rows) < round(want)
         ]
+        return short + [f"{quota}: no image in the pool for a share of {want:.1f}" for quota, want in self.absent]
 
 
 def plan_strata(meta: pd.DataFrame, k: int, constraints: Constraints) -> StratumPlan | None:
     """Split the pool (``meta``, one row per pool image) into strata and K into their targets; None when no
-    balance or quota is asked for. Targets follow the wanted shares by largest remainder, capped by each stratum's
-    size; what a small stratum cannot take goes to the others in proportion to their shares."""
+    balance or quota is asked for. Targets follow the wanted shares by largest remainder (ties: the larger stratum,
+    blank values last), capped by each stratum's size; what a small stratum cannot take goes to the others in
+    proportion to their shares. Quota values match the pool's values regardless of case."""
     columns = [*(quota.column for quota in constraints.quotas[:1]), *constraints.balance]
     if not columns:
         return None
     values = pd.DataFrame({column: stratum_values(meta, column).to_numpy() for column in columns})
-    keys = sorted(set(map(tuple, values.to_numpy().tolist())))
+    keys = sorted(set(map(tuple, values.to_numpy().tolist())), key=lambda key: (UNKNOWN in key, key))
     index = {key: i for i, key in enumerate(keys)}
     membership = np.asarray([index[tuple(row)] for row in values.to_numpy().tolist()], dtype=np.int64)
     rows = [np.flatnonzero(membership == i) for i in range(len(keys))]
-    wanted = _wanted_shares(keys, constraints, k)
-    return StratumPlan(keys, rows, _allocate(wanted, [len(r) for r in rows], k), wanted)
+    wanted, absent = _wanted_shares(keys, constraints, k)
+    notes = [
+        f"--balance {column}: {int((values[column] == UNKNOWN).sum())} images have no {column}; they form their own "
+        "stratum"
+        for column in constraints.balance
+        if (values[column] == UNKNOWN).any()
+    ]
+    return StratumPlan(keys, rows, _allocate(wanted, [len(r) for r in rows], k), wanted, absent, notes)
 
 
-def _wanted_shares(keys: list[tuple[str, ...]], constraints: Constraints, k: int) -> list[float]:
-    """K × each stratum's share: quota values get their share, the column's other values split the rest equally,
-    and balance columns split each of those equally among their combinations."""
-    quotas = {quota.value: quota.share for quota in constraints.quotas}
-    if quotas:
-        others = {key[0] for key in keys} - set(quotas)
-        rest = max(0.0, 1.0 - sum(quotas.values()))
-        first = {value: share for value, share in quotas.items()}
-        first |= {value: rest / len(others) for value in others} if others else {}
-        combos = {}
-        for key in keys:
-            combos.setdefault(key[0], []).append(key)
-        return [k * first.get(key[0], 0.0) / len(combos[key[0]]) for key in keys]
-    return [k / len(keys)] * len(keys)
+def _wanted_shares(keys: list[tuple[str, ...]], constraints: Constraints, k: int) -> tuple[list[float], list]:
+    """K × each stratum's share — quota values get their share, the column's other values split the rest equally,
+    and balance columns split each of those equally among their combinations — and the quotas whose value is not
+    in the pool, with their share of K."""
+    if not constraints.quotas:
+        return [k / len(keys)] * len(keys), []
+    spelled = {key[0].casefold(): key[0] for key in keys}
+    quotas = {spelled.get(quota.value.casefold(), quota.value): quota for quota in constraints.quotas}
+    absent = [(str(quota), k * quota.share) for value, quota in quotas.items() if value not in spelled.values()]
+    others = {key[0] for key in keys} - set(quotas)
+    rest = max(0.0, 1.0 - sum(quota.share for quota in quotas.values()))
+    share = {value: quota.share for value, quota in quotas.items()} | {value: rest / len(others) for value in others}
+    combos: dict[str, int] = {}
+    for key in keys:
+        combos[key[0]] = combos.get(key[0], 0) + 1
+    return [k * share[key[0]] / combos[key[0]] for key in keys], absent
 
 
 def _allocate(wanted: list[float], sizes: list[int], k: int) -> list[int]:
@@ -241,7 +264,7 @@ def _allocate(wanted: list[float], sizes: list[int], k: int) -> list[int]:
             weights = np.where(open_, 1.0, 0.0)
         share = weights / weights.sum() * remaining
         step = np.floor(share).astype(np.int64)
-        order = np.argsort(-(share - step), kind="stable")
+        order = np.lexsort((np.arange(len(sizes)), -sizes, -(share - step)))  # remainder, then size, then key
         for i in order[: int(remaining - step.sum())]:
             if open_[i]:
                 step[i] += 1
@@ -251,6 +274,11 @@ def _allocate(wanted: list[float], sizes: list[int], k: int) -> list[int]:
         targets += step
         open_ = targets < sizes
     return targets.tolist()
+
+
+def stratum_seed(seed: int, key: tuple[str, ...]) -> int:
+    """A stratum's own seed, a function of the run's seed and the stratum's values (reproducible, verifiable)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32("/".join(key).encode())]).generate_state(1)[0])
 
 
 def interleave(ranked: list[np.ndarray], targets: list[int]) -> np.ndarray:

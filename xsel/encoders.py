@@ -14,7 +14,7 @@ from pathlib import Path
 from xsel import plugins
 from xsel.errors import InputError, XselError
 from xsel.identity import encoder_identity
-from xsel.io.images import PREPROCESSING_KEYS
+from xsel.io.images import PREPROCESSING_KEYS, check_preprocessing
 
 NO_WEIGHTS = "none"
 # Wrapper prefixes of checkpoints saved from DataParallel / MoCo (query encoder) training.
@@ -93,8 +93,10 @@ def create_encoder(name: str, weights: str | None = None, *, image_size: int | N
             f"encoder {name!r} from plugin {entry.plugin!r} breaks the encoder contract "
             f"(missing preprocessing keys {missing} or embedding_dim); report it to the plugin's author"
         )
+    check_preprocessing(encoder.preprocessing, source=f"encoder {name!r} (plugin {entry.plugin!r}) preprocessing")
     if record is not None and isinstance(record.get("preprocessing"), dict):
         encoder.preprocessing = {**encoder.preprocessing, **record["preprocessing"]}
+        check_preprocessing(encoder.preprocessing, source=f"--weights {weights}: the preprocessing it records")
     if image_size is not None:
         if image_size < 8:
             raise InputError(f"--image-size {image_size}: use at least 8 pixels")

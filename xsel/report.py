@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from xsel.constraints import AGE_BAND, AGE_BANDS, UNKNOWN, stratum_values
 from xsel.errors import InputError
+from xsel.geometry import unit_rows
 from xsel.io.atomic import write_atomic
 from xsel.io.images import ImageDecodeError, read_image
 from xsel.io.table import PATH_COLUMN, read_csv_checked
 from xsel.store import Store, read_store
 
-AGE_BANDS = ((0, 18, "0–17"), (18, 40, "18–39"), (40, 60, "40–59"), (60, 80, "60–79"), (80, 200, "80+"))
 MAP_POINTS = 5000  # pool points drawn on the map at most (a seeded sample); picks are always drawn
 PICK_COLOUR, POOL_COLOUR = "#d62728", "#8c9bab"
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -85,14 +86,6 @@ def _table(frame: pd.DataFrame, caption: str = "") -> str:
     return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def age_band(age) -> str:
-    """The age band of a number of years; "unknown" when blank."""
-    value = pd.to_numeric(pd.Series([age]), errors="coerce").iloc[0]
-    if pd.isna(value):
-        return "unknown"
-    return next((name for low, high, name in AGE_BANDS if low <= value < high), "unknown")
-
-
 def coverage_table(pool_values: pd.Series, pick_values: pd.Series, order: Sequence[str] = ()) -> pd.DataFrame:
     """Count and share of each value among the pool and the picks (blank → "unknown"): values named in
     ``order`` first in that order, then the rest by pool count."""
@@ -114,11 +107,6 @@ def coverage_table(pool_values: pd.Series, pick_values: pd.Series, order: Sequen
             }
         )
     return pd.DataFrame(rows)
-
-
-def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.where(norms > 0, norms, 1.0)
 
 
 def _clusters(points: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
@@ -212,7 +200,7 @@ def write_selection_report(
     picked = np.isin(pool, picked_rows)
     rank_of = dict(zip(picked_rows.tolist(), selection["rank"].astype(int).tolist(), strict=True))
 
-    points = _unit_rows(store.embeddings[pool])
+    points = unit_rows(store.embeddings[pool])
     cluster = _clusters(points, clusters, seed)
     sections = [_picks_section(selection, _reasons(selection, reasons), image_root, thumbnail_size)]
     sections.append(_map_section(points, picked, [rank_of[r] for r in pool[picked]], seed))
@@ -222,7 +210,7 @@ def write_selection_report(
         if column in meta.columns:
             tables.append(_table(coverage_table(meta[column], meta[column][picked]), column))
     if "Age" in meta.columns:
-        bands = meta["Age"].map(age_band)
+        bands = stratum_values(meta, AGE_BAND).replace(UNKNOWN, "unknown")  # the bands --balance/--quota name
         order = [name for _, _, name in AGE_BANDS]
         tables.append(_table(coverage_table(bands, bands[picked], order), "age band"))
     clusters_column = pd.Series([f"cluster {c}" for c in cluster])

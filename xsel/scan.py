@@ -138,13 +138,20 @@ def scan_errors_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".errors.csv")
 
 
-def _candidates(folder: Path) -> list[str]:
-    """Every non-hidden file under ``folder`` (symlinked folders are not followed), as sorted POSIX paths."""
-    found = []
+def _candidates(folder: Path) -> tuple[list[str], list[dict]]:
+    """Every non-hidden file under ``folder`` (symlinked folders are not followed), as sorted POSIX paths, and the
+    subfolders that could not be read (as errors rows: an archive with one locked folder is still scanned)."""
+    found, unreadable = [], []
     stack = [folder]
     while stack:
         current = stack.pop()
-        with os.scandir(current) as entries:
+        try:
+            listing = os.scandir(current)
+        except OSError as error:
+            relative = current.relative_to(folder).as_posix()
+            unreadable.append({PATH_COLUMN: relative + "/", "error": f"folder not readable: {error.strerror}"})
+            continue
+        with listing as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
@@ -152,7 +159,7 @@ def _candidates(folder: Path) -> list[str]:
                     stack.append(Path(entry.path))
                 elif entry.is_file():
                     found.append(Path(entry.path).relative_to(folder).as_posix())
-    return sorted(found)
+    return sorted(found), unreadable
 
 
 @dataclass
@@ -420,9 +427,9 @@ def scan_folder(
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found; pass the folder that holds the images")
     started = time.perf_counter()
-    relatives = _candidates(folder)
+    relatives, errors = _candidates(folder)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    rows, errors, left_out = [], [], []
+    rows, left_out = [], []
     with progress_bar("Scanning", total=len(relatives), unit="files", show=show_progress) as advance:
         for relative, kind, row, error in _results(folder, relatives, workers, advance):
             if not kind:

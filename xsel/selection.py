@@ -18,7 +18,7 @@ import pandas as pd
 
 from xsel import plugins
 from xsel.certificate import input_record
-from xsel.constraints import UNIT_COLUMNS, Constraints, duplicate_groups, interleave, plan_strata
+from xsel.constraints import UNIT_COLUMNS, Constraints, duplicate_groups, interleave, plan_strata, stratum_seed
 from xsel.errors import InputError
 from xsel.io.table import PATH_COLUMN
 from xsel.selectors import (
@@ -71,15 +71,10 @@ def select(
     """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
-    inputs = {"store": input_record(store if not isinstance(store, Store) else None)}
+    store_file = store if not isinstance(store, Store) else None
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
     check_distinct_paths(store)
-    inputs |= {
-        "exclude": input_record(exclude),
-        "checkpoint": input_record(checkpoint),
-        "model": input_record(model if isinstance(model, (str, Path)) else None),
-    }
     if constraints is None:
         constraints = Constraints(one_per="image" if allow_same_patient else "patient")
     name, instance = _selector(selector, checkpoint, model, label)
@@ -87,6 +82,12 @@ def select(
     if getattr(instance, "uses_labels", False):
         raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
     rows, warnings, record = _pool(store, exclude, constraints)
+    inputs = {  # hashed once every file has been read, so a missing one is the reader's one-line error
+        "store": input_record(store_file),
+        "exclude": input_record(exclude),
+        "checkpoint": input_record(checkpoint, default_name="selector.pt"),
+        "model": input_record(model if isinstance(model, (str, Path)) else None, default_name="classifier.pt"),
+    }
     if k > len(rows):
         warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
     plan = plan_strata(store.meta.iloc[rows].reset_index(drop=True), k, constraints)
@@ -94,6 +95,7 @@ def select(
         positions, scores, reasons = _run(instance, name, store, rows, k, seed)
     else:
         positions, scores, reasons = _run_strata(instance, name, store, rows, plan, seed)
+        warnings += plan.notes
         record["strata"] = [
             {"stratum": "/".join(key), "pool": len(members), "wanted": round(want, 2), "picked": target}
             for key, members, want, target in zip(plan.keys, plan.rows, plan.wanted, plan.targets, strict=True)
@@ -159,11 +161,14 @@ def _pool(store: Store, exclude, constraints: Constraints) -> tuple[np.ndarray, 
         unit = UNIT_COLUMNS[constraints.one_per]
         warnings.append(f"kept one image per {unit}: the pool has {len(rows)} of {len(store)} images")
     if constraints.dedup is not None:
-        groups = duplicate_groups(store.embeddings[rows], constraints.dedup)
-        dropped = np.concatenate([group[1:] for group in groups]) if groups else np.zeros(0, dtype=np.int64)
-        record["duplicate_groups"] = [[store.paths[i] for i in rows[group]] for group in groups]
+        # labelled images join the grouping: a copy of an image labelled in an earlier round leaves the pool too
+        labelled_rows = np.asarray([i for i, path in enumerate(store.paths) if path in excluded], dtype=np.int64)
+        candidates = np.concatenate([labelled_rows, rows])
+        groups = duplicate_groups(store.embeddings[candidates], constraints.dedup)
+        dropped = {int(row) for group in groups for row in candidates[group[1:]]}
+        record["duplicate_groups"] = [[store.paths[i] for i in candidates[group]] for group in groups]
         record["removed_by_dedup"] = len(dropped)
-        rows = np.delete(rows, dropped)
+        rows = np.asarray([row for row in rows if int(row) not in dropped], dtype=np.int64)
         if groups:
             warnings.append(
                 f"--dedup {constraints.dedup}: {len(groups)} groups of near-duplicates, {len(dropped)} images left "
@@ -179,12 +184,15 @@ def _run(instance, name: str, store: Store, rows: np.ndarray, k: int, seed: int)
 
 
 def _run_strata(instance, name: str, store: Store, rows: np.ndarray, plan, seed: int):
-    """The selector on each stratum's pool for its share of K, interleaved into one priority order."""
+    """The selector on each stratum's pool for its share of K, interleaved into one priority order. Each stratum
+    draws with its own seed (derived from the seed and its key), so equal strata do not pick the same positions."""
     ranked, targets, scores, reasons = [], [], {}, {}
     for key, members, target in zip(plan.keys, plan.rows, plan.targets, strict=True):
         if target == 0:
             continue
-        picks, stratum_scores, stratum_reasons = _run(instance, name, store, rows[members], target, seed)
+        picks, stratum_scores, stratum_reasons = _run(
+            instance, name, store, rows[members], target, stratum_seed(seed, key)
+        )
         positions = members[picks]
         ranked.append(positions)
         targets.append(target)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from xsel import plugins
-from xsel.constraints import UNIT_COLUMNS, one_per_unit
+from xsel.constraints import UNIT_COLUMNS, one_per_unit, present
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
 from xsel.io.table import PATH_COLUMN, read_csv_checked
@@ -185,20 +185,15 @@ def pool_rows(store: Store, *, exclude: set[str] | None = None, one_per: str = "
     then without the excluded images — and without any patient (study) that already has a labelled image."""
     rows = one_per_unit(store.meta, np.arange(len(store)), one_per)
     if exclude:
-        labelled = [i for i, path in enumerate(store.paths) if path in exclude]
+        labelled = {i for i, path in enumerate(store.paths) if path in exclude}
         column = UNIT_COLUMNS.get(one_per)
         units = store.meta[column].astype(object).to_numpy() if column in store.meta.columns else None
-        taken = {str(units[i]) for i in labelled if units is not None and _present(units[i])}
+        taken = {str(units[i]) for i in labelled if units is not None and present(units[i])}
         keep = [
-            r not in set(labelled) and (units is None or not _present(units[r]) or str(units[r]) not in taken)
-            for r in rows
+            r not in labelled and (units is None or not present(units[r]) or str(units[r]) not in taken) for r in rows
         ]
         rows = rows[np.asarray(keep, dtype=bool)] if len(rows) else rows
     return rows
-
-
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
 
 
 def explained_picks(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None):

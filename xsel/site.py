@@ -38,11 +38,13 @@ class BundleSelector:
         self.features = PoolFeatures.from_dict(bundle.selector.get("features", {}))
         self.encoder_identity = bundle.encoder_identity
 
-    def scores(self, embeddings, metadata=None):
-        return self.bundle.scores(self.features.inputs(embeddings, metadata), 1)[0]
-
     def select(self, embeddings, k, *, seed, metadata=None):
-        return self.bundle.scores(self.features.inputs(embeddings, metadata), k)[1].astype(np.int64)
+        return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
+
+    def select_with_scores(self, embeddings, k, *, seed, metadata=None):
+        """The ONNX top-k and every row's score from one run of the selector."""
+        scores, top = self.bundle.scores(self.features.inputs(embeddings, metadata), k)
+        return top.astype(np.int64), scores
 
 
 def _count_errors(errors_csv: Path) -> int:
@@ -149,8 +151,16 @@ def site_select(
         constraints=constraints,
     )
     result.record["mode"] = "site"
+    images = input_record(csv)
+    if images["sha256"] is None:  # a folder of images: what identifies it is its scanned listing
+        images["listing_sha256"] = pool.attrs.get("source_csv_sha256")
+    result.record["selector_source"] = (
+        {key: loaded.selector.get(key) for key in ("plugin", "distribution", "version")} | {"bundle": str(bundle)}
+        if isinstance(chosen, BundleSelector)
+        else None
+    )
     result.record["inputs"] |= {
-        "images": input_record(csv),
+        "images": images,
         "bundle": input_record(Path(bundle) / MANIFEST),
         "site_store": input_record(store) if store is not None else None,
     }

@@ -104,7 +104,11 @@ def select_command(
     ] = None,
     device: Annotated[Device, typer.Option(help="Site mode: where onnxruntime runs.")] = Device.auto,
     image_root: Annotated[
-        Path | None, typer.Option(help="Site mode: folder the CSV's Path values are relative to.")
+        Path | None,
+        typer.Option(
+            help="Folder the Path values are relative to: the site's images, or the --report thumbnails' (default: "
+            "the CSV's folder at a site, the store's folder otherwise)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Site mode: images per encoder call.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Site mode: decode worker processes.")] = None,
@@ -141,9 +145,6 @@ def select_command(
     missing = [name for name, value in (("STORE_OR_CSV", source), ("--k", k), ("--out", out)) if value is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)}; see `xsel select --help`")
-    inputs = [source if source.is_file() else None, exclude, checkpoint, model, bundle]  # a folder may hold picks
-    header = SELECTION_COLUMNS[:4]  # rank, Path, score, selector: selections written before `reason` qualify too
-    ctx.with_resource(claim_output(out, kind="csv", header=header, inputs=inputs, overwrite=overwrite))
     if bundle is None and store is not None:
         raise InputError("--store applies to site mode only: add --bundle DIR (the argument is then a CSV)")
     if allow_same_patient and one_per not in (None, "image"):
@@ -160,6 +161,9 @@ def select_command(
         raise InputError(
             "--model and --label apply to a store, not to --bundle: embed the images and select from the store"
         )
+    inputs = [source if source.is_file() else None, exclude, checkpoint, model, bundle]  # a folder may hold picks
+    header = SELECTION_COLUMNS[:4]  # rank, Path, score, selector: selections written before `reason` qualify too
+    ctx.with_resource(claim_output(out, kind="csv", header=header, inputs=inputs, overwrite=overwrite))
     if bundle is not None:
         from xsel.site import site_select
 

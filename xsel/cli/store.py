@@ -24,7 +24,8 @@ def merge_command(
 
     Rows keep the order of the stores given; metadata columns are the union (blank where a store lacks
     one). A path in two stores, or stores of different encoders, are refused naming both. The stores'
-    errors files are merged into [italic]OUT.errors.csv[/italic].
+    errors files are merged into [italic]OUT.errors.csv[/italic]. Stores keep each CSV's Path values, so embed
+    the parts from CSVs in one folder (or with one --image-root) for the merged paths to share one root.
 
     [bold]Examples[/bold]
 

@@ -9,11 +9,15 @@ white, MONOCHROME2 convention); :func:`preprocess` returns float32 ``(channels, 
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from xsel.errors import InputError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
@@ -21,6 +25,7 @@ PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
 # whole image, as before): "crop": "center" cuts the centred square of the short side first (torchxrayvision's
 # XRayCenterCrop, the same offsets); "crop_pct": f resamples only the central fraction f of each side (timm's eval
 # crop); "interpolation" names the resampling filter.
+OPTIONAL_PREPROCESSING_KEYS = ("crop", "crop_pct", "interpolation")
 RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -151,6 +156,43 @@ def preprocess(gray: np.ndarray, preprocessing: dict) -> np.ndarray:
 def load_image(path: str | Path, preprocessing: dict) -> np.ndarray:
     """Decode and preprocess one image: the exact input an encoder sees."""
     return preprocess(read_image(path), preprocessing)
+
+
+def unknown_preprocessing(preprocessing: dict) -> list[str]:
+    """Keys this xsel does not apply: a bundle from a newer xsel whose encoder needs them must be refused, not run
+    with a plain resize (its embeddings would be silently wrong)."""
+    return sorted(set(preprocessing) - {*PREPROCESSING_KEYS, *OPTIONAL_PREPROCESSING_KEYS})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_preprocessing(preprocessing: dict, *, source: str = "preprocessing") -> None:
+    """Refuse values :func:`preprocess` cannot apply, once, where the preprocessing enters (a bundle manifest, an
+    encoder): otherwise every image fails alike, deep inside a worker. ``source`` starts the one-line message."""
+    if not isinstance(preprocessing, dict):
+        raise InputError(f"{source}: expected a mapping of preprocessing keys, got {type(preprocessing).__name__}")
+    size, channels = preprocessing.get("image_size"), preprocessing.get("channels")
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+        raise InputError(f"{source}: image_size {size!r} must be a whole number of pixels, at least 1")
+    if not isinstance(channels, numbers.Integral) or isinstance(channels, bool) or channels not in (1, 3):
+        raise InputError(f"{source}: channels {channels!r} must be 1 or 3")
+    for key in ("mean", "std"):
+        values = preprocessing.get(key)
+        if not isinstance(values, list | tuple) or len(values) != channels or not all(map(_is_number, values)):
+            raise InputError(f"{source}: {key} {values!r} must be a list of {channels} finite numbers, one per channel")
+    if not all(value > 0 for value in preprocessing["std"]):
+        raise InputError(f"{source}: std {preprocessing['std']!r} must be above 0 in every channel")
+    if "crop" in preprocessing and preprocessing["crop"] != "center":
+        raise InputError(f"{source}: crop {preprocessing['crop']!r} is not supported; use 'center' or leave it out")
+    if "crop_pct" in preprocessing:
+        fraction = preprocessing["crop_pct"]
+        if not _is_number(fraction) or not 0 < fraction <= 1:
+            raise InputError(f"{source}: crop_pct {fraction!r} must be a number in (0, 1]")
+    interpolation = preprocessing.get("interpolation", "bilinear")
+    if not isinstance(interpolation, str) or interpolation not in RESAMPLING:
+        raise InputError(f"{source}: interpolation {interpolation!r} is not one of {', '.join(RESAMPLING)}")
 
 
 def decode_or_error(path: str | Path, preprocessing: dict | None) -> tuple[np.ndarray | None, str | None]:

@@ -94,7 +94,8 @@ def _bundle_problem(out: Path) -> str | None:
 
 
 def _names_problem(out: Path, names: Iterable[str], whose: str = "xsel's") -> str | None:
-    extra = sorted(entry.name for entry in out.iterdir() if entry.name not in set(names))
+    allowed = set(names)
+    extra = sorted(entry.name for entry in out.iterdir() if entry.name not in allowed)
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         return f"holds files that are not {whose} ({shown})"

@@ -147,8 +147,8 @@ def _learned_selector(selector) -> tuple[str, object]:
         "encoder_identity); baselines run at the site by name with --selector"
     )
     if isinstance(selector, (str, Path)):
-        spec = str(selector)
-        _, name, options = parse_selector_spec(spec if "=" in spec else f"medselect={spec}")
+        spec = str(selector)  # an existing path is MedSelect's checkpoint even when it holds "=" (runs/lr=0.1/…)
+        _, name, options = parse_selector_spec(spec if "=" in spec and not Path(spec).exists() else f"medselect={spec}")
         if "checkpoint" not in options or "checkpoint" not in factory_options(plugins.get("selector", name).factory):
             raise InputError(f"selector {name!r} {refusal}")
         instance = create_selector(name, **options)
@@ -274,6 +274,13 @@ def _write_selector(folder: Path, name: str, learned, embedding_dim: int, opset:
         "input_dim": int(width),
         "embedding_dim": int(embedding_dim),
         "features": features.to_dict(),
-        "checkpoint": str(getattr(learned, "checkpoint", "")),
+        "checkpoint": _checkpoint_record(getattr(learned, "checkpoint", None)),
         "details": details,
     }
+
+
+def _checkpoint_record(checkpoint) -> dict | None:
+    """The selector's checkpoint by file name and SHA-256: the training machine's folders stay out of the bundle."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    return {"file": Path(checkpoint).name, "sha256": file_sha256(checkpoint)}

@@ -149,5 +149,9 @@ class MedSelectSelector:
             return self.scorer_module(torch.from_numpy(inputs)[None])[0].numpy()
 
     def select(self, embeddings, k, *, seed, metadata=None):
+        return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
+
+    def select_with_scores(self, embeddings, k, *, seed, metadata=None):
+        """The deterministic top-k and every row's score from one pass of the scorer."""
         scores = self.scores(np.asarray(embeddings, dtype=np.float32), metadata)
-        return np.argsort(-scores, kind="stable")[: min(k, len(scores))]
+        return np.argsort(-scores, kind="stable")[: min(k, len(scores))], scores

@@ -25,6 +25,7 @@ from scipy.stats import rankdata
 from xsel import plugins
 from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
+from xsel.identity import describe_identity
 from xsel.labels import patient_ids
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
@@ -156,6 +157,7 @@ class _Training:
     device: torch.device
     identity: dict
     total_steps: int
+    store_rows: int  # with the identity, what a resumed run must find again
 
 
 def train_selector(
@@ -181,6 +183,15 @@ def train_selector(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
     saved = load_checkpoint(run_dir / LAST) if resume and (run_dir / LAST).exists() else None
+    if saved is not None and (saved["encoder_identity"], saved.get("store_rows", len(store))) != (
+        store.encoder_identity,
+        len(store),
+    ):
+        raise InputError(
+            f"{run_dir / LAST} was trained on a store of {saved.get('store_rows')} embeddings of "
+            f"{describe_identity(saved['encoder_identity'])}; {store.path} holds {len(store)} of "
+            f"{describe_identity(store.encoder_identity)}: resume on the same store, or start a new run"
+        )
     config = _run_config(config, saved, run_dir)
     _check_config(config)
     if saved is None and config.use_metadata:  # ages are z-scored with the training store's statistics
@@ -229,9 +240,14 @@ def train_selector(
 def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_dir: Path) -> SelectorConfig:
     """A new run's config as given; a resumed run's as saved, with what this invocation asks for checked."""
     if saved is None:
-        if config is None or isinstance(config, dict):
-            config = SelectorConfig(**(config or {"conditions": [], "val_conditions": []}))
-        return config
+        if isinstance(config, SelectorConfig):
+            return config
+        settings = dict(config or {})
+        if "conditions" not in settings or "val_conditions" not in settings:
+            raise InputError(
+                f"{run_dir}: nothing to resume (no {LAST}); give --conditions and --val-conditions to start a run"
+            )
+        return SelectorConfig(**settings)
     requested = asdict(config) if isinstance(config, SelectorConfig) else dict(config or {})
     if isinstance(config, SelectorConfig) and config.use_metadata:  # set from the store when the run began
         requested = {key: value for key, value in requested.items() if key not in ("age_mean", "age_std")}
@@ -281,7 +297,17 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     return _Training(
-        config, run_dir, scorer, optimizer, scheduler, train, val, device, store.encoder_identity, total_steps
+        config,
+        run_dir,
+        scorer,
+        optimizer,
+        scheduler,
+        train,
+        val,
+        device,
+        store.encoder_identity,
+        total_steps,
+        len(store),
     )
 
 
@@ -331,6 +357,7 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
             "best_val": state.best_val,
             "best_step": state.best_step,
             "seconds": state.seconds + time.perf_counter() - started,
+            "store_rows": training.store_rows,
             "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(),
         },
