@@ -52,22 +52,15 @@ def embed_speed(csv: Path, out: Path, encoder: str, batch_size: int) -> tuple[fl
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--encoders", default=",".join(ENCODERS), help="Comma list of encoder names to measure.")
-    parser.add_argument("--json", type=Path, help="Also write the results here.")
-    args = parser.parse_args()
-
+def measure(images: int, batch_size: int, encoders: list[str]) -> dict:
+    """Images/s of each installed encoder and of resnet18 before and after them, on the same images."""
     import torch
 
     from xsel import plugins
     from xsel.errors import InputError
 
-    wanted = [name.strip() for name in args.encoders.split(",") if name.strip()]
     available = []
-    for name in wanted:
+    for name in encoders:
         try:
             plugins.get("encoder", name)
             available.append(name)
@@ -77,22 +70,22 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        csv = image_csv(args.images, workdir)
-        embed_speed(csv, workdir / "store.h5", REFERENCE, args.batch_size)  # warm-up: page cache, imports, JIT
-        reference = [embed_speed(csv, workdir / "store.h5", REFERENCE, args.batch_size)[0]]
+        csv = image_csv(images, workdir)
+        embed_speed(csv, workdir / "store.h5", REFERENCE, batch_size)  # warm-up: page cache, imports, JIT
+        reference = [embed_speed(csv, workdir / "store.h5", REFERENCE, batch_size)[0]]
         for name in available:
-            speed, info = embed_speed(csv, workdir / "store.h5", name, args.batch_size)
+            speed, info = embed_speed(csv, workdir / "store.h5", name, batch_size)
             rows.append({"encoder": name, "images_per_s": speed, **info})
             print(f"{name}: {speed:.2f} images/s", file=sys.stderr)
-        reference.append(embed_speed(csv, workdir / "store.h5", REFERENCE, args.batch_size)[0])
+        reference.append(embed_speed(csv, workdir / "store.h5", REFERENCE, batch_size)[0])
     baseline = sum(reference) / len(reference)
     for row in rows:
         row["ratio_to_resnet18"] = row["images_per_s"] / baseline
-    result = {
+    return {
         "benchmark": "zoo encoders",
-        "images": args.images,
+        "images": images,
         "source": "realcxr" if has_realcxr() else "synthetic demo",
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -100,20 +93,39 @@ def main() -> None:
         "resnet18_images_per_s": reference,
         "encoders": rows,
     }
-    print(
-        f"{args.images} {result['source']} images, batch {args.batch_size}, fp32, random weights; resnet18 "
-        f"{reference[0]:.1f} images/s before and {reference[1]:.1f} after ({result['minutes']:.1f} min in all)\n"
-    )
-    print("| encoder | input | embedding | images/s | vs resnet18 |")
-    print("|---|---|---|---|---|")
-    for row in rows:
+
+
+def table_lines(result: dict) -> list[str]:
+    """The result as Markdown: a one-line setting, then encoder × input × embedding × images/s × ratio."""
+    reference = result["resnet18_images_per_s"]
+    lines = [
+        f"{result['images']} {result['source']} images, batch {result['batch_size']}, fp32, random weights; resnet18 "
+        f"{reference[0]:.1f} images/s before and {reference[1]:.1f} after ({result['minutes']:.1f} min in all)",
+        "",
+        "| encoder | input | embedding | images/s | vs resnet18 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["encoders"]:
         pre = row["preprocessing"] or {}
         extras = ", ".join(f"{key} {pre[key]}" for key in ("crop", "crop_pct", "interpolation") if key in pre)
         size = f"{pre.get('image_size')} px, {pre.get('channels')} ch" + (f", {extras}" if extras else "")
-        print(
+        lines.append(
             f"| {row['encoder']} | {size} | {row['embedding_dim']}-d | {row['images_per_s']:.2f} | "
             f"{row['ratio_to_resnet18']:.2f}× |"
         )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--encoders", default=",".join(ENCODERS), help="Comma list of encoder names to measure.")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    encoders = [name.strip() for name in args.encoders.split(",") if name.strip()]
+    result = measure(args.images, args.batch_size, encoders)
+    print("\n".join(table_lines(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

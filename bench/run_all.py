@@ -253,6 +253,20 @@ def evaluate_section(args, lines: list[str]) -> None:
     ]
 
 
+def zoo_section(args, lines: list[str]) -> None:
+    """The field's encoders (torchxrayvision, timm, RAD-DINO; those installed), random weights, vs resnet18."""
+    from bench_zoo_encoders import ENCODERS, measure, table_lines
+
+    lines += ["## 7. Field encoders: torchxrayvision, timm, RAD-DINO (`bench/bench_zoo_encoders.py`)", ""]
+    lines += table_lines(measure(48, 16, list(ENCODERS)))
+    lines += [
+        "",
+        "Random weights (speed does not depend on them), each at its published input size and preprocessing, "
+        "through `xsel embed`; resnet18 runs before and after, the ratio divides by their mean.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
@@ -280,7 +294,7 @@ def main() -> None:
         f"scikit-learn {sklearn.__version__}, h5py {h5py.__version__}.",
         "",
     ]
-    sections = [embed_section, memory_section, selector_section, evaluate_section]
+    sections = [embed_section, memory_section, selector_section, evaluate_section, zoo_section]
     for section in sections:
         began = time.perf_counter()
         section(args, lines)

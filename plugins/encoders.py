@@ -78,5 +78,6 @@ def register_encoders(register):
             arch,
             partial(build_torchvision, arch),
             description=f"torchvision {arch}, {dim}-d pooled features; weights none|imagenet|FILE|MoCo",
+            weights=("none", "imagenet"),
         )
     register("pixels", build_pixels, description="32×32 gray thumbnail, standardised (1024-d); no weights")

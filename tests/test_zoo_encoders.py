@@ -6,6 +6,8 @@ plugin distribution is not installed."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,8 +191,22 @@ def test_xrv_embeddings_are_torchxrayvisions_features():
         assert torch.allclose(create_encoder("xrv-autoencoder", "none")(x), reference, atol=1e-5)
 
 
-def test_xrv_release_files_load_offline_by_name(tmp_path):
-    """A copy of torchxrayvision's release file is loaded by torchxrayvision itself, without a download."""
+DENSENET_RELEASE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+
+
+class RunsCode:
+    """Unpickling this creates the folder ``marker``: what a weights file from an untrusted source could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_xrv_local_files_load_without_torchxrayvisions_unpickling(tmp_path):
+    """A DenseNet pickled whole by current torch and the ResNet-50 release (a state dict) load by path; a DenseNet
+    release file (a whole model in torch's pre-1.6 format) is refused with the conversion to run where it is trusted."""
     import torch
     import torchvision
 
@@ -199,20 +215,93 @@ def test_xrv_release_files_load_offline_by_name(tmp_path):
 
     torch.manual_seed(5)
     trained = xrv.models.DenseNet(weights=None, num_classes=18)
-    name = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
-    torch.save(trained, tmp_path / name)  # torchxrayvision's DenseNet releases are pickled models
-    encoder = create_encoder("xrv-densenet121", str(tmp_path / name))
+    torch.save(trained, tmp_path / "pickled.pt")
+    encoder = create_encoder("xrv-densenet121", str(tmp_path / "pickled.pt"))
     assert torch.equal(encoder.features.conv0.weight, trained.features.conv0.weight)
+    assert torch.equal(encoder.features.norm5.running_var, trained.features.norm5.running_var)
+    torch.save(trained, tmp_path / DENSENET_RELEASE, _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match=r"pickled by torch < 1.6.*python -c .*state_dict\(\)") as refused:
+        create_encoder("xrv-densenet121", str(tmp_path / DENSENET_RELEASE))
+    assert "\n" not in str(refused.value)
 
     resnet50 = torchvision.models.resnet50(num_classes=18)  # the ResNet-50 release: its state dict, one channel
     resnet50.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     release = "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt"
     torch.save(resnet50.state_dict(), tmp_path / release)
     resnet = create_encoder("xrv-resnet50", str(tmp_path / release))
-    reference = xrv.models.ResNet(weights="resnet50-res512-all", cache_dir=str(tmp_path)).eval()
+    reference = xrv.models.ResNet(weights="resnet50-res512-all", cache_dir=str(tmp_path)).eval()  # the test's file
     x = torch.randn(1, 1, 512, 512, generator=torch.Generator().manual_seed(1)) * 500
     with torch.inference_mode():
         assert torch.allclose(resnet(x), reference.features(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_xrv_a_weights_file_that_would_run_code_is_refused_and_never_runs(tmp_path, old_format):
+    import torch
+
+    xrv = needs("torchxrayvision", "xrv-densenet121")
+    from xsel.encoders import create_encoder
+
+    def booby_trapped(marker):
+        model = xrv.models.DenseNet(weights=None)
+        model.payload = RunsCode(marker)  # rides along in the pickled model's attributes
+        path = tmp_path / f"from-{marker.name}" / DENSENET_RELEASE  # named like the release file
+        path.parent.mkdir()
+        torch.save(model, path, _use_new_zipfile_serialization=not old_format)
+        return path
+
+    marker = tmp_path / "ran"
+    with pytest.raises(InputError, match="without running code from it"):
+        create_encoder("xrv-densenet121", str(booby_trapped(marker)))
+    assert not marker.exists()
+    live = tmp_path / "ran-when-trusted"  # the same file, unpickled the way torchxrayvision does it, runs the code
+    torch.load(booby_trapped(live), weights_only=False)
+    assert live.is_dir()
+
+
+def test_xrv_named_set_is_fetched_by_torchxrayvision_once_and_kept_as_a_state_dict(tmp_path, monkeypatch):
+    """``--weights all``: torchxrayvision downloads its release file into a fresh folder and loads it; xsel keeps
+    the state dict and reads only that afterwards. A file already lying in the cache under the release name is not
+    the download, so it is never read."""
+    import requests
+    import torch
+
+    xrv = needs("torchxrayvision", "xrv-densenet121")
+    from xsel_torchxrayvision.encoders import named_weights_file
+
+    from xsel.encoders import create_encoder
+
+    torch.manual_seed(8)
+    released = xrv.models.DenseNet(weights=None, num_classes=18)
+    downloads = []
+
+    def download(url, filename):
+        downloads.append(Path(filename))
+        torch.save(released, filename, _use_new_zipfile_serialization=False)  # the release format
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # torchxrayvision's cache folder lives in ~
+    monkeypatch.setattr(xrv.utils, "download", download)
+    cache = Path(xrv.utils.get_cache_dir())
+    cache.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    planted = xrv.models.DenseNet(weights=None)
+    planted.payload = RunsCode(marker)
+    torch.save(planted, cache / DENSENET_RELEASE)  # copied into the cache by hand: not torchxrayvision's download
+
+    encoder = create_encoder("xrv-densenet121", "all")
+    assert torch.equal(encoder.features.conv0.weight, released.features.conv0.weight)
+    assert not marker.exists() and len(downloads) == 1 and downloads[0].parent != cache
+    kept = named_weights_file(xrv, "densenet121-res224-all")
+    assert sorted(path.name for path in cache.iterdir()) == sorted([DENSENET_RELEASE, kept.name])  # download gone
+    assert all(isinstance(v, torch.Tensor) for v in torch.load(kept, weights_only=True).values())
+
+    def offline(url, filename):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(xrv.utils, "download", offline)
+    again = create_encoder("xrv-densenet121", "all")  # from the kept state dict, without a download
+    assert torch.equal(again.features.norm5.weight, released.features.norm5.weight)
+    assert torch.equal(create_encoder("xrv-densenet121", str(kept)).features.norm5.bias, released.features.norm5.bias)
 
 
 def test_xrv_state_dict_of_the_torchxrayvision_model_loads(tmp_path):
@@ -445,6 +534,42 @@ def test_rad_dino_bad_folders_and_offline_hub(tiny_rad_dino, tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(InputError, match="cannot download microsoft/rad-dino .*--weights rad-dino"):
         create_encoder("rad-dino", "hub")
+
+
+def test_rad_dino_reads_only_safetensors_never_a_pickled_bin(tiny_rad_dino, tmp_path):
+    import torch
+
+    from xsel.encoders import create_encoder
+
+    marker = tmp_path / "ran"
+    torch.save({"embeddings.cls_token": RunsCode(marker)}, tiny_rad_dino / "pytorch_model.bin")
+    create_encoder("rad-dino", str(tiny_rad_dino))  # model.safetensors beside it: the .bin is never opened
+    (tiny_rad_dino / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="has no model.safetensors; xsel does not unpickle") as refused:
+        create_encoder("rad-dino", str(tiny_rad_dino))
+    assert "\n" not in str(refused.value) and "save_pretrained" in str(refused.value)
+    assert not marker.exists()
+
+
+def test_rad_dino_processor_sizes_as_ints_and_malformed_json(tiny_rad_dino):
+    from xsel_rad_dino.encoder import preprocessing_from_processor
+
+    from xsel.encoders import create_encoder
+
+    expected = preprocessing_from_processor(RAD_DINO_PROCESSOR, tiny_rad_dino)
+    old_style = {**RAD_DINO_PROCESSOR, "size": 64, "crop_size": TINY_SIZE}  # older configs: one int each
+    assert preprocessing_from_processor(old_style, tiny_rad_dino) == expected
+    for size in ([64, 64], "64", {"height": 64, "width": 64}):
+        with pytest.raises(InputError, match="not the short-side resize"):
+            preprocessing_from_processor({**RAD_DINO_PROCESSOR, "size": size}, tiny_rad_dino)
+    with pytest.raises(InputError, match="preprocessor_config.json: std .* must be above 0"):
+        zero_std = {**RAD_DINO_PROCESSOR, "image_std": [0.2583, 0, 0.2583]}
+        preprocessing_from_processor(zero_std, tiny_rad_dino / "preprocessor_config.json")
+    for name in ("preprocessor_config.json", "config.json"):
+        (tiny_rad_dino / name).write_text('{"model_type": "dinov2",')
+        with pytest.raises(InputError, match=f"{name}: not valid JSON") as refused:
+            create_encoder("rad-dino", str(tiny_rad_dino))
+        assert "\n" not in str(refused.value)
 
 
 def test_rad_dino_exports_to_onnx_and_runs_at_a_site(tiny_rad_dino, cli, tmp_path, one_torch_thread):

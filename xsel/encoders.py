@@ -172,7 +172,13 @@ def read_state_dict(path: str | Path) -> dict:
 
 def load_weights(model, path: str | Path, *, drop_prefixes: tuple[str, ...] = ()) -> None:
     """Load a weights file into ``model`` strictly, after dropping head keys; mismatches name the keys."""
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(drop_prefixes)}
+    load_state(model, read_state_dict(path), path, drop_prefixes=drop_prefixes)
+
+
+def load_state(model, state: dict, path: str | Path, *, drop_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a state dict read from ``path`` (named in messages) into ``model`` strictly, after dropping head keys:
+    for plugins that read a file format of their own."""
+    state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

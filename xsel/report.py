@@ -56,7 +56,7 @@ def _page(title: str, subtitle: str, sections: list[str]) -> str:
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><meta name="generator" content="xsel">'
         f"<title>{_escape(title)}</title><style>{STYLE}</style></head><body>"
         f'<h1>{_escape(title)}</h1><div class="meta">{_escape(subtitle)} · made {created} by xsel</div>'
         + "".join(sections)

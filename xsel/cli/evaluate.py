@@ -188,6 +188,11 @@ def evaluate_command(
 
     checkpoints = [spec.partition("=")[2].strip() or None for spec in (selectors or "").split(",")]
     ctx.with_resource(claim_output(out, kind="folder", inputs=[store, *checkpoints]))  # before any episode runs
+    if report is not None:
+        # like the files of --out, a report xsel wrote before is replaced; anything else is refused
+        ctx.with_resource(
+            claim_output(report, kind="html", option="--report", inputs=[store, *checkpoints], overwrite=True)
+        )
     shared = {  # what an evaluation and an active-learning simulation take alike
         "pool_size": pool_size,
         "query_size": query_size,

@@ -133,7 +133,6 @@ def select_command(
       xsel select --verify to_label.SELECTION.json
     """
     from xsel.certificate import write_certificate
-    from xsel.constraints import Constraints, parse_quotas
     from xsel.errors import InputError
     from xsel.io.outputs import claim_output
     from xsel.io.table import write_csv_atomic
@@ -145,58 +144,25 @@ def select_command(
     missing = [name for name, value in (("STORE_OR_CSV", source), ("--k", k), ("--out", out)) if value is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)}; see `xsel select --help`")
-    if bundle is None and store is not None:
-        raise InputError("--store applies to site mode only: add --bundle DIR (the argument is then a CSV)")
-    if allow_same_patient and one_per not in (None, "image"):
-        raise InputError(f"--allow-same-patient and --one-per {one_per} contradict each other; keep one")
-    constraints = Constraints(
-        one_per=one_per or ("image" if allow_same_patient else "patient"),
-        dedup=dedup,
-        balance=tuple(column.strip() for column in (balance or "").split(",") if column.strip()),
-        quotas=parse_quotas(quota),
-    )
-    if bundle is not None and checkpoint is not None:
-        raise InputError("--checkpoint and --bundle exclude each other: a bundle carries its own learned selector")
-    if bundle is not None and (model is not None or label is not None):
-        raise InputError(
-            "--model and --label apply to a store, not to --bundle: embed the images and select from the store"
-        )
+    _check_mode(bundle, store, checkpoint, model, label)
+    constraints = _constraints(one_per, allow_same_patient, dedup, balance, quota)
     inputs = [source if source.is_file() else None, exclude, checkpoint, model, bundle]  # a folder may hold picks
     header = SELECTION_COLUMNS[:4]  # rank, Path, score, selector: selections written before `reason` qualify too
     ctx.with_resource(claim_output(out, kind="csv", header=header, inputs=inputs, overwrite=overwrite))
+    if report is not None:
+        ctx.with_resource(claim_output(report, kind="html", option="--report", inputs=inputs, overwrite=overwrite))
+    options = {"selector": selector, "seed": seed, "exclude": exclude, "constraints": constraints}
     if bundle is not None:
         from xsel.site import site_select
 
         selection = site_select(
-            source,
-            bundle,
-            k,
-            out=out,
-            selector=selector,
-            device=device.value,
-            store=store,
-            image_root=image_root,
-            batch_size=batch_size,
-            workers=workers,
-            seed=seed,
-            exclude=exclude,
-            constraints=constraints,
-            show_progress=not quiet,
-        )
+            source, bundle, k, out=out, device=device.value, store=store, image_root=image_root,
+            batch_size=batch_size, workers=workers, show_progress=not quiet, **options,
+        )  # fmt: skip
     else:
         from xsel.selection import select
 
-        selection = select(
-            source,
-            k,
-            selector=selector,
-            checkpoint=checkpoint,
-            model=model,
-            label=label,
-            seed=seed,
-            exclude=exclude,
-            constraints=constraints,
-        )
+        selection = select(source, k, checkpoint=checkpoint, model=model, label=label, **options)
     for warning in selection.warnings:
         notify(warning)
     write_csv_atomic(selection.table, out)
@@ -204,19 +170,46 @@ def select_command(
     if report is not None:
         from xsel.report import write_selection_report
 
-        write_selection_report(
-            report,
-            selection.table,
-            selection.store,
-            pool_rows=selection.pool,
-            image_root=image_root or (source if source.is_dir() else source.parent),
-            seed=seed,
-        )
+        root = image_root or (source if source.is_dir() else source.parent)
+        write_selection_report(report, selection.table, selection.store, pool_rows=selection.pool, image_root=root)
     notify(f"certificate → {certificate}" + (f", report → {report}" if report is not None else ""), label="note")
-    table = selection.table
     if as_json:
-        typer.echo(table.to_json(orient="records", indent=2))
-        return
+        typer.echo(selection.table.to_json(orient="records", indent=2))
+    else:
+        _show(selection, out)
+
+
+def _check_mode(bundle, store, checkpoint, model, label) -> None:
+    """Options that belong to one mode only (site with --bundle, or a store) are usage errors in the other."""
+    from xsel.errors import InputError
+
+    if bundle is None and store is not None:
+        raise InputError("--store applies to site mode only: add --bundle DIR (the argument is then a CSV)")
+    if bundle is not None and checkpoint is not None:
+        raise InputError("--checkpoint and --bundle exclude each other: a bundle carries its own learned selector")
+    if bundle is not None and (model is not None or label is not None):
+        raise InputError(
+            "--model and --label apply to a store, not to --bundle: embed the images and select from the store"
+        )
+
+
+def _constraints(one_per, allow_same_patient: bool, dedup, balance, quota):
+    from xsel.constraints import Constraints, parse_quotas
+    from xsel.errors import InputError
+
+    if allow_same_patient and one_per not in (None, "image"):
+        raise InputError(f"--allow-same-patient and --one-per {one_per} contradict each other; keep one")
+    return Constraints(
+        one_per=one_per or ("image" if allow_same_patient else "patient"),
+        dedup=dedup,
+        balance=tuple(column.strip() for column in (balance or "").split(",") if column.strip()),
+        quotas=parse_quotas(quota),
+    )
+
+
+def _show(selection, out: Path) -> None:
+    """The first 25 picks as a table on stdout."""
+    table = selection.table
     name = table["selector"].iloc[0]
     view = Table(title=f"{len(table)} of {selection.pool_size} images selected with {name} → {out}")
     shown = ["rank", "Path", *[c for c in ("PatientID", "View", "Sex", "Age") if c in table.columns]]

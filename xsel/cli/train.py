@@ -181,8 +181,10 @@ def train_encoder_command(
       xsel train encoder images.csv --out runs/moco --resume          # go on with the saved settings
       xsel embed images.csv --out pool.h5 --encoder resnet18 --weights runs/moco/encoder.pt
     """
+    from xsel.io.outputs import claim_output
     from xsel.train.encoder import train_encoder
 
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[csv if csv.is_file() else None, probe_store]))
     settings = {
         "method": method.value,
         "arch": arch,

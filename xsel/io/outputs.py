@@ -35,7 +35,7 @@ except ImportError:  # Windows: msvcrt's byte-range lock plays the same part
 
 SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
-FILE_KINDS = ("store", "csv")
+FILE_KINDS = ("store", "csv", "html")
 FOLDER_KINDS = ("bundle", "folder")
 
 _held: dict[str, int] = {}  # lock files this process holds → nesting depth (a library call inside a command)
@@ -82,6 +82,12 @@ def _csv_problem(out: Path, header: tuple[str, ...]) -> str | None:
     return f"is not a CSV written by xsel (its header does not start with {','.join(header)})"
 
 
+def _html_problem(out: Path) -> str | None:
+    with open(out, encoding="utf-8", errors="replace") as handle:
+        head = handle.read(4096)
+    return None if '<meta name="generator" content="xsel">' in head else "is not a report written by xsel"
+
+
 def _bundle_problem(out: Path) -> str | None:
     from xsel.bundle import MANIFEST
 
@@ -114,7 +120,8 @@ def check_output(
 ) -> Path:
     """Refuse, before any work, an output the command must not write: a one-line :class:`InputError` naming ``option``.
 
-    ``kind``: ``store`` (an HDF5 store), ``csv`` (a CSV whose first columns are ``header``), ``bundle`` (an export
+    ``kind``: ``store`` (an HDF5 store), ``csv`` (a CSV whose first columns are ``header``), ``html`` (a report),
+    ``bundle`` (an export
     folder) or ``folder`` (a folder xsel adds its files to; given ``names``, one it replaces as a whole and that
     may hold only those names). ``inputs``: what the command reads (None entries are skipped). ``overwrite``:
     an existing output may be replaced, when xsel wrote it.
@@ -149,6 +156,8 @@ def check_output(
         problem = _store_problem(out)
     elif kind == "csv":
         problem = _csv_problem(out, header)
+    elif kind == "html":
+        problem = _html_problem(out)
     elif kind == "bundle":
         problem = _bundle_problem(out)
     else:

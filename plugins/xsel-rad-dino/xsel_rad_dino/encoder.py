@@ -8,6 +8,9 @@ published size; smaller is faster and departs from how the model was trained).
 The folder's ``preprocessor_config.json`` (a ``BitImageProcessor``: resize the short side, centre crop, rescale
 to [0, 1], normalise) becomes xsel preprocessing; a folder without one, and ``--weights none``, get RAD-DINO's
 published values (:data:`RAD_DINO_PREPROCESSING`).
+
+Only ``model.safetensors`` is read from a folder: a ``pytorch_model.bin`` is a pickle, which can run code when
+loaded, so a folder that has only that is refused (with the one-line conversion to run where the file is trusted).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import torch
 from torch import nn
 
 from xsel.errors import InputError
+from xsel.io.images import check_preprocessing
 
 REPO = "microsoft/rad-dino"
 HUB = "hub"
 RANDOM_INIT_SEED = 0  # `--weights none` gives the same network in every process
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of a sharded one
 # microsoft/rad-dino's preprocessor_config.json: shortest edge 518, centre crop 518×518, bicubic, mean 0.5307,
 # std 0.2583 (three equal channels: the X-ray replicated).
 RAD_DINO_PREPROCESSING = {
@@ -52,13 +57,22 @@ class RadDinoEncoder(nn.Module):
         return self.model(pixel_values=x).pooler_output
 
 
+def _size_dict(value, *, square: bool) -> dict:
+    """An image processor's ``size``/``crop_size`` as a dict: older configs store one int, which transformers'
+    ``get_size_dict`` reads as the shortest edge (``size``) or a square (``crop_size``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"height": value, "width": value} if square else {"shortest_edge": value}
+    return value if isinstance(value, dict) else {}
+
+
 def preprocessing_from_processor(config: dict, source: Path) -> dict:
     """xsel preprocessing for an image processor that resizes the short side, centre-crops a square, rescales by
     1/255 and normalises; anything else is refused rather than approximated."""
-    short = config.get("size", {}).get("shortest_edge")
-    crop = config.get("crop_size", {})
+    short = _size_dict(config.get("size"), square=False).get("shortest_edge")
+    crop = _size_dict(config.get("crop_size"), square=True)
     side = crop.get("height")
     resample = config.get("resample", 3)
+    rescale = config.get("rescale_factor", 1 / 255)
     supported = (
         isinstance(short, int)
         and config.get("do_resize", True)
@@ -67,10 +81,14 @@ def preprocessing_from_processor(config: dict, source: Path) -> dict:
         and side == crop.get("width")
         and side <= short
         and config.get("do_rescale", True)
-        and math.isclose(config.get("rescale_factor", 1 / 255), 1 / 255)
+        and isinstance(rescale, int | float)
+        and math.isclose(rescale, 1 / 255)
         and config.get("do_normalize", True)
-        and len(config.get("image_mean", ())) == 3
-        and len(config.get("image_std", ())) == 3
+        and isinstance(config.get("image_mean"), list)
+        and len(config["image_mean"]) == 3
+        and isinstance(config.get("image_std"), list)
+        and len(config["image_std"]) == 3
+        and isinstance(resample, int)
         and resample in PIL_FILTERS
     )
     if not supported:
@@ -88,7 +106,18 @@ def preprocessing_from_processor(config: dict, source: Path) -> dict:
     }
     if side < short:
         preprocessing["crop_pct"] = side / short
+    check_preprocessing(preprocessing, source=str(source))
     return preprocessing
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error}); copy the model folder again") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}; copy the model folder again")
+    return config
 
 
 def _download() -> Path:
@@ -113,16 +142,23 @@ def _load_folder(folder: Path, weights: str) -> tuple[nn.Module, dict]:
             f"--weights {weights}: not a model folder with config.json (a snapshot of {REPO}: {', '.join(FILES)}); "
             "pass such a folder, 'hub' or 'none'"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = _read_json(config_file).get("model_type")
     if model_type != "dinov2":
         raise InputError(f"{config_file}: model_type {model_type!r}, expected 'dinov2' (RAD-DINO is a DINOv2 ViT)")
-    try:
-        model = Dinov2Model.from_pretrained(folder, local_files_only=True)
+    if not any((folder / name).is_file() for name in SAFETENSORS):
+        raise InputError(
+            f"--weights {weights}: {folder} has no model.safetensors; xsel does not unpickle pytorch_model.bin "
+            '(it can run code). Where you trust the file, convert the folder: python -c "from transformers import '
+            f"Dinov2Model; Dinov2Model.from_pretrained('{folder}').save_pretrained('{folder}')\""
+        )
+    try:  # use_safetensors: never fall back to a pickled pytorch_model.bin lying next to the safetensors file
+        model = Dinov2Model.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except OSError as error:
-        raise InputError(f"--weights {weights}: cannot load the model in {folder} ({error})") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--weights {weights}: cannot load the model in {folder} ({first})") from None
     processor_file = folder / "preprocessor_config.json"
     if processor_file.is_file():
-        preprocessing = preprocessing_from_processor(json.loads(processor_file.read_text()), processor_file)
+        preprocessing = preprocessing_from_processor(_read_json(processor_file), processor_file)
     else:
         preprocessing = dict(RAD_DINO_PREPROCESSING)
     return model, preprocessing

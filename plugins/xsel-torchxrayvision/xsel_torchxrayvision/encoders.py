@@ -7,18 +7,27 @@ undo ``--image-size``) and the first-batch range check (``utils.warn_normalizati
 branch). The input range and crop are applied by xsel's preprocessing instead, so ``xsel export`` and the
 site runtime reproduce them without torchxrayvision.
 
-Weights: a named set is downloaded by torchxrayvision into its cache (``~/.torchxrayvision/models_data/``)
-and loaded by it. A local file named like one of torchxrayvision's release files (copied from a connected
-machine's cache) is loaded by torchxrayvision from its folder, without a download; torchxrayvision unpickles
-its DenseNet files, so pass only files you trust. Any other file is read as a state dict of the
-torchxrayvision model (``torch.load(weights_only=True)``; classifier, ``op_threshs`` and decoder keys dropped).
+Weights, and the trust boundary. torchxrayvision's constructors unpickle their weights files with
+``torch.load(weights_only=False)``, which runs any code a pickle holds, so they never see a file xsel did not
+watch them download. A named set (``--weights all``) is fetched once by torchxrayvision itself, into a fresh
+temporary folder, from its release URL, and loaded by its own constructor: that file is as trusted as the
+torchxrayvision package. Its state dict (tensors only) is then kept in torchxrayvision's cache
+(:func:`named_weights_file`, e.g. ``xsel-densenet121-res224-all.pt``) and the download deleted; every later run
+reads that file. Every
+file xsel reads, that one and any ``--weights FILE``, goes through ``torch.load(weights_only=True)``: a state dict
+of the torchxrayvision model, the ResNet-50 and autoencoder release files (plain state dicts), or a DenseNet
+pickled whole by current torch (unpickled with only the classes of :func:`densenet_classes` allowed, its tensors
+taken without calling anything stored in the file). A DenseNet release file itself is a whole model pickled by
+torch < 1.6 (torchxrayvision patches its modules for that), a format whose pickled classes torch's weights-only
+loader refuses: it is refused, with the one-line conversion to a state dict to run where the file is trusted.
+Classifier, ``op_threshs`` and decoder keys are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xsel.encoders import load_weights
+from xsel.encoders import load_state, read_state_dict
 from xsel.errors import InputError
+from xsel.io.atomic import write_atomic
 from xsel_torchxrayvision import WEIGHT_SETS
 
 RANDOM_INIT_SEED = 0  # `--weights none` gives the same network in every process
@@ -114,12 +124,6 @@ def resolve_weights(name: str, weights: str) -> str | None:
     return weights if weights in sets.values() else None
 
 
-def _release_file(xrv, xrv_name: str) -> str:
-    """The file name torchxrayvision stores the named weights under."""
-    urls = xrv.autoencoders.model_urls if xrv_name in xrv.autoencoders.model_urls else xrv.models.model_urls
-    return Path(urls[xrv_name]["weights_url"]).name
-
-
 def _random_model(xrv, name: str) -> nn.Module:
     if name == "xrv-densenet121":
         return xrv.models.DenseNet(weights=None)
@@ -134,57 +138,114 @@ def _random_model(xrv, name: str) -> nn.Module:
     return holder
 
 
-def _named_model(xrv, name: str, xrv_name: str, weights: str, cache_dir: Path | None) -> nn.Module:
-    """torchxrayvision's own constructor: downloads into its cache unless the file already lies in ``cache_dir``."""
+def named_weights_file(xrv, xrv_name: str) -> Path:
+    """Where xsel keeps a named set's state dict: torchxrayvision's cache folder, under a name of xsel's."""
+    return Path(xrv.utils.get_cache_dir()) / f"xsel-{xrv_name}.pt"
+
+
+def _fetch_named(xrv, name: str, xrv_name: str, weights: str) -> Path:
+    """The state dict of a named set, made once: torchxrayvision downloads its release file into a fresh temporary
+    folder and loads it with its own constructor (the one place a pickle is unpickled, and only one that
+    torchxrayvision has just fetched from its release URL); its state dict is kept, the download deleted."""
+    path = named_weights_file(xrv, xrv_name)
+    if path.is_file():
+        return path
     constructor = {
         "xrv-densenet121": xrv.models.DenseNet,
         "xrv-resnet50": xrv.models.ResNet,
         "xrv-autoencoder": xrv.autoencoders.ResNetAE,
     }[name]
-    folder = Path(cache_dir) if cache_dir is not None else Path(xrv.utils.get_cache_dir())
-    path = folder / _release_file(xrv, xrv_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".xsel-download-") as fresh:
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():  # its messages are diagnostics
+                warnings.simplefilter("ignore")
+                model = constructor(weights=xrv_name, cache_dir=fresh)
+        except OSError as error:  # no network, proxy, full disk (requests' errors are OSErrors too)
+            raise InputError(
+                f"--weights {weights}: cannot download torchxrayvision's {xrv_name} weights ({type(error).__name__}: "
+                f"{error}); run this once where there is internet, then copy {path} here and pass it: "
+                f"--weights PATH/{path.name}"
+            ) from None
+        except Exception as error:  # a truncated or damaged download: torch's and pickle's errors
+            raise InputError(
+                f"--weights {weights}: torchxrayvision's download of {xrv_name} cannot be read "
+                f"({type(error).__name__}); run the command again to download it again"
+            ) from None
+    write_atomic(path, lambda temporary: torch.save(model.state_dict(), temporary))
+    return path
+
+
+def densenet_classes(xrv) -> list[type]:
+    """Every class a pickled torchxrayvision DenseNet (its release format, ``torch.save(model)``) is made of: the
+    only objects, besides tensors and containers, that its unpickling may build."""
+    models = xrv.models
+    return [
+        *(models.DenseNet, models._DenseBlock, models._DenseLayer, models._Transition),
+        *(nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Linear),
+    ]
+
+
+def _refusal(error: Exception) -> str:
+    """What torch's weights-only unpickler refused (``unsupported GLOBAL posix.system …``), in one line: the last
+    line of its message before the pointer to the documentation."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation")]
+    reason = lines[-1].split("WeightsUnpickler error:", 1)[-1].split(". Please", 1)[0].strip(" .") if lines else ""
+    if reason.startswith("Only persistent_load"):  # torch's old format keeps the classes of a pickled model there
+        return "a whole model pickled by torch < 1.6, as torchxrayvision's DenseNet release files are"
+    return reason or type(error).__name__
+
+
+def _densenet_state(xrv, path: Path) -> dict | None:
+    """The tensors of a pickled torchxrayvision DenseNet, without running code from the file; None for a file
+    that holds no pickled model (a state dict, read as for any encoder)."""
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # its download messages are diagnostics, not results
-            return constructor(weights=xrv_name, cache_dir=None if cache_dir is None else str(cache_dir))
-    except OSError as error:  # no network, proxy, full disk (requests' errors are OSErrors too)
+        with torch.serialization.safe_globals(densenet_classes(xrv)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings about old pickles: a refusal is reported below
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, nn.Module):
+            return None
+        # named_parameters/named_buffers, not state_dict(): state_dict() would call hooks stored in the file
+        return {name: tensor.detach() for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]}
+    except Exception as error:  # a damaged file, one holding other objects, or a model built of other things
         raise InputError(
-            f"--weights {weights}: cannot download torchxrayvision's {xrv_name} weights ({type(error).__name__}: "
-            f"{error}); download them once where there is internet (torchxrayvision caches them in "
-            f"{folder}) and pass the file: --weights PATH/{path.name}"
+            f"--weights {path}: cannot read it as torchxrayvision DenseNet weights without running code from it "
+            f"({_refusal(error)}); if the file is damaged, replace it; if you trust it, convert it where it is "
+            "trusted: python -c \"import torch; torch.save(torch.load('IN.pt', weights_only=False).state_dict(), "
+            "'OUT.pt')\" and pass OUT.pt"
         ) from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise InputError(
-            f"--weights {weights}: cannot read torchxrayvision's weights file {path} ({type(error).__name__}); "
-            "it is damaged or incomplete: delete it to download it again"
-        ) from None
+
+
+def _read_weights(xrv, name: str, path: Path) -> dict:
+    """The state dict in a weights file for encoder ``name``, keyed like torchxrayvision's model."""
+    state = _densenet_state(xrv, path) if name == "xrv-densenet121" else None
+    if state is None:
+        state = read_state_dict(path)
+    if name == "xrv-resnet50" and "conv1.weight" in state:  # the release file: torchvision's ResNet, xrv's `.model`
+        state = {f"model.{key}": value for key, value in state.items()}
+    return state
 
 
 def build_encoder(name: str, weights: str | None = None) -> nn.Module:
     """Encoder ``name`` in eval mode. ``weights``: None (seeded random init), a named set, or a local file."""
     xrv = import_xrv()
     architecture = ARCHITECTURES[name]
-    state_file = None
+    path = None
+    if weights is not None and (xrv_name := resolve_weights(name, weights)) is not None:
+        path = _fetch_named(xrv, name, xrv_name, weights)
+    elif weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise InputError(
+                f"--weights {weights}: neither a weight set of {name} ({', '.join(WEIGHT_SETS[name])}, or "
+                "torchxrayvision's own names) nor an existing file; pass one of those, a file, or 'none'"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        if weights is None:
-            model = _random_model(xrv, name)
-        elif (xrv_name := resolve_weights(name, weights)) is not None:
-            model = _named_model(xrv, name, xrv_name, weights, None)
-        else:
-            path = Path(weights)
-            if not path.is_file():
-                raise InputError(
-                    f"--weights {weights}: neither a weight set of {name} ({', '.join(WEIGHT_SETS[name])}, or "
-                    "torchxrayvision's own names) nor an existing file; pass one of those, a file, or 'none'"
-                )
-            releases = {_release_file(xrv, xrv_name): xrv_name for xrv_name in WEIGHT_SETS[name].values()}
-            if path.name in releases:
-                model = _named_model(xrv, name, releases[path.name], weights, path.parent)
-            else:
-                model, state_file = _random_model(xrv, name), path
-    encoder = WRAPPERS[name](model)
-    if state_file is not None:
-        load_weights(encoder, state_file, drop_prefixes=architecture.dropped)
+        encoder = WRAPPERS[name](_random_model(xrv, name))
+    if path is not None:
+        load_state(encoder, _read_weights(xrv, name, path), path, drop_prefixes=architecture.dropped)
     encoder.embedding_dim = architecture.embedding_dim
     encoder.preprocessing = {"image_size": architecture.image_size, **XRV_INPUT}
     return encoder.eval()
