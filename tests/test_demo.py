@@ -67,6 +67,8 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path, cli):
     assert site["View"].value_counts().to_dict() == {"PA": 10, "AP": 10}
     certificate = json.loads((out / "site" / "to_label.SELECTION.json").read_text())
     assert certificate["mode"] == "site" and certificate["constraints"]["dedup"] == 0.999
+    groups = certificate["pool"]["duplicate_groups"]
+    assert sum(path.endswith("-imported-again") for group in groups for path in group) == 4, groups
     tasks = json.loads((out / "site" / "label-studio" / "tasks.json").read_text())
     assert len(tasks) == 20 and all("score" in task["data"] for task in tasks)
     assert len((out / "site" / "cvat" / "images" / "manifest.jsonl").read_text().splitlines()) == 2 + 20

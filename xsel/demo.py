@@ -211,7 +211,8 @@ ARCHIVE_IMAGES = 160  # demo images also written as a hospital's DICOM archive
 def write_demo_archive(out_dir: str | Path, csv: str | Path, *, n_images: int = ARCHIVE_IMAGES, seed: int = 0) -> Path:
     """The first ``n_images`` demo images as a PACS-style DICOM export: nested folders, files without suffix,
     one study per image, DX/CR chest radiographs with the demo's patient, sex, age and view in their tags — plus
-    what real archives hold: a re-sent copy of a few images (new SOPInstanceUID, same pixels), MONOCHROME1
+    what real archives hold: a few images imported twice (a PACS migration: new study and instance UIDs, the
+    same pixels — one image per study keeps both, dedup finds them), MONOCHROME1
     images, a lateral view and an abdomen image. UIDs derive from the seed, so the archive is reproducible."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -230,7 +231,8 @@ def write_demo_archive(out_dir: str | Path, csv: str | Path, *, n_images: int = 
         dataset.file_meta.MediaStorageSOPInstanceUID = uid(row.Path, "sop", copy)
         dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
         dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = uid(row.Path, "study"), uid(row.Path, "series")
+        dataset.StudyInstanceUID = uid(row.Path, "study", copy)
+        dataset.SeriesInstanceUID = uid(row.Path, "series", copy)
         dataset.PatientID, dataset.PatientSex, dataset.PatientAge = row.PatientID, row.Sex, f"{int(row.Age):03d}Y"
         dataset.Modality, dataset.BodyPartExamined, dataset.ViewPosition = "DX", "CHEST", row.View
         dataset.StudyDate = "20260101"
@@ -249,8 +251,8 @@ def write_demo_archive(out_dir: str | Path, csv: str | Path, *, n_images: int = 
 
     for index, row in enumerate(labels.itertuples()):
         write(row, f"IM{index:05d}", PhotometricInterpretation="MONOCHROME1" if index % 7 == 3 else "MONOCHROME2")
-    for index, row in enumerate(labels.head(4).itertuples()):  # re-sent by the modality: same pixels, new UID
-        write(row, f"IM{index:05d}-resent", copy=1)
+    for index, row in enumerate(labels.head(4).itertuples()):  # imported twice: same pixels, new UIDs
+        write(row, f"IM{index:05d}-imported-again", copy=1)
     extras = labels.iloc[4:6].itertuples()
     write(next(extras), "LATERAL", copy=2, ViewPosition="LL")
     write(next(extras), "ABDOMEN", copy=3, BodyPartExamined="ABDOMEN")
