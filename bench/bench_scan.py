@@ -76,28 +76,36 @@ def write_files(folder: Path, count: int) -> float:
     return time.perf_counter() - started
 
 
+def measure(files: int, repeats: int) -> dict[int, list[float]]:
+    """files/s of `scan_folder` with one process and with one per core, ``repeats`` times each, alternating."""
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="xsel-scan-bench-") as temporary:
+        folder = Path(temporary)
+        seconds = write_files(folder, files)
+        print(f"wrote {files:,} DICOM files in {seconds:.1f} s ({files / seconds:,.0f} files/s)")
+        rates: dict[int, list[float]] = {1: [], cores: []}
+        for _ in range(repeats):
+            for workers in rates:
+                result = scan_folder(folder, workers=workers, show_progress=False)
+                assert len(result.table) == files and result.errors.empty
+                rates[workers].append(result.files_per_second)
+    return rates
+
+
+def summary_lines(rates: dict[int, list[float]]) -> list[str]:
+    return [
+        f"xsel scan, {workers} process{'es' if workers > 1 else ''}: {statistics.median(values):,.0f} files/s "
+        f"(median of {len(values)}; min {min(values):,.0f}, max {max(values):,.0f})"
+        for workers, values in rates.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory(prefix="xsel-scan-bench-") as temporary:
-        folder = Path(temporary)
-        seconds = write_files(folder, args.files)
-        print(f"wrote {args.files:,} DICOM files in {seconds:.1f} s ({args.files / seconds:,.0f} files/s)")
-        rates: dict[int, list[float]] = {1: [], cores: []}
-        for _ in range(args.repeats):
-            for workers in rates:
-                result = scan_folder(folder, workers=workers, show_progress=False)
-                assert len(result.table) == args.files and result.errors.empty
-                rates[workers].append(result.files_per_second)
-        for workers, values in rates.items():
-            print(
-                f"xsel scan, {workers} process{'es' if workers > 1 else ''}: "
-                f"{statistics.median(values):,.0f} files/s (median of {len(values)}; "
-                f"min {min(values):,.0f}, max {max(values):,.0f})"
-            )
+    print("\n".join(summary_lines(measure(args.files, args.repeats))))
 
 
 if __name__ == "__main__":
