@@ -179,8 +179,11 @@ def _pool(store: Store, exclude, constraints: Constraints) -> tuple[np.ndarray, 
 
 
 def _run(instance, name: str, store: Store, rows: np.ndarray, k: int, seed: int):
-    """The selector on one pool (store rows in store order): positions in ``rows``, scores, reasons."""
-    return explained_picks(instance, name, store.embeddings[rows], k, seed=seed, metadata=store.meta.iloc[rows])
+    """The selector on one pool (store rows in store order): positions in ``rows``, scores, reasons. A pool of the
+    whole store is passed as the store's own array, not a copy (a million 512-d rows are 2 GB)."""
+    whole = len(rows) == len(store) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(store) - 1))
+    embeddings = store.embeddings if whole else store.embeddings[rows]
+    return explained_picks(instance, name, embeddings, k, seed=seed, metadata=store.meta.iloc[rows])
 
 
 def _run_strata(instance, name: str, store: Store, rows: np.ndarray, plan, seed: int):

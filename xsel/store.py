@@ -56,7 +56,13 @@ class Store:
 
 def check_finite(store: Store) -> None:
     """Refuse embeddings with NaN or infinite values, naming the first rows."""
-    bad = np.flatnonzero(~np.isfinite(store.embeddings).all(axis=1))
+    bad = np.concatenate(  # block by block: no N × D boolean copy of a large store
+        [
+            start + np.flatnonzero(~np.isfinite(store.embeddings[start : start + ROW_CHUNK]).all(axis=1))
+            for start in range(0, len(store.embeddings), ROW_CHUNK)
+        ]
+        or [np.zeros(0, dtype=np.int64)]
+    )
     if len(bad):
         named = ", ".join(f"row {i} ({store.paths[i]})" for i in bad[:3])
         raise InputError(f"{store.path}: {len(bad)} embeddings hold NaN or infinite values: {named}; re-embed them")
