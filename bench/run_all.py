@@ -312,6 +312,13 @@ def main() -> None:
         began = time.perf_counter()
         section(args, lines)
         print(f"{section.__name__}: {time.perf_counter() - began:.0f} s", flush=True)
+    if not torch.cuda.is_available():
+        lines += [
+            "## GPU",
+            "",
+            "No CUDA device on this machine: the CUDA paths (fp16 embedding, training on CUDA, onnxruntime's CUDA "
+            "provider at a site) exist and fall back cleanly but are not measured here.",
+        ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
