@@ -53,6 +53,7 @@ def xsel_embed(csv: Path, out: Path, encoder: str, batch_size: int, workers: int
         batch_size=batch_size,
         workers=workers,
         precision=precision,
+        runtime="torch",  # the PyTorch paths; bench_runtimes.py measures onnxruntime (the default where installed)
         overwrite=True,
         show_progress=False,
     )

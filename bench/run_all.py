@@ -5,7 +5,8 @@
 Figures, each a median of ``--repeats`` runs with min/max, measured in this one process so that ratios
 compare like with like on a noisy machine:
 1. ``xsel embed`` images/s — local engine (PyTorch fp32 and bf16), the onnxruntime encoder of an
-   exported bundle, the Ray engine on this machine — against the naive per-image loop.
+   exported bundle, the Ray engine on this machine — against the naive per-image loop; then every built-in
+   encoder × runtime/precision (``bench_runtimes.py``) with its share of the FLOP-bound rate.
 2. The FLOP-bound limit of the encoder here: measured fp32 matmul GFLOP/s ÷ the model's GFLOPs per
    image, and the fraction of it each path reaches.
 3. Where the time of ``xsel embed`` goes: decode + preprocess, model, writing the store (per image).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_embed import naive_loop
+from bench_runtimes import ENCODERS, markdown, runtime_rows
 from bench_selectors import time_selectors
 from benchlib import has_realcxr, image_csv
 
@@ -82,6 +84,7 @@ def embed_section(args, lines: list[str]) -> None:
                     encoder="resnet18",
                     weights="none",
                     precision=precision,
+                    runtime="torch",
                     overwrite=True,
                     show_progress=False,
                 )
@@ -96,6 +99,7 @@ def embed_section(args, lines: list[str]) -> None:
                 encoder="resnet18",
                 weights="none",
                 engine="ray",
+                runtime="torch",
                 overwrite=True,
                 show_progress=False,
             )
@@ -110,6 +114,8 @@ def embed_section(args, lines: list[str]) -> None:
         gflops_per_image = counter.get_total_flops() / 1e9
         matmul = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
         limits = {key: matmul[torch.bfloat16 if key == "bf16" else torch.float32] / gflops_per_image for key in runs}
+        rates = {"fp32": matmul[torch.float32], "bf16": matmul[torch.bfloat16]}
+        encoder_rows = runtime_rows(csv, folder, ENCODERS, args.repeats, rates)
 
         # where the time goes (single process, per image)
         began = time.perf_counter()
@@ -154,6 +160,12 @@ def embed_section(args, lines: list[str]) -> None:
         median = statistics.median(runs[key])
         lines.append(f"| {label} | {spread(runs[key])} | {median / naive:.2f}× | {median / limits[key]:.0%} |")
     lines += [
+        "",
+        f"Every built-in encoder through `xsel embed` ({args.images} images, median of {args.repeats}; `auto`, the "
+        "default, runs the onnxruntime row when onnxruntime is installed; the share uses the matmul rate of the "
+        "path's precision, see section 2):",
+        "",
+        *markdown(encoder_rows),
         "",
         "## 2. FLOP-bound limit",
         "",

@@ -39,6 +39,20 @@ def png_csv(tmp_path: Path) -> Path:
     return write_png_folder(tmp_path / "data", 12)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory):
+    """Exported encoders (``xsel embed --runtime auto``) go to a cache of the test session, never to ~/.cache; it is
+    set in the environment so subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("encoder-cache")
+    previous = os.environ.get("XSEL_CACHE_DIR")
+    os.environ["XSEL_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XSEL_CACHE_DIR", None)
+    else:
+        os.environ["XSEL_CACHE_DIR"] = previous
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process: ``cli("embed", ...)`` → click Result (exit_code, stdout, stderr, output)."""

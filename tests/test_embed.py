@@ -281,7 +281,7 @@ def test_real_chest_xrays_embed_one_finite_row_per_image(realcxr, tmp_path):
 
 @pytest.mark.parametrize(("encoder", "options"), [("pixels", {}), ("resnet18", {"weights": "none", "image_size": 32})])
 def test_onnx_runtime_matches_torch(png_csv, tmp_path, encoder, options):
-    torch_store = embed(png_csv, tmp_path / "t.h5", encoder=encoder, show_progress=False, **options)
+    torch_store = embed(png_csv, tmp_path / "t.h5", encoder=encoder, runtime="torch", show_progress=False, **options)
     onnx_store = embed(png_csv, tmp_path / "o.h5", encoder=encoder, runtime="onnx", show_progress=False, **options)
     a, b = read_store(torch_store.store), read_store(onnx_store.store)
     assert a.paths == b.paths and np.allclose(a.embeddings, b.embeddings, atol=1e-4)

@@ -54,6 +54,7 @@ class EmbedResult:
     encoder: str
     embedding_dim: int
     errors_csv: Path | None
+    runtime: str = "torch"  # what ran the encoder: torch or onnx (onnxruntime); none when nothing was embedded
 
     @property
     def images_per_second(self) -> float:
@@ -132,8 +133,13 @@ def _prepare_partial(partial: Path, job: dict, resume: bool, embedding_dim: int)
         except (OSError, ValueError):
             saved = {}
         if isinstance(saved, dict) and saved.get("shard_format") == SHARD_FORMAT:
+            # torch and onnx run the same fp32 encoder, checked against each other: a run may switch (precision may not)
             resumed_settings(
-                saved, job, where=partial, hint="rerun with the same settings, or with --overwrite to start again"
+                saved,
+                job,
+                where=partial,
+                may_change=("runtime",),
+                hint="rerun with the same settings, or with --overwrite to start again",
             )
             return _verified_shards(partial, embedding_dim, job["rows"])
         notify(f"{partial} was left by an older xsel or its {JOB_FILE} is unreadable; embedding every image again")
@@ -161,7 +167,7 @@ def embed(
     chunk_rows: int = 1024,
     flush_seconds: float = 5.0,
     engine: str = "local",
-    runtime: str = "torch",
+    runtime: str = "auto",
     address: str | None = None,
     num_gpus_per_worker: float = 0.0,
     concurrency: int | None = None,
@@ -172,10 +178,11 @@ def embed(
     Undecodable images are skipped and listed in ``<out>.errors.csv``; at least one image must embed.
     ``precision``: ``auto`` = fp16 autocast on CUDA, exact fp32 on CPU; ``bf16`` roughly doubles CPU
     throughput on processors with AVX-512 BF16/AMX at a relative error of about 3e-3.
-    ``runtime="onnx"`` exports the encoder to ONNX (checked against PyTorch) and runs it with onnxruntime,
-    fp32 only — about 1.4× PyTorch fp32 on the CPUs measured here. ``engine="ray"`` runs decoding and the
-    encoder on a Ray cluster (``address``; a local one when None),
-    writing the same shards and store as the local engine. Progress is saved every ``flush_seconds`` of work
+    ``runtime="onnx"`` runs the encoder exported to ONNX (checked against PyTorch, cached per encoder identity) with
+    onnxruntime, fp32 only — 1.4–2.8× PyTorch fp32 on the CPUs measured here; ``auto`` does so whenever it can
+    (onnxruntime installed, fp32, local engine, export and check passed), else runs PyTorch; the result says
+    which ran. ``engine="ray"`` runs decoding and the encoder on a Ray cluster (``address``; a local one when
+    None), writing the same shards and store as the local engine. Progress is saved every ``flush_seconds`` of work
     (and every ``chunk_rows`` rows), which bounds what a kill can lose.
     """
     out = Path(out)
@@ -183,8 +190,8 @@ def embed(
         raise InputError(f"--batch-size {batch_size}: use 1 or more")
     if engine not in ("local", "ray"):
         raise InputError(f"--engine {engine}: choose local or ray")
-    if runtime not in ("torch", "onnx"):
-        raise InputError(f"--runtime {runtime}: choose torch or onnx")
+    if runtime not in ("auto", "torch", "onnx"):
+        raise InputError(f"--runtime {runtime}: choose auto, torch or onnx")
     if runtime == "onnx" and (engine != "local" or precision not in ("auto", "fp32")):
         raise InputError("--runtime onnx runs locally in fp32: leave out --engine ray and --precision")
     if workers is not None and workers < 0:
@@ -236,16 +243,24 @@ def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, en
     identity = model_identity(encoder, model)
     dim = int(model.embedding_dim)
     partial = out.with_name(out.name + ".partial")
+    chosen = inference.pick_runtime(runtime, engine=engine, device=torch_device, amp_dtype=amp_dtype)
+    if chosen == "onnx":
+        amp_dtype = None  # onnxruntime runs fp32, also where --precision auto means fp16 for PyTorch (CUDA)
     job = {
         **identity,
         "source_csv_sha256": table.source_sha256,
         "rows": len(table.files),
         "precision": str(amp_dtype or "float32").removeprefix("torch."),
-        "runtime": runtime,
+        "runtime": chosen,
         "shard_format": SHARD_FORMAT,
     }
     if resume and out.exists() and not partial.exists():
         return _already_complete(out, table, job)
+    forward = None
+    if engine == "local":  # before the job is saved: auto may fall back to torch
+        forward, job["runtime"] = inference.local_forward(
+            model, identity, job["runtime"], requested=runtime, device=torch_device, amp_dtype=amp_dtype
+        )
     done = _prepare_partial(partial, job, resume, dim)
     covered = np.zeros(len(table.files), dtype=bool)
     for first, last, _ in done:
@@ -279,11 +294,6 @@ def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, en
                 show_progress=run["show_progress"],
             )
         else:
-            forward = (
-                inference.onnx_forward(model, partial, device)
-                if runtime == "onnx"
-                else inference.torch_forward(model, torch_device, amp_dtype)
-            )
             inference.embed_rows_local(
                 forward,
                 model.preprocessing,
@@ -345,6 +355,7 @@ def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, en
         encoder=identity["encoder"],
         embedding_dim=dim,
         errors_csv=errors_csv,
+        runtime=job["runtime"],
     )
 
 
@@ -379,6 +390,7 @@ def _already_complete(out: Path, table, job: dict) -> EmbedResult:
         encoder=str(store.attrs.get("encoder")),
         embedding_dim=int(store.embeddings.shape[1]),
         errors_csv=errors_csv if failed else None,
+        runtime="none",
     )
 
 

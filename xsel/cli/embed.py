@@ -13,6 +13,7 @@ from xsel.cli.options import Device, Precision
 
 
 class Runtime(str, Enum):
+    auto = "auto"
     torch = "torch"
     onnx = "onnx"
 
@@ -48,8 +49,13 @@ def embed_command(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run, embedding only what is missing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store (the old one stays until done).")] = False,
     runtime: Annotated[
-        Runtime, typer.Option(help="torch, or onnx: onnxruntime runs the exported encoder (fp32, ~1.4× on CPUs).")
-    ] = Runtime.torch,
+        Runtime,
+        typer.Option(
+            help="auto: onnxruntime when installed and its exported encoder matches PyTorch (fp32, local engine; "
+            "1.4–2.8× on CPUs), else PyTorch; torch; or onnx (an error when it cannot run). The exported encoder "
+            "is cached per encoder in $XSEL_CACHE_DIR (default ~/.cache/xsel)."
+        ),
+    ] = Runtime.auto,
     engine: Annotated[
         Engine, typer.Option(help="local: this machine; ray: a Ray cluster (pip install 'xsel[ray]').")
     ] = Engine.local,
@@ -102,6 +108,6 @@ def embed_command(
     resumed = f", {result.resumed_rows} from the interrupted run" if result.resumed_rows else ""
     typer.echo(
         f"Embedded {result.embedded} of {result.rows} images{failed}{resumed} with {result.encoder} "
-        f"({result.embedding_dim}-d) on {result.device} in {result.seconds:.1f} s "
+        f"({result.embedding_dim}-d) on {result.device} with {result.runtime} in {result.seconds:.1f} s "
         f"({result.images_per_second:.1f} images/s) → {result.store}"
     )

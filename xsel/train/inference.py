@@ -1,24 +1,38 @@
 """The PyTorch side of ``xsel embed``: build the encoder, decode in DataLoader workers, run batches.
 
-``xsel.embed`` owns the job (the image table, crash-safe shards, resume, the store) and calls :func:`encoder_runner`
-and :func:`embed_rows_local` here; the Ray engine reuses :func:`run_encoder`, classifier fine-tuning reuses
-:func:`collate_decoded`.
+``xsel.embed`` owns the job (the image table, crash-safe shards, resume, the store) and calls :func:`pick_runtime`,
+:func:`local_forward` and :func:`embed_rows_local` here; the Ray engine reuses :func:`run_encoder`, classifier
+fine-tuning reuses :func:`collate_decoded`.
+
+The onnxruntime encoder is exported and checked against PyTorch once per encoder identity and kept in a user cache
+folder (:func:`encoder_cache_dir`); a cached file is used only when its SHA-256, identity, xsel version and device
+match the record written beside it, else it is exported again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from xsel import __version__
 from xsel.bundle import make_session
-from xsel.errors import XselError
+from xsel.errors import InputError, XselError
+from xsel.io.atomic import write_atomic, write_text_atomic
 from xsel.io.images import decode_or_error
-from xsel.progress import progress_bar
-from xsel.train.export import export_encoder
+from xsel.io.table import file_sha256
+from xsel.progress import notify, progress_bar
+from xsel.train.export import ATOL, OPSET, RTOL, export_encoder
+
+RUNTIMES = ("auto", "torch", "onnx")
+CACHE_MODEL, CACHE_RECORD = "encoder.onnx", "encoder.json"
 
 
 class ImageDataset:
@@ -60,13 +74,105 @@ def torch_forward(model, device, amp_dtype):
     return lambda batch: run_encoder(model, batch, device, amp_dtype)
 
 
-def onnx_forward(model, folder: Path, device: str):
-    """``batch → embeddings`` with the encoder exported into ``folder`` and run by onnxruntime (after a parity
-    check against PyTorch)."""
-    path = folder / "encoder.onnx"
-    export_encoder(model, path, device=device)
-    session = make_session(path, device)
-    return lambda batch: session.run(["embeddings"], {"images": batch.numpy()})[0]
+def pick_runtime(runtime: str, *, engine: str, device, amp_dtype) -> str:
+    """``torch`` or ``onnx`` for a requested ``auto|torch|onnx``: ``auto`` takes onnxruntime for fp32 on the local
+    engine when it is installed (with its CUDA provider when the encoder runs on CUDA), and says why when it
+    cannot."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    try:
+        import onnxruntime
+    except ImportError:
+        return "torch"  # the summary line says which runtime ran; pip install 'xsel[cpu]' adds onnxruntime
+    reason = None
+    if engine != "local":
+        reason = f"--engine {engine} runs the encoder with PyTorch on its workers"
+    elif amp_dtype is not None:
+        reason = f"{str(amp_dtype).removeprefix('torch.')} precision runs with PyTorch (onnxruntime runs fp32 here)"
+    elif device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        reason = "onnxruntime has no CUDA provider here (pip install 'xsel[gpu]'), so PyTorch runs on CUDA"
+    if reason:
+        notify(f"--runtime auto: {reason}")
+        return "torch"
+    return "onnx"
+
+
+def local_forward(model, identity: dict, runtime: str, *, requested: str, device, amp_dtype):
+    """(``batch → embeddings``, the runtime that runs it). With ``auto``, an encoder that fails to export or to
+    match PyTorch runs with PyTorch instead, after a notice; with ``onnx`` that is an error."""
+    if runtime == "onnx":
+        try:
+            session = cached_onnx_session(model, identity, device.type)
+        except Exception as error:  # a plugin's encoder may fail the export in any way; auto falls back on all
+            if requested != "auto":
+                raise
+            notify(f"--runtime auto: the ONNX encoder is not usable ({error}); running PyTorch")
+        else:
+            return (lambda batch: session.run(["embeddings"], {"images": batch.numpy()})[0]), "onnx"
+    return torch_forward(model, device, amp_dtype), "torch"
+
+
+def encoder_cache_dir(identity: dict) -> Path:
+    """Where the exported encoder of this identity is kept: ``$XSEL_CACHE_DIR`` (else ``~/.cache/xsel``)
+    ``/encoders/<hash of the identity>``."""
+    root = Path(os.environ.get("XSEL_CACHE_DIR") or Path.home() / ".cache" / "xsel")
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return root / "encoders" / key
+
+
+def _cache_problem(folder: Path, identity: dict, device: str) -> str | None:
+    """Why the cached encoder in ``folder`` cannot be trusted, or None when it can."""
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text())
+    except (OSError, ValueError) as error:
+        return f"its record is unreadable ({type(error).__name__})"
+    if not isinstance(record, dict):
+        return "its record is not a JSON object"
+    expected = {"identity": identity, "xsel_version": __version__, "opset": OPSET, "device": device}
+    for key, value in expected.items():
+        if record.get(key) != value:
+            return f"it was made for another {key}"
+    try:
+        if file_sha256(folder / CACHE_MODEL) != record.get("sha256"):
+            return f"{CACHE_MODEL} does not match its SHA-256"
+    except OSError:
+        return f"{CACHE_MODEL} is missing"
+    return None
+
+
+def cached_onnx_session(model, identity: dict, device: str):
+    """An onnxruntime session of ``model``'s encoder from the cache, exporting it (with its parity check) when the
+    cache has no trusted copy. Writers use a temporary file and a rename, so concurrent runs never see a partial
+    file; a record that does not match its file is never trusted."""
+    folder = encoder_cache_dir(identity)
+    problem = _cache_problem(folder, identity, device)
+    if problem is None:
+        return make_session(folder / CACHE_MODEL, device)
+    if folder.exists():
+        notify(f"the cached ONNX encoder in {folder} is not used ({problem}); exporting it again")
+    made = {}
+
+    def export(temporary: Path) -> None:
+        with warnings.catch_warnings():  # the exporter's notes on a plugin's graph: the parity check is what counts
+            warnings.simplefilter("ignore")
+            made["checks"] = export_encoder(model, temporary, device=device)
+        made["session"] = make_session(temporary, device)  # loaded before the rename: this run's checked bytes
+        made["sha256"] = file_sha256(temporary)
+
+    write_atomic(folder / CACHE_MODEL, export)
+    record = {
+        "identity": identity,
+        "sha256": made["sha256"],
+        "xsel_version": __version__,
+        "opset": OPSET,
+        "device": device,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "parity": {"tolerance": {"rtol": RTOL, "atol": ATOL}, "encoder": made["checks"], "passed": True},
+    }
+    write_text_atomic(json.dumps(record, indent=2), folder / CACHE_RECORD)
+    return made["session"]
 
 
 def embed_rows_local(forward, preprocessing, files, todo_rows, writer, batch_size, workers, device, show_progress):

@@ -1,0 +1,108 @@
+"""Benchmark: `xsel embed` images/s for each built-in encoder × runtime/precision, in one run, with the share of the
+FLOP-bound rate: dense-matmul GFLOP/s of the precision ÷ the encoder's GFLOPs per image (torch FlopCounterMode,
+multiply-add = 2), as ``run_all.py`` computes it for resnet18.
+
+Each path runs through the library call ``xsel.embed.embed`` on the same images, the exported encoder's cache
+already filled (the export is paid once per encoder, not per run). ``auto``, the default, is the onnxruntime row
+wherever onnxruntime is installed.
+
+    python bench/bench_runtimes.py [--images 64] [--repeats 1] [--encoders resnet18,pixels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchlib import image_csv
+
+ENCODERS = ("resnet18", "densenet121", "efficientnet-lite0", "pixels")
+PATHS = {  # label → (runtime, precision, the matmul rate that bounds it)
+    "torch fp32": ("torch", "fp32", "fp32"),
+    "torch bf16": ("torch", "bf16", "bf16"),
+    "onnx fp32": ("onnx", "fp32", "fp32"),
+}
+
+
+def gflops_per_image(model) -> float:
+    """The encoder's forward cost at its own input size (multiply-add = 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pre = model.preprocessing
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, int(pre["channels"]), int(pre["image_size"]), int(pre["image_size"])))
+    return counter.get_total_flops() / 1e9
+
+
+def runtime_rows(csv: Path, folder: Path, encoders, repeats: int, matmul: dict[str, float]) -> list[dict]:
+    """One row per encoder × path: images/s (median of ``repeats``) and its share of the FLOP-bound rate."""
+    from xsel import plugins
+    from xsel.embed import embed
+    from xsel.encoders import create_encoder
+    from xsel.errors import InputError
+
+    rows = []
+    for encoder in encoders:
+        try:
+            plugins.get("encoder", encoder)
+        except InputError:  # a plugin encoder that is not installed here
+            print(f"{encoder}: not installed, skipped", flush=True)
+            continue
+        gflops = gflops_per_image(create_encoder(encoder, "none"))
+        for label, (runtime, precision, bound) in PATHS.items():
+            speeds = []
+            for _ in range(repeats + (runtime == "onnx")):  # one more for onnx: its first run fills the cache
+                result = embed(
+                    csv,
+                    folder / "s.h5",
+                    encoder=encoder,
+                    weights="none",
+                    runtime=runtime,
+                    precision=precision,
+                    overwrite=True,
+                    show_progress=False,
+                )
+                speeds.append(result.images_per_second)
+            speed = statistics.median(speeds[-repeats:])
+            limit = matmul[bound] / gflops if gflops > 0.01 else None  # pixels does next to no arithmetic
+            rows.append({"encoder": encoder, "path": label, "gflops": gflops, "images_per_s": speed, "limit": limit})
+            print(f"{encoder:20s} {label:11s} {speed:8.1f} images/s", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "| encoder | GFLOPs/image | path | images/s | share of FLOP-bound rate |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        share = f"{row['images_per_s'] / row['limit']:.0%}" if row["limit"] else "— (decode-bound)"
+        lines.append(
+            f"| {row['encoder']} | {row['gflops']:.2f} | {row['path']} | {row['images_per_s']:,.1f} | {share} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--encoders", default=",".join(ENCODERS))
+    args = parser.parse_args()
+
+    import torch
+    from run_all import matmul_gflops
+
+    matmul = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"matmul: {matmul['fp32']:,.0f} GFLOP/s fp32, {matmul['bf16']:,.0f} bf16", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rows = runtime_rows(image_csv(args.images, folder), folder, args.encoders.split(","), args.repeats, matmul)
+    print("\n".join(markdown(rows)))
+
+
+if __name__ == "__main__":
+    main()
