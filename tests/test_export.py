@@ -377,3 +377,15 @@ def test_site_selection_with_constraints_certificate_and_report_verifies(trained
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "self-contained: nothing is fetched"
     verified = cli("select", "--verify", tmp_path / "site.SELECTION.json", "-q")
     assert verified.exit_code == 0 and "all 8 picks were reproduced" in verified.stdout, verified.output
+
+
+def test_int8_bundle_checks_its_learned_selector(trained, demo_store, tmp_path):
+    csv = demo_store.parent / "labels.csv"
+    out = tmp_path / "int8"
+    manifest = export_bundle(
+        out, encoder="pixels", selector=trained[0], quantize="int8", calibration=csv, calibration_images=60
+    )
+    assert manifest["quantization"]["agreement"]["selector"] == "medselect"
+    assert manifest["quantization"]["agreement"]["picks_unchanged"] >= 0.95
+    site = site_select(csv, out, 12, out=tmp_path / "s.csv", show_progress=False)
+    assert len(site.table) == 12 and site.record["selector_source"]["bundle"] == str(out)

@@ -9,15 +9,21 @@ length and K symbolic for the bidirectional LSTM, where the dynamo exporter free
 Every model is checked with ``onnx.checker`` and against PyTorch on seeded inputs — encoder at several
 batch sizes, selector at pool sizes other than the export example, one smaller than K — and a failed
 check writes no bundle. The bundle appears in one rename when complete.
+
+``quantize="int8"`` replaces ``encoder.onnx`` by an onnxruntime static-quantized (QDQ) model calibrated on a
+seeded sample of the researcher's images, kept only if the site selection on that sample agrees with the fp32
+encoder's (see :func:`quantize_encoder`); the selector stays fp32.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +35,9 @@ from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, ma
 from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
+from xsel.io.images import decode_or_error
 from xsel.io.outputs import claim_output, writing
-from xsel.io.table import file_sha256
+from xsel.io.table import file_sha256, read_image_table
 from xsel.selectors import PoolFeatures, create_selector, factory_options, parse_selector_spec
 
 OPSET = 17
@@ -38,6 +45,10 @@ ENCODER_BATCHES = (1, 3)
 SELECTOR_POOLS = (7, 61, 250)  # the export example has 50; 7 is smaller than the default K
 SELECTOR_K = 20
 RTOL, ATOL = 1e-3, 1e-4
+QUANTIZATIONS = ("int8",)
+AGREEMENT_K = 20  # the site selection compared between the fp32 and the int8 encoder
+CALIBRATION_SEED = 0
+CALIBRATION_BATCH = 16
 
 
 class ExportedSelector(torch.nn.Module):
@@ -91,15 +102,44 @@ def export_bundle(
     selector: str | Path | object | None = None,
     overwrite: bool = False,
     opset: int = OPSET,
+    quantize: str | None = None,
+    calibration: str | Path | None = None,
+    calibration_images: int = 200,
+    min_agreement: float = 0.95,
 ) -> dict:
     """Write the bundle folder ``out``; returns its manifest.
 
     ``selector``: a learned selector to include — ``NAME=CHECKPOINT`` (any plugin whose selector offers
     ``scorer()``), a bare ``RUN/selector.pt`` (MedSelect), or a ready selector object with a ``name``.
+    ``quantize="int8"``: an int8 encoder calibrated on ``calibration_images`` images drawn (seeded) from
+    ``calibration`` (a CSV or an image folder), written only if at least ``min_agreement`` of the K=20 site picks
+    on them are those of the fp32 encoder.
     """
     out = Path(out)
-    with claim_output(out, kind="bundle", inputs=_export_inputs(weights, selector), overwrite=overwrite):
-        return _export_claimed(out, encoder, weights, image_size, selector, opset)
+    int8 = _int8_options(quantize, calibration, calibration_images, min_agreement)
+    inputs = [*_export_inputs(weights, selector), *([Path(calibration)] if int8 else [])]
+    with claim_output(out, kind="bundle", inputs=inputs, overwrite=overwrite):
+        return _export_claimed(out, encoder, weights, image_size, selector, opset, int8)
+
+
+def _int8_options(quantize, calibration, calibration_images: int, min_agreement: float) -> dict | None:
+    """The quantization request checked before anything is exported; ``None`` for an fp32 bundle."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise InputError(f"--quantize {quantize}: choose {', '.join(QUANTIZATIONS)} (or leave it out for fp32)")
+    if calibration is None:
+        raise InputError("--quantize int8 needs --calibration CSV_OR_FOLDER: images like those the sites will select")
+    if not Path(calibration).exists():
+        raise InputError(f"--calibration {calibration}: file or folder not found")
+    if calibration_images < 2 * AGREEMENT_K:
+        raise InputError(
+            f"--calibration-images {calibration_images}: the agreement check picks K={AGREEMENT_K}; use at least "
+            f"{2 * AGREEMENT_K}"
+        )
+    if not 0 <= min_agreement <= 1:
+        raise InputError(f"--min-agreement {min_agreement}: choose a fraction in [0, 1] (0 records it only)")
+    return {"calibration": Path(calibration), "images": calibration_images, "min_agreement": min_agreement}
 
 
 def _export_inputs(weights, selector) -> list[Path]:
@@ -112,7 +152,7 @@ def _export_inputs(weights, selector) -> list[Path]:
     return [Path(item) for item in named if item and Path(item).exists()]
 
 
-def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: int) -> dict:
+def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: int, int8: dict | None) -> dict:
     model = create_encoder(encoder, weights, image_size=image_size).cpu().eval()
     identity = model_identity(encoder, model)
     name, learned = _learned_selector(selector) if selector is not None else (None, None)
@@ -126,7 +166,7 @@ def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: in
     try:
         with writing(out):  # a full disk: one line, and the staging folder goes
             staging.mkdir()
-            manifest = _write_models(staging, model, identity, name, learned, opset)
+            manifest = _write_models(staging, model, identity, name, learned, opset, int8)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if out.exists():
                 retired = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -188,7 +228,7 @@ def export_encoder(model, path: Path, opset: int = OPSET, device: str = "cpu") -
     return checks
 
 
-def _write_models(folder: Path, model, identity: dict, name: str | None, learned, opset: int) -> dict:
+def _write_models(folder: Path, model, identity: dict, name: str | None, learned, opset: int, int8) -> dict:
     parity = {
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "encoder": export_encoder(model, folder / ENCODER_FILE, opset),
@@ -215,6 +255,8 @@ def _write_models(folder: Path, model, identity: dict, name: str | None, learned
         manifest["selector"] = _write_selector(folder, name, learned, int(model.embedding_dim), opset, parity)
     parity["passed"] = True
     manifest["parity"] = parity
+    if int8 is not None:
+        manifest["quantization"] = quantize_encoder(folder, encoder_entry, manifest["selector"], **int8)
     for file in (ENCODER_FILE, SELECTOR_FILE):
         if (folder / file).exists():
             _add_metadata(folder / file, {"xsel_encoder": encoder_entry, "xsel_version": __version__})
@@ -284,3 +326,151 @@ def _checkpoint_record(checkpoint) -> dict | None:
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     return {"file": Path(checkpoint).name, "sha256": file_sha256(checkpoint)}
+
+
+def quantize_encoder(
+    folder: Path, encoder_entry: dict, selector_entry: dict | None, *, calibration: Path, images: int, min_agreement
+) -> dict:
+    """Replace ``folder/encoder.onnx`` by its int8 form; returns the manifest's ``quantization`` record.
+
+    onnxruntime static quantization in QDQ form (the form its CPU provider fuses into integer kernels): int8
+    per-channel weights with a 7-bit range, so CPUs without VNNI do not saturate and every site computes what
+    was checked here, and uint8 activations, the pairing x86 kernels are fastest with. Ranges are calibrated
+    (MinMax) on a seeded sample of ``calibration`` decoded as a site decodes it; on the same sample the K site
+    picks — the bundle's learned selector, else typiclust — must agree with the fp32 encoder's.
+    """
+    from onnxruntime import __version__ as ort_version
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    table = read_image_table(calibration, show_progress=False)
+    sample, unreadable = _calibration_sample(table, encoder_entry["preprocessing"], images)
+    fp32, prepared, int8 = folder / ENCODER_FILE, folder / ".encoder-prepared.onnx", folder / ".encoder-int8.onnx"
+    logging.disable(logging.WARNING)  # the quantizer's notes on the root logger (e.g. skipped 1-d constants)
+    try:
+        quant_pre_process(str(fp32), str(prepared))  # shape inference and fusions, as onnxruntime recommends
+        quantize_static(
+            str(prepared),
+            str(int8),
+            _CalibrationBatches(encoder_entry["input"], sample),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    prepared.unlink()
+    onnx.checker.check_model(str(int8))
+    reference, quantized = (_encode(path, encoder_entry, sample) for path in (fp32, int8))
+    agreement = _selection_agreement(folder, selector_entry, reference, quantized, table.frame.iloc[sample.rows])
+    agreement["required"] = min_agreement
+    if agreement["picks_unchanged"] < min_agreement:
+        raise XselError(
+            f"int8 check failed: {agreement['picks_unchanged']:.0%} of the K={agreement['k']} {agreement['selector']} "
+            f"picks on {len(sample.arrays)} calibration images are the fp32 encoder's (required {min_agreement:.0%}; "
+            f"embedding cosine min {agreement['cosine_min']:.4f}); no bundle was written, export without --quantize"
+        )
+    os.replace(int8, fp32)
+    return {
+        "method": "onnxruntime static quantization",
+        "precision": "int8",
+        "format": "QDQ",
+        "weights": "int8, per channel, 7-bit range",
+        "activations": "uint8",
+        "calibrate_method": "MinMax",
+        "onnxruntime_version": ort_version,
+        "calibration": {
+            "source": table.csv_path.name,
+            "source_sha256": table.source_sha256,
+            "images": len(sample.arrays),
+            "unreadable": unreadable,
+            "seed": CALIBRATION_SEED,
+        },
+        "agreement": agreement,
+    }
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Decoded calibration images and the table rows they came from."""
+
+    arrays: np.ndarray
+    rows: list[int]
+
+
+def _calibration_sample(table, preprocessing: dict, images: int) -> tuple[_Sample, int]:
+    """Up to ``images`` readable images in a seeded random order of the table, and how many were unreadable."""
+    order = np.random.default_rng(CALIBRATION_SEED).permutation(len(table.files))
+    arrays, rows, unreadable = [], [], 0
+    for row in order:
+        if len(rows) == images:
+            break
+        array, error = decode_or_error(table.files[row], preprocessing)
+        if error is None:
+            arrays.append(array)
+            rows.append(int(row))
+        else:
+            unreadable += 1
+    if len(rows) < 2 * AGREEMENT_K:
+        raise InputError(
+            f"--calibration {table.csv_path}: {len(rows)} readable images ({unreadable} unreadable); the int8 "
+            f"agreement check needs at least {2 * AGREEMENT_K}"
+        )
+    return _Sample(np.stack(arrays), rows), unreadable
+
+
+class _CalibrationBatches:
+    """onnxruntime's calibration reader protocol (``get_next`` → feed dict, ``None`` at the end) over the sample."""
+
+    def __init__(self, input_name: str, sample: _Sample):
+        self.batches = iter(
+            {input_name: sample.arrays[start : start + CALIBRATION_BATCH]}
+            for start in range(0, len(sample.arrays), CALIBRATION_BATCH)
+        )
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _encode(path: Path, encoder_entry: dict, sample: _Sample) -> np.ndarray:
+    session, batch = make_session(path, "cpu"), CALIBRATION_BATCH
+    return np.concatenate(
+        [
+            session.run([encoder_entry["output"]], {encoder_entry["input"]: sample.arrays[start : start + batch]})[0]
+            for start in range(0, len(sample.arrays), batch)
+        ]
+    )
+
+
+def _selection_agreement(folder: Path, selector_entry, reference, quantized, meta) -> dict:
+    """The fraction of the K site picks that stay the same, and the embeddings' cosine agreement."""
+    k = AGREEMENT_K
+    if selector_entry is not None:  # the exported selector.onnx, fed as a site feeds it
+        session = make_session(folder / SELECTOR_FILE, "cpu")
+        features = PoolFeatures.from_dict(selector_entry.get("features", {}))
+        name, inputs = selector_entry["name"], selector_entry["inputs"]
+
+        def picks(embeddings):
+            pool = features.inputs(embeddings, meta)[None].astype(np.float32)
+            feed = {inputs["pool"]: pool, inputs["k"]: np.array(k, np.int64)}
+            return session.run([selector_entry["outputs"]["top_indices"]], feed)[0][0]
+    else:
+        name, baseline = "typiclust", create_selector("typiclust")
+
+        def picks(embeddings):
+            return baseline.select(embeddings, k, seed=CALIBRATION_SEED)
+
+    unchanged = len(set(np.asarray(picks(reference)).tolist()) & set(np.asarray(picks(quantized)).tolist())) / k
+    cosine = (reference * quantized).sum(1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1) + 1e-12
+    )
+    return {
+        "selector": name,
+        "k": k,
+        "pool": len(reference),
+        "picks_unchanged": unchanged,
+        "cosine_min": float(cosine.min()),
+        "cosine_mean": float(cosine.mean()),
+    }
