@@ -65,12 +65,11 @@ class ExportedSelector(torch.nn.Module):
 
 
 def _onnx_export(module, example, path: Path, **options) -> None:
-    """torch.onnx.export with the legacy exporter, chosen on purpose: silence its notices (the parity
-    checks that follow are what proves the graph right)."""
+    """torch.onnx.export with the legacy exporter, chosen on purpose: silence every notice it prints (its own
+    deprecation, shape checks inside nn.LSTM, constant folding on a plugin's Slice ops…) — the parity checks that
+    follow are what proves the graph right."""
     with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*LSTM can cause an error.*")
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # shape checks inside nn.LSTM
+        warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), dynamo=False, **options)
 
 
