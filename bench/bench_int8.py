@@ -8,7 +8,7 @@ the figures are reported even where ``xsel export`` would refuse the bundle.
 Uses a seeded sample of ``--images`` real chest X-rays from ../shared/data/realcxr (synthetic demo images if the pack
 is absent). Encoders without offline weights run with random weights (``--weights none``).
 
-    python bench/bench_int8.py [--encoder efficientnet-lite0] [--images 500] [--repeats 3] [--json FILE]
+    python bench/bench_int8.py [--encoder efficientnet-lite0] [--weights W] [--images 500] [--repeats 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def auroc(embeddings: np.ndarray, table, condition: str, episodes: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="Weights as in `xsel embed` (default: random for torchvision CNNs).")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,7 +86,7 @@ def main() -> None:
     from xsel.selectors import create_selector
     from xsel.train.export import export_bundle
 
-    weights = "none" if args.encoder in RANDOM_WEIGHTS else None
+    weights = args.weights or ("none" if args.encoder in RANDOM_WEIGHTS else None)
     results = {"encoder": args.encoder, "weights": weights or "default", "images": args.images, "batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
