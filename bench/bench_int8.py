@@ -67,18 +67,17 @@ def auroc(embeddings: np.ndarray, table, condition: str, episodes: int) -> float
     return float(episodes.loc[episodes["selector"] == "typiclust", "auroc"].mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="efficientnet-lite0")
-    parser.add_argument("--weights", help="Weights as in `xsel embed` (default: random for torchvision CNNs).")
-    parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--condition", default="COVID-19")
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-
+def measure(
+    encoder: str,
+    *,
+    weights_given: str | None = None,
+    n_images: int = 500,
+    batch: int = 32,
+    repeats: int = 3,
+    condition: str = "COVID-19",
+    episodes: int = 20,
+) -> dict:
+    """fp32 vs int8 onnxruntime encoders of one encoder on the same images: speed, cosine, pick overlap, AUROC."""
     from xsel.bundle import ENCODER_FILE, make_session
     from xsel.errors import InputError
     from xsel.io.images import load_image
@@ -86,32 +85,32 @@ def main() -> None:
     from xsel.selectors import create_selector
     from xsel.train.export import export_bundle
 
-    weights = args.weights or ("none" if args.encoder in RANDOM_WEIGHTS else None)
-    results = {"encoder": args.encoder, "weights": weights or "default", "images": args.images, "batch": args.batch}
+    weights = weights_given or ("none" if encoder in RANDOM_WEIGHTS else None)
+    results = {"encoder": encoder, "weights": weights or "default", "images": n_images, "batch": batch}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        csv = sample_csv(args.images, tmp)
-        export_bundle(tmp / "fp32", encoder=args.encoder, weights=weights)
+        csv = sample_csv(n_images, tmp)
+        export_bundle(tmp / "fp32", encoder=encoder, weights=weights)
         manifest = export_bundle(
             tmp / "int8",
-            encoder=args.encoder,
+            encoder=encoder,
             weights=weights,
             quantize="int8",
             calibration=csv,
-            calibration_images=min(200, args.images),
+            calibration_images=min(200, n_images),
             min_agreement=0.0,
         )
         results["export_check"] = manifest["quantization"]["agreement"]
         table = read_image_table(csv, show_progress=False)
         images = np.stack([load_image(path, manifest["encoder"]["preprocessing"]) for path in table.files])
         sessions = {name: make_session(tmp / name / ENCODER_FILE, "cpu") for name in ("fp32", "int8")}
-        batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
+        batches = [images[i : i + batch] for i in range(0, len(images), batch)]
         embeddings = {
             name: np.concatenate([session.run(None, {"images": batch})[0] for batch in batches])
             for name, session in sessions.items()
         }
         rates = {name: [] for name in sessions}
-        for _ in range(args.repeats):  # alternating, so a busy moment on a shared machine hits both
+        for _ in range(repeats):  # alternating, so a busy moment on a shared machine hits both
             for name, session in sessions.items():
                 rates[name].append(images_per_second(session, batches))
         fp32, int8 = embeddings["fp32"], embeddings["int8"]
@@ -126,10 +125,28 @@ def main() -> None:
         }
         results["speedup"] = results["images_per_s"]["int8"] / results["images_per_s"]["fp32"]
         try:
-            results["auroc"] = {name: auroc(e, table, args.condition, args.episodes) for name, e in embeddings.items()}
-            results["auroc"] |= {"condition": args.condition, "episodes": args.episodes}
+            results["auroc"] = {name: auroc(e, table, condition, episodes) for name, e in embeddings.items()}
+            results["auroc"] |= {"condition": condition, "episodes": episodes}
         except InputError as error:  # too few positives in a small sample
             results["auroc"] = f"skipped: {error}"
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="Weights as in `xsel embed` (default: random for torchvision CNNs).")
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--condition", default="COVID-19")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = measure(
+        args.encoder, weights_given=args.weights, n_images=args.images, batch=args.batch, repeats=args.repeats,
+        condition=args.condition, episodes=args.episodes,
+    )  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -292,6 +292,34 @@ def scan_section(args, lines: list[str]) -> None:
     ]
 
 
+def int8_section(args, lines: list[str]) -> None:
+    """int8 vs fp32 site encoders (`xsel export --quantize int8`): speed and agreement, 64 images."""
+    from bench_int8 import measure
+
+    from xsel import plugins
+
+    lines += [
+        "## 9. int8 site encoders (`bench/bench_int8.py`)",
+        "",
+        "| encoder | fp32 images/s | int8 images/s | speed-up | cosine min | typiclust picks unchanged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for encoder in ("resnet18", "efficientnet-lite0"):
+        if encoder not in plugins.names("encoder"):
+            continue
+        result = measure(encoder, n_images=64)
+        rates = result["images_per_s"]
+        lines.append(
+            f"| {encoder} ({result['weights']}) | {rates['fp32']:.0f} | {rates['int8']:.0f} | {result['speedup']:.2f}× "
+            f"| {result['cosine_min']:.4f} | {result['typiclust_k20_picks_unchanged']:.0%} |"
+        )
+    lines += [
+        "",
+        "`xsel export --quantize int8` writes a bundle only when ≥ 95% of the site's picks are unchanged.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
@@ -319,7 +347,15 @@ def main() -> None:
         f"scikit-learn {sklearn.__version__}, h5py {h5py.__version__}.",
         "",
     ]
-    sections = [embed_section, memory_section, selector_section, evaluate_section, zoo_section, scan_section]
+    sections = [
+        embed_section,
+        memory_section,
+        selector_section,
+        evaluate_section,
+        zoo_section,
+        scan_section,
+        int8_section,
+    ]
     for section in sections:
         began = time.perf_counter()
         section(args, lines)
