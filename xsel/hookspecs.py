@@ -19,7 +19,8 @@ def register_encoders(register):
 
 @hookspec
 def register_selectors(register):
-    """Register selectors: ``register(name, factory, *, aliases=(), description="")``."""
+    """Register selectors: ``register(name, factory, *, aliases=(), description="")``; a factory's keyword options
+    (``checkpoint``, ``model``, …) are what ``--selector NAME=FILE`` and ``create_selector`` may pass."""
 
 
 @hookspec
