@@ -71,10 +71,14 @@ def test_a_failed_agreement_writes_no_bundle(demo_store, tmp_path, monkeypatch):
         (["--quantize", "int8", "--calibration", "missing.csv"], "file or folder not found"),
         (["--quantize", "int8", "--calibration", "CSV", "--calibration-images", "10"], "use at least 40"),
         (["--quantize", "int8", "--calibration", "CSV", "--min-agreement", "1.5"], "(0 records it only)"),
+        (["--calibration", "CSV"], "--calibration applies to --quantize int8"),
+        (["--quantize", "int8", "--calibration", "EMPTY"], "no 'Path' column"),
     ],
 )
 def test_bad_quantization_options_exit_2(demo_store, tmp_path, cli, args, message):
-    args = [str(demo_store.parent / "labels.csv") if arg == "CSV" else arg for arg in args]
+    (tmp_path / "empty.csv").write_text("Image\nx.png\n")  # a list without a Path column: refused before export
+    named = {"CSV": str(demo_store.parent / "labels.csv"), "EMPTY": str(tmp_path / "empty.csv")}
+    args = [named.get(arg, arg) for arg in args]
     result = cli("export", "--encoder", "pixels", "--out", tmp_path / "b", *args)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert not (tmp_path / "b").exists()

@@ -503,7 +503,7 @@ def kill_and_watch_workers(code: str, args: list, within: float) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_kill_9_of_a_site_selection_takes_its_decode_workers_along(work, tmp_path):
-    code = SLOW_DECODE.format(module="xsel.bundle", function="_decode_one")
+    code = SLOW_DECODE.format(module="xsel.bundle", function="decode_or_error")
     args = [
         "select",
         work.csv,

@@ -118,7 +118,7 @@ def test_differing_options_are_a_warning(tmp_path):
     [
         (["a.h5", "--out", "all.h5"], "at least two stores"),
         (["a.h5", "a.h5", "--out", "all.h5"], "listed twice"),
-        (["a.h5", "b.h5", "--out", "a.h5"], "is one of the stores"),
+        (["a.h5", "b.h5", "--out", "a.h5"], "is an input of this command"),
         (["a.h5", "b.h5", "--out", "exists.h5"], "pass --overwrite"),
         (["a.h5", "missing.h5", "--out", "all.h5"], "embedding store not found"),
         (["a.h5", "junk.h5", "--out", "all.h5"], "not a readable HDF5"),

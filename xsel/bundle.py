@@ -264,16 +264,12 @@ def _check_signature(path: Path, session, *, inputs: dict, outputs: dict) -> Non
                 )
 
 
-def _decode_one(args):
-    return decode_or_error(*args)
-
-
 def _decode_all(files, preprocessing, workers, window: int = 256):
     """Decoded images in order; at most ``window`` are in flight, so memory stays flat for any number."""
-    jobs = [(path, preprocessing) for path in files]
     if workers <= 1:
-        yield from map(_decode_one, jobs)
+        yield from (decode_or_error(path, preprocessing) for path in files)
         return
     with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        for start in range(0, len(jobs), window):
-            yield from pool.map(_decode_one, jobs[start : start + window], chunksize=8)
+        for start in range(0, len(files), window):
+            chunk = files[start : start + window]
+            yield from pool.map(decode_or_error, chunk, [preprocessing] * len(chunk), chunksize=8)

@@ -155,7 +155,9 @@ def one_per_unit(meta: pd.DataFrame, rows: np.ndarray, one_per: str) -> np.ndarr
 
 def present(value) -> bool:
     """Whether an ID cell holds a value (not None, NaN or blank text): blank IDs never group images."""
-    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):  # None, NaN, pd.NA
+        return False
+    return str(value).strip() != ""
 
 
 def duplicate_groups(embeddings: np.ndarray, threshold: float) -> list[np.ndarray]:

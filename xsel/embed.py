@@ -87,9 +87,13 @@ def _write_shard(partial: Path, first: int, rows, embeddings, error_rows, error_
             temporary.unlink(missing_ok=True)
 
 
-def _read_shard(path: Path):
+SHARD_FIELDS = ("rows", "embeddings", "error_rows", "error_messages")
+
+
+def _read_shard(path: Path, fields: tuple[str, ...] = SHARD_FIELDS):
+    """The named arrays of a shard; an ``.npz`` member is read only when asked for."""
     with np.load(path, allow_pickle=False) as shard:
-        return shard["rows"], shard["embeddings"], shard["error_rows"], shard["error_messages"]
+        return tuple(shard[field] for field in fields)
 
 
 def _list_shards(partial: Path) -> list[tuple[int, int, Path]]:
@@ -313,7 +317,7 @@ def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, en
         raise XselError(f"{partial}: the shards do not cover every row of {table.csv_path}; rerun with --resume")
     result_rows, error_rows, error_messages = [], [], []
     for _, _, path in shards:
-        rows, _, bad_rows, messages = _read_shard(path)
+        rows, bad_rows, messages = _read_shard(path, ("rows", "error_rows", "error_messages"))  # not embeddings
         result_rows.append(rows)
         error_rows.extend(bad_rows.tolist())
         error_messages.extend(messages.tolist())
@@ -337,7 +341,7 @@ def _embed_claimed(table, out: Path, *, encoder, weights, image_size, resume, en
     meta = table.frame.drop(columns=[PATH_COLUMN]).iloc[kept].reset_index(drop=True)
     write_store(
         out,
-        embedding_chunks=(_read_shard(path)[1] for _, _, path in shards),
+        embedding_chunks=(_read_shard(path, ("embeddings",))[0] for _, _, path in shards),
         paths=[table.paths[row] for row in kept],
         meta=meta,
         attrs=attrs,

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xsel.constraints import one_per_unit
 from xsel.errors import InputError
-from xsel.labels import condition_labels, first_image_per_patient, patient_ids
+from xsel.labels import condition_labels, patient_ids
 from xsel.store import Store
 
 MIN_QUERY_PER_CLASS = 5
@@ -60,7 +61,7 @@ class EpisodeTask:
         candidates = np.arange(len(store)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
         self.patients = patient_ids(store.meta)
         if not allow_same_patient:
-            candidates = first_image_per_patient(self.patients, candidates)
+            candidates = one_per_unit(store.meta, candidates, "patient")  # the rule `select` applies
         self.condition = condition
         self.positives = candidates[positive[candidates]]
         self.negatives = candidates[negative_mask[candidates]]

@@ -39,6 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from xsel.errors import InputError
+from xsel.io.atomic import replace_folder
 from xsel.io.images import ImageDecodeError, read_image
 from xsel.io.table import PATH_COLUMN, check_unique_paths, read_csv_checked, read_image_table
 from xsel.progress import progress_bar
@@ -288,7 +289,7 @@ def export_labels(
             (temporary / "images" / "manifest.jsonl").write_text(text, encoding="utf-8")
             _write_json(temporary / "labels.json", [{"name": f, "type": "tag", "attributes": []} for f in findings])
             written += [out_dir / "images" / "manifest.jsonl", out_dir / "labels.json"]
-        _replace_folder(temporary, out_dir)
+        replace_folder(temporary, out_dir)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     warnings = []
@@ -297,14 +298,3 @@ def export_labels(
             f"{len(errors)} of {len(files)} picks could not be read and are not exported; see {out_dir}/errors.csv"
         )
     return LabelExport(out_dir=out_dir, images=sidecar, files=written, errors=errors_frame, warnings=warnings)
-
-
-def _replace_folder(temporary: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; an old one is removed only once the new one is complete."""
-    if not out_dir.exists():
-        os.replace(temporary, out_dir)
-        return
-    old = out_dir.absolute().with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(temporary, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from xsel.constraints import present
 from xsel.errors import InputError
 
 UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
@@ -61,20 +62,4 @@ def patient_ids(meta: pd.DataFrame) -> np.ndarray | None:
     if PATIENT_COLUMN not in meta.columns:
         return None
     column = meta[PATIENT_COLUMN]
-    return np.asarray([None if pd.isna(v) else str(v) for v in column], dtype=object)
-
-
-def first_image_per_patient(patients: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """The patient rule: keep the first of ``rows`` (in the given order) for each patient; blank IDs stay."""
-    if patients is None:
-        return rows
-    seen: set[str] = set()
-    keep = []
-    for row in rows:
-        patient = patients[row]
-        if patient is None:
-            keep.append(row)
-        elif patient not in seen:
-            seen.add(patient)
-            keep.append(row)
-    return np.asarray(keep, dtype=np.int64)
+    return np.asarray([str(v) if present(v) else None for v in column], dtype=object)  # blank IDs: no patient

@@ -77,6 +77,8 @@ def select(
     check_distinct_paths(store)
     if constraints is None:
         constraints = Constraints(one_per="image" if allow_same_patient else "patient")
+    elif allow_same_patient and constraints.one_per != "image":
+        raise InputError(f"allow_same_patient and one_per={constraints.one_per!r} contradict each other; keep one")
     name, instance = _selector(selector, checkpoint, model, label)
     check_identity(instance, name, store)
     if getattr(instance, "uses_labels", False):

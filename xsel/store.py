@@ -265,10 +265,6 @@ def merge_stores(inputs: list[str | Path], out: str | Path, *, overwrite: bool =
         if path.resolve() in resolved:
             raise InputError(f"{path} is listed twice (also as {resolved[path.resolve()]}); list each store once")
         resolved[path.resolve()] = path
-    if out.resolve() in resolved:
-        raise InputError(f"--out {out} is one of the stores to merge; write the merged store to a new file")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it (it stays until the merge is complete)")
     with claim_output(out, kind="store", inputs=inputs, overwrite=overwrite):
         return _merge_claimed(inputs, out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """A text file (JSON reports) through :func:`write_atomic`."""
     return write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def replace_folder(temporary: Path, out: Path) -> None:
+    """Move a finished folder into place in one rename; an old one is moved aside first and removed only once the
+    new one is in place (bundles, label exports)."""
+    if not out.exists():
+        os.replace(temporary, out)
+        return
+    retired = out.absolute().with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, retired)
+    os.replace(temporary, out)
+    shutil.rmtree(retired, ignore_errors=True)

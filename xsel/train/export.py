@@ -35,6 +35,7 @@ from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, ma
 from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
+from xsel.io.atomic import replace_folder
 from xsel.io.images import decode_or_error
 from xsel.io.outputs import claim_output, writing
 from xsel.io.table import file_sha256, read_image_table
@@ -117,6 +118,7 @@ def export_bundle(
     out = Path(out)
     int8 = _int8_options(quantize, calibration, calibration_images, min_agreement)
     inputs = [*_export_inputs(weights, selector), *([Path(calibration)] if int8 else [])]
+
     with claim_output(out, kind="bundle", inputs=inputs, overwrite=overwrite):
         return _export_claimed(out, encoder, weights, image_size, selector, opset, int8)
 
@@ -124,6 +126,8 @@ def export_bundle(
 def _int8_options(quantize, calibration, calibration_images: int, min_agreement: float) -> dict | None:
     """The quantization request checked before anything is exported; ``None`` for an fp32 bundle."""
     if quantize is None:
+        if calibration is not None:
+            raise InputError("--calibration applies to --quantize int8; add it, or leave --calibration out for fp32")
         return None
     if quantize not in QUANTIZATIONS:
         raise InputError(f"--quantize {quantize}: choose {', '.join(QUANTIZATIONS)} (or leave it out for fp32)")
@@ -138,14 +142,16 @@ def _int8_options(quantize, calibration, calibration_images: int, min_agreement:
         )
     if not 0 <= min_agreement <= 1:
         raise InputError(f"--min-agreement {min_agreement}: choose a fraction in [0, 1] (0 records it only)")
-    return {"calibration": Path(calibration), "images": calibration_images, "min_agreement": min_agreement}
+    # read now: a bad list is the calibration's one-line error before any export work, not after it
+    table = read_image_table(calibration, show_progress=False)
+    return {"calibration": table, "images": calibration_images, "min_agreement": min_agreement}
 
 
 def _export_inputs(weights, selector) -> list[Path]:
     """The files an export reads (weights, a selector checkpoint): the bundle may not replace or hold them."""
     named = [weights]
     if isinstance(selector, (str, Path)):
-        named.append(str(selector).partition("=")[2] or str(selector))
+        named.append(_selector_spec(selector)[1])
     elif selector is not None:
         named.append(getattr(selector, "checkpoint", None))
     return [Path(item) for item in named if item and Path(item).exists()]
@@ -167,16 +173,20 @@ def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: in
             staging.mkdir()
             manifest = _write_models(staging, model, identity, name, learned, opset, int8)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if out.exists():
-                retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, retired)
-                os.replace(staging, out)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, out)
+            replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _selector_spec(selector: str | Path) -> tuple[str, str]:
+    """(plugin name, checkpoint) of ``--selector``: ``NAME=CHECKPOINT``, or a bare checkpoint of MedSelect — an existing
+    path is a checkpoint even when it holds "=" (runs/lr=0.1/selector.pt)."""
+    spec = str(selector)
+    if "=" in spec and not Path(spec).exists():
+        name, _, checkpoint = spec.partition("=")
+        return name, checkpoint
+    return "medselect", spec
 
 
 def _learned_selector(selector) -> tuple[str, object]:
@@ -186,8 +196,7 @@ def _learned_selector(selector) -> tuple[str, object]:
         "encoder_identity); baselines run at the site by name with --selector"
     )
     if isinstance(selector, (str, Path)):
-        spec = str(selector)  # an existing path is MedSelect's checkpoint even when it holds "=" (runs/lr=0.1/…)
-        _, name, options = parse_selector_spec(spec if "=" in spec and not Path(spec).exists() else f"medselect={spec}")
+        _, name, options = parse_selector_spec("=".join(_selector_spec(selector)))
         if "checkpoint" not in options or "checkpoint" not in factory_options(plugins.get("selector", name).factory):
             raise InputError(f"selector {name!r} {refusal}")
         instance = create_selector(name, **options)
@@ -328,20 +337,20 @@ def _checkpoint_record(checkpoint) -> dict | None:
 
 
 def quantize_encoder(
-    folder: Path, encoder_entry: dict, selector_entry: dict | None, *, calibration: Path, images: int, min_agreement
+    folder: Path, encoder_entry: dict, selector_entry: dict | None, *, calibration, images: int, min_agreement
 ) -> dict:
     """Replace ``folder/encoder.onnx`` by its int8 form; returns the manifest's ``quantization`` record.
 
     onnxruntime static quantization in QDQ form (the form its CPU provider fuses into integer kernels): int8
     per-channel weights with a 7-bit range, so CPUs without VNNI do not saturate and every site computes what
     was checked here, and uint8 activations, the pairing x86 kernels are fastest with. Ranges are calibrated
-    (MinMax) on a seeded sample of ``calibration`` decoded as a site decodes it; on the same sample the K site
-    picks — the bundle's learned selector, else typiclust — must agree with the fp32 encoder's.
+    (MinMax) on a seeded sample of the ``calibration`` image table decoded as a site decodes it; on that sample the
+    K site picks — the bundle's learned selector, else typiclust — must agree with the fp32 encoder's.
     """
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    table = read_image_table(calibration, show_progress=False)
+    table = calibration  # the ImageTable read when the request was checked
     sample, unreadable = _calibration_sample(table, encoder_entry["preprocessing"], images)
     fp32, prepared, int8 = folder / ENCODER_FILE, folder / ".encoder-prepared.onnx", folder / ".encoder-int8.onnx"
     logging.disable(logging.WARNING)  # the quantizer's notes on the root logger (e.g. skipped 1-d constants)

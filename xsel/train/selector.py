@@ -26,6 +26,7 @@ from xsel import plugins
 from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.identity import describe_identity
+from xsel.io.atomic import write_text_atomic
 from xsel.labels import patient_ids
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
@@ -400,10 +401,11 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows logged after the last checkpoint (a resumed run logs them again), atomically."""
     if path.exists():
         lines = path.read_text().splitlines(keepends=True)
         kept = [lines[0], *[line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]]
-        path.write_text("".join(kept))
+        write_text_atomic("".join(kept), path)
 
 
 def _append_metrics(path: Path, row: dict, val_conditions: list[str]) -> None:
