@@ -2,9 +2,20 @@
 once a classifier exists, the next round of active learning (uncertainty, boostmis).
 
 Each ``select(embeddings (N, D) float32, k, *, seed, metadata)`` returns ``min(k, N)`` distinct row
-indices in priority order and is a function of its inputs and seed. Geometry is cosine: embeddings
-are L2-normalised first, as the few-shot classifiers compare them by cosine similarity. No selector
-builds an N×N matrix; where a pool is larger than ``LARGE_POOL`` the docstring says what is sampled.
+indices in priority order and is a function of its inputs and seed. No selector builds an N×N matrix;
+where a pool is larger than ``LARGE_POOL`` the docstring says what is sampled.
+
+Geometry is a measured choice per heuristic. kmedoids, kcenter, typiclust and probcover take ``geometry``:
+``"cosine"`` (rows L2-normalised, as the few-shot classifiers compare them) or ``"euclidean"`` (raw rows, so
+the norm counts); the family ``NAME:<geometry>`` (``kcenter:cosine``, ``typiclust:euclidean``) reaches either
+by name, the plain name is the default. A peer library on raw embeddings had beaten the cosine heuristics on
+NIH (issue 16); ``bench/bench_geometry.py`` (EfficientNet-Lite0 realcxr, K=20, pool 100, 100 paired episodes
+per condition) measured Euclidean − cosine query AUROC [95% CI] on NIH / Kermany / COVID:
+kcenter +0.015 [+0.007, +0.023] / −0.002 [−0.009, +0.004] / +0.077 [+0.057, +0.097]: Euclidean by default;
+typiclust +0.005 [−0.003, +0.014], kmedoids +0.005 [−0.004, +0.014], probcover −0.003 [−0.010, +0.003] on NIH:
+no CI above 0, so they stay cosine (BENCHMARKS.md, section 12). Where every embedding has the same norm (the
+pixels encoder) the two geometries pick alike.
+
 The learned and model-based selectors (medselect, uncertainty, boostmis) live in ``xsel.train`` and are built
 through factories that import it only then, so the site runtime never needs torch.
 """
@@ -15,7 +26,15 @@ import numpy as np
 
 from xsel import hookimpl
 from xsel.errors import InputError
-from xsel.geometry import LARGE_POOL, squared_distances, subsample, unit_rows
+from xsel.geometry import (
+    LARGE_POOL,
+    check_geometry,
+    describe_distance,
+    distance_name,
+    geometry_rows,
+    squared_distances,
+    subsample,
+)
 
 TYPICALITY_NEIGHBOURS = 20
 TYPICALITY_REFERENCE = 2_000  # typicality is measured against at most this many members of a cluster
@@ -53,26 +72,30 @@ class RandomSelector:
 
 class KCenterSelector:
     """Greedy k-center (core-set): start at the point nearest the mean, then repeatedly take the point
-    farthest from everything picked so far. O(N·D) per pick."""
+    farthest from everything picked so far. O(N·D) per pick. Euclidean by default: the one heuristic whose
+    Euclidean variant measured better on NIH (module docstring)."""
 
     uses_labels = False
+
+    def __init__(self, geometry: str = "euclidean"):
+        self.geometry = check_geometry(geometry)
 
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
-        points = unit_rows(embeddings)
+        geometry, points = self.geometry, geometry_rows(embeddings, self.geometry)
         k = min(k, len(points))
         centre = points.mean(axis=0, keepdims=True)
-        first = int(np.argmin(squared_distances(points, centre)[:, 0]))
+        first = int(np.argmin(squared_distances(points, centre, geometry)[:, 0]))
         picks, reasons = [first], ["nearest the centre of the pool"]
-        nearest = squared_distances(points, points[first : first + 1])[:, 0]
+        nearest = squared_distances(points, points[first : first + 1], geometry)[:, 0]
         for _ in range(k - 1):
             nearest[picks[-1]] = -1.0
             pick = int(np.argmax(nearest))
             picks.append(pick)
-            reasons.append(f"farthest from the picks so far (cosine distance {nearest[pick] / 2:.3f})")
-            nearest = np.minimum(nearest, squared_distances(points, points[pick : pick + 1])[:, 0])
+            reasons.append(f"farthest from the picks so far ({describe_distance(nearest[pick], geometry)})")
+            nearest = np.minimum(nearest, squared_distances(points, points[pick : pick + 1], geometry)[:, 0])
         return np.asarray(picks, dtype=np.int64), reasons
 
 
@@ -84,26 +107,29 @@ class KMedoidsSelector:
     uses_labels = False
     max_iterations = 20
 
+    def __init__(self, geometry: str = "cosine"):
+        self.geometry = check_geometry(geometry)
+
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         rows = subsample(len(embeddings), seed)
-        points = unit_rows(embeddings[rows])
+        geometry, points = self.geometry, geometry_rows(embeddings[rows], self.geometry)
         k = min(k, len(points))
         rng = np.random.default_rng(seed)
         medoids = [int(rng.integers(len(points)))]
-        nearest = squared_distances(points, points[medoids])[:, 0]
+        nearest = squared_distances(points, points[medoids], geometry)[:, 0]
         for _ in range(k - 1):  # k-medoids++: next medoid drawn with probability ∝ squared distance
             weights = nearest / nearest.sum() if nearest.sum() > 0 else None
             candidate = int(rng.choice(len(points), p=weights))
             if candidate in medoids:
                 candidate = int(next(i for i in rng.permutation(len(points)) if i not in medoids))
             medoids.append(candidate)
-            nearest = np.minimum(nearest, squared_distances(points, points[candidate : candidate + 1])[:, 0])
+            nearest = np.minimum(nearest, squared_distances(points, points[candidate : candidate + 1], geometry)[:, 0])
         medoids = np.asarray(medoids)
         for _ in range(self.max_iterations):
-            assignment = np.argmin(squared_distances(points, points[medoids]), axis=1)
+            assignment = np.argmin(squared_distances(points, points[medoids], geometry), axis=1)
             updated = medoids.copy()
             for cluster in range(k):
                 members = np.flatnonzero(assignment == cluster)
@@ -112,26 +138,29 @@ class KMedoidsSelector:
                 candidates = members
                 if len(members) > 2_000:
                     mean = points[members].mean(axis=0, keepdims=True)
-                    candidates = members[np.argsort(squared_distances(points[members], mean)[:, 0])[:500]]
-                cost = np.sqrt(squared_distances(points[candidates], points[members])).sum(axis=1)
+                    candidates = members[np.argsort(squared_distances(points[members], mean, geometry)[:, 0])[:500]]
+                cost = np.sqrt(squared_distances(points[candidates], points[members], geometry)).sum(axis=1)
                 updated[cluster] = candidates[int(np.argmin(cost))]
             if np.array_equal(updated, medoids):
                 break
             medoids = updated
-        medoids = self._distinct(points, medoids)
-        assignment = np.argmin(squared_distances(points, points[medoids]), axis=1)
+        medoids = self._distinct(points, medoids, geometry)
+        assignment = np.argmin(squared_distances(points, points[medoids], geometry), axis=1)
         sizes = np.bincount(assignment, minlength=k)
         order = np.argsort(-sizes, kind="stable")
         sampled = f" of a {len(rows)}-image sample" if len(rows) < len(embeddings) else ""
-        reasons = [f"medoid of cluster {rank} of {k}{sampled} ({sizes[c]} images)" for rank, c in enumerate(order, 1)]
+        reasons = [
+            f"medoid of cluster {rank} of {k}{sampled} ({sizes[c]} images) by {distance_name(geometry)}"
+            for rank, c in enumerate(order, 1)
+        ]
         return rows[medoids[order]], reasons
 
     @staticmethod
-    def _distinct(points, medoids):
+    def _distinct(points, medoids, geometry):
         """Two clusters can share a medoid on duplicate points: replace repeats by the farthest unused point."""
         unique = list(dict.fromkeys(medoids.tolist()))
         while len(unique) < len(medoids):
-            nearest = squared_distances(points, points[unique]).min(axis=1)
+            nearest = squared_distances(points, points[unique], geometry).min(axis=1)
             nearest[unique] = -1.0
             unique.append(int(np.argmax(nearest)))
         return np.asarray(unique)
@@ -144,11 +173,14 @@ class TypiClustSelector:
 
     uses_labels = False
 
+    def __init__(self, geometry: str = "cosine"):
+        self.geometry = check_geometry(geometry)
+
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
-        points = unit_rows(embeddings)
+        geometry, points = self.geometry, geometry_rows(embeddings, self.geometry)
         k = min(k, len(points))
         assignment = kmeans_labels(points, k, seed)
         rng = np.random.default_rng([seed, 2])
@@ -157,7 +189,7 @@ class TypiClustSelector:
         for cluster in np.argsort(-sizes, kind="stable"):
             members = np.flatnonzero(assignment == cluster)
             if len(members):
-                ranked.append(members[np.argsort(-self._typicality(points, members, rng), kind="stable")])
+                ranked.append(members[np.argsort(-self._typicality(points, members, rng, geometry), kind="stable")])
         # one point per cluster; only when k-means found fewer clusters than K (duplicate points)
         # does a second round take each cluster's next most typical point
         chosen = [
@@ -168,25 +200,25 @@ class TypiClustSelector:
         ][:k]
         reasons = [
             f"{'most' if depth == 0 else f'number {depth + 1} by'} typical image of cluster {rank} of {len(ranked)} "
-            f"({size} images)"
+            f"({size} images) by {distance_name(geometry)}"
             for _, depth, rank, size in chosen
         ]
         return np.asarray([pick for pick, *_ in chosen], dtype=np.int64), reasons
 
     @staticmethod
-    def _typicality(points, members, rng):
+    def _typicality(points, members, rng, geometry):
         if len(members) == 1:
             return np.ones(1)
         reference = members
         if len(members) > TYPICALITY_REFERENCE:
             reference = np.sort(rng.choice(members, TYPICALITY_REFERENCE, replace=False))
-        similarity = points[members] @ points[reference].T
+        squared = squared_distances(points[members], points[reference], geometry)
         position = np.minimum(np.searchsorted(reference, members), len(reference) - 1)
         is_self = reference[position] == members  # a member is not its own neighbour
-        similarity[np.flatnonzero(is_self), position[is_self]] = -np.inf
+        squared[np.flatnonzero(is_self), position[is_self]] = np.inf
         neighbours = min(TYPICALITY_NEIGHBOURS, len(reference) - 1)
-        nearest = np.partition(similarity, -neighbours, axis=1)[:, -neighbours:]  # highest cosine = nearest
-        return 1.0 / (np.sqrt(np.maximum(2.0 - 2.0 * nearest, 0.0)).mean(axis=1) + 1e-12)
+        nearest = np.partition(squared, neighbours - 1, axis=1)[:, :neighbours]
+        return 1.0 / (np.sqrt(nearest).mean(axis=1) + 1e-12)
 
 
 class ProbCoverSelector:
@@ -201,15 +233,19 @@ class ProbCoverSelector:
 
     uses_labels = False
 
+    def __init__(self, geometry: str = "cosine"):
+        self.geometry = check_geometry(geometry)
+
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
         rows = subsample(len(embeddings), seed)
-        points = unit_rows(embeddings[rows])
+        geometry, points = self.geometry, geometry_rows(embeddings[rows], self.geometry)
         n, k = len(points), min(k, len(points))
-        delta = self.radius(points, kmeans_labels(points, k, seed), seed) if k > 1 else 0.0
-        graph = self.ball_graph(points, delta)
+        delta = self.radius(points, kmeans_labels(points, k, seed), seed, geometry) if k > 1 else 0.0
+        graph = self.ball_graph(points, delta, geometry)
+        ball = f"its δ-ball (δ = {describe_distance(delta**2, geometry)})"
         gain = np.asarray(graph.sum(axis=1)).ravel().astype(np.int64)
         covered = np.zeros(n, dtype=bool)
         tie_break = np.random.default_rng([seed, 3]).permutation(n)
@@ -218,7 +254,7 @@ class ProbCoverSelector:
             order = np.lexsort((tie_break, -gain))  # largest gain first, seeded tie-break
             pick = next(i for i in order if i not in picks)
             picks.append(int(pick))
-            reasons.append(f"its δ-ball (δ {delta:.3f}) covers {max(gain[pick], 0)} images not covered yet")
+            reasons.append(f"{ball} covers {max(gain[pick], 0)} images not covered yet")
             newly = graph.indices[graph.indptr[pick] : graph.indptr[pick + 1]]
             newly = newly[~covered[newly]]
             covered[newly] = True
@@ -228,8 +264,9 @@ class ProbCoverSelector:
         return rows[np.asarray(picks, dtype=np.int64)], reasons
 
     @staticmethod
-    def radius(points: np.ndarray, clusters: np.ndarray, seed: int = 0) -> float:
-        """Largest δ with purity ≥ 0.95: the 5th percentile of each point's distance to another cluster.
+    def radius(points: np.ndarray, clusters: np.ndarray, seed: int = 0, geometry: str = "cosine") -> float:
+        """Largest δ with purity ≥ 0.95: the 5th percentile of each point's distance to another cluster
+        (rows of :func:`~xsel.geometry.geometry_rows`; δ is a Euclidean distance between them).
 
         Exact up to ``PURITY_SAMPLE`` points; above, purity is estimated on a seeded sample of that many
         balls (standard error ≈ 0.5 percentage points)."""
@@ -239,21 +276,22 @@ class ProbCoverSelector:
         to_other = np.full(len(queries), np.inf)
         for start in range(0, len(queries), 512):
             block = queries[start : start + 512]
-            similarity = points[block] @ points.T
-            similarity[clusters[block, None] == clusters[None, :]] = -np.inf
-            to_other[start : start + 512] = np.sqrt(np.maximum(2.0 - 2.0 * similarity.max(axis=1), 0.0))
+            squared = squared_distances(points[block], points, geometry)
+            squared[clusters[block, None] == clusters[None, :]] = np.inf
+            to_other[start : start + 512] = np.sqrt(squared.min(axis=1))
         finite = to_other[np.isfinite(to_other)]
         return float(np.quantile(finite, 1.0 - PURITY)) * (1 - 1e-6) if len(finite) else 0.0
 
     @staticmethod
-    def ball_graph(points: np.ndarray, delta: float):
-        """Sparse symmetric adjacency of the δ-balls (self included), built block by block from cosines."""
+    def ball_graph(points: np.ndarray, delta: float, geometry: str = "cosine"):
+        """Sparse symmetric adjacency of the δ-balls (self included), built block by block."""
         from scipy.sparse import csr_matrix
 
-        threshold = 1.0 - delta**2 / 2.0  # ‖x − y‖ ≤ δ  ⇔  cos(x, y) ≥ 1 − δ²/2 for unit rows
+        spread = 1.0 if geometry == "cosine" else float(np.einsum("ij,ij->", points, points)) / max(len(points), 1)
+        threshold = delta**2 + 2e-6 * spread  # float32 rounding slack: 2e-6 on unit rows, as much relative to raw ones
         indices, counts = [], []
         for start in range(0, len(points), 1024):
-            inside = (points[start : start + 1024] @ points.T) >= threshold - 1e-6
+            inside = squared_distances(points[start : start + 1024], points, geometry) <= threshold
             np.fill_diagonal(inside[:, start : start + 1024], True)
             rows, cols = np.nonzero(inside)
             indices.append(cols)
@@ -286,11 +324,26 @@ class OracleBalancedSelector:
         return np.asarray(interleaved + rest, dtype=np.int64)
 
 
+GEOMETRY_SELECTORS = {
+    "kmedoids": KMedoidsSelector,
+    "kcenter": KCenterSelector,
+    "typiclust": TypiClustSelector,
+    "probcover": ProbCoverSelector,
+}
+
+
 def medselect(checkpoint=None):
     """The learned MedSelect selector over a ``selector.pt``; torch is imported only when one is built."""
     from xsel.train.medselect import MedSelectSelector
 
     return MedSelectSelector(checkpoint)
+
+
+def setselect(checkpoint=None):
+    """The learned set selector over a ``selector.pt`` of ``--model set``; torch is imported only when one is built."""
+    from xsel.train.medselect import SetSelector
+
+    return SetSelector(checkpoint)
 
 
 def uncertainty(model=None, label: str | None = None, measure: str = "entropy"):
@@ -314,14 +367,28 @@ def boostmis(model=None, label: str | None = None, xi=None, epsilon=None, neighb
 @hookimpl
 def register_selectors(register):
     register("random", RandomSelector, description="uniformly random picks (the reference)")
-    register("kmedoids", KMedoidsSelector, description="k-medoids++ medoids, largest cluster first (MedSelect)")
-    register("kcenter", KCenterSelector, aliases=("coreset",), description="greedy k-center core-set")
-    register("typiclust", TypiClustSelector, description="most typical point of each k-means cluster")
-    register("probcover", ProbCoverSelector, description="greedy δ-ball coverage, δ from 95% k-means purity")
+    register("kmedoids", KMedoidsSelector, description="k-medoids++ medoids, largest cluster first (MedSelect); cosine")
+    register("kcenter", KCenterSelector, aliases=("coreset",), description="greedy k-center core-set; Euclidean")
+    register("typiclust", TypiClustSelector, description="most typical point of each k-means cluster; cosine")
+    register("probcover", ProbCoverSelector, description="greedy δ-ball coverage, δ from 95% k-means purity; cosine")
+    for name, factory in GEOMETRY_SELECTORS.items():  # the family's rest of the name is the factory's geometry
+        register(
+            f"{name}:",
+            factory,
+            prefix=True,
+            metavar="geometry",
+            description=f"{name} in a chosen geometry: {name}:cosine or {name}:euclidean (raw embeddings)",
+        )
     register(
         "medselect",
         medselect,
         description="learned BiLSTM selector (MedSelect); needs checkpoint=RUN_DIR/selector.pt",
+    )
+    register(
+        "setselect",
+        setselect,
+        description="learned set selector: order-free, sequential picks; needs checkpoint=RUN_DIR/selector.pt "
+        "of `train selector --model set`",
     )
     register(
         "oracle-balanced",

@@ -134,6 +134,9 @@ def test_bad_input(demo_store, tmp_path, cli):
         (["--conditions", "Edema", "--classifier", "svm"], "unknown classifier 'svm'"),
         (["--conditions", "Edema", "--uncertain", "maybe"], "--uncertain maybe: choose one of"),
         (["--conditions", " , "], "--conditions is empty"),
+        ([], "give --conditions (or --protocol archive); label columns in this store: Cardiomegaly"),
+        (["--conditions", "Edema", "--protocol", "museum"], "--protocol museum: choose one of conditions, archive"),
+        (["--protocol", "archive", "--rounds", "2"], "--rounds simulates condition episodes"),
     ]
     for args, message in cases:
         result = cli("evaluate", demo_store, *base, *args, "-q")
@@ -158,3 +161,119 @@ def test_bootstrap_ci_covers_a_known_mean():
     )
     row = summarize(table).query("selector == 'x' and condition == 'A'").iloc[0]
     assert row["auroc_low"] < 0.65 < row["auroc_high"] and row["auroc_high"] - row["auroc_low"] < 0.03
+
+
+# --protocol archive: random draws of the whole store, the picks labelled for every condition
+
+
+@pytest.fixture(scope="module")
+def archive(demo_store):
+    return evaluate(
+        demo_store,
+        protocol="archive",
+        selectors=["kcenter", "oracle-balanced"],
+        k=[4, 10],
+        show_progress=False,
+        **SMALL,
+    )
+
+
+def test_archive_episodes_are_reproducible_and_never_share_a_patient(demo_store):
+    from xsel.episodes import ArchiveTask
+    from xsel.store import read_store
+
+    store = read_store(demo_store)
+    patients = store.meta["PatientID"].to_numpy()
+    for allow_same_patient in (False, True):
+        task = ArchiveTask(store, pool_size=80, query_size=20, k=10, allow_same_patient=allow_same_patient)
+        first, again, other = task.episode(3, seed=0), task.episode(3, seed=0), task.episode(4, seed=0)
+        assert np.array_equal(first.query, again.query) and np.array_equal(first.pool, again.pool)
+        assert first.seed == again.seed and not np.array_equal(first.query, other.query)
+        assert len(first.query) == 20 and len(first.pool) == 80
+        assert not set(patients[first.pool]) & set(patients[first.query])
+        assert np.all(np.diff(first.pool) > 0) and np.all(np.diff(first.query) > 0), "rows in store order"
+        if not allow_same_patient:
+            both = np.concatenate([first.pool, first.query])
+            assert len(set(patients[both])) == len(both), "one image per patient"
+    assert "No Finding" not in task.conditions, "a 1/blank column has no known negatives to score"
+    assert np.array_equal(first.query_labels[:, 0], task.labels[first.query, 0], equal_nan=True)
+
+
+def test_archive_scores_every_condition_with_both_classes_in_the_query(archive, demo_store):
+    from xsel.episodes import ArchiveTask
+    from xsel.store import read_store
+
+    assert archive.settings["protocol"] == "archive" and archive.settings["negative"] is None
+    task = ArchiveTask(read_store(demo_store), pool_size=80, query_size=20, k=10)
+    assert archive.settings["conditions"] == list(task.conditions)
+    for index, rows in archive.episodes.groupby("episode"):
+        query_labels = task.episode(index, seed=0).query_labels
+        both = sum(
+            ((query_labels[:, j] == 1).any() and (query_labels[:, j] == 0).any()) for j in range(len(task.conditions))
+        )
+        assert (rows["conditions_scored"] == both).all() and both > 0
+    assert archive.episodes["probe_auroc"].between(0, 1).all()
+
+
+def test_archive_rows_are_paired_and_summarized_with_the_probe(archive):
+    table = archive.episodes
+    assert set(table["condition"]) == {"archive"}
+    assert len(table) == 6 * 3 * 2
+    per_episode = table.groupby(["episode", "k"])
+    assert (per_episode["selector"].nunique() == 3).all()
+    assert (per_episode[["pool_size", "query_size", "conditions_scored", "pool_positives"]].nunique() == 1).all().all()
+    summary = archive.summary
+    assert set(summary["condition"]) == {"archive", "all"}
+    random_rows = summary[summary["selector"] == "random"]
+    assert (random_rows["probe_diff_vs_random"] == 0).all() and (random_rows["probe_win_rate"] == 0.5).all()
+    mine = table[(table["selector"] == "kcenter") & (table["k"] == 10)].sort_values("episode")
+    ref = table[(table["selector"] == "random") & (table["k"] == 10)].sort_values("episode")
+    row = summary.query("selector == 'kcenter' and k == 10 and condition == 'all'").iloc[0]
+    expected = (mine["probe_auroc"].to_numpy() - ref["probe_auroc"].to_numpy()).mean()
+    assert row["probe_diff_vs_random"] == pytest.approx(expected)
+    assert row["probe_auroc_low"] <= row["probe_auroc"] <= row["probe_auroc_high"]
+
+
+def test_archive_oracle_balances_the_first_condition(demo_store):
+    result = evaluate(
+        demo_store,
+        ["Cardiomegaly"],
+        protocol="archive",
+        selectors=["oracle-balanced"],
+        k=[10],
+        show_progress=False,
+        **SMALL,
+    )
+    oracle = result.episodes[result.episodes["selector"] == "oracle-balanced"]
+    assert (oracle["positives_picked"] == 5).all() and result.settings["conditions"] == ["Cardiomegaly"]
+
+
+def test_archive_unknown_labels_are_left_out_and_one_class_picks_score_a_constant():
+    from xsel.evaluate import probe_scores, scored_conditions
+
+    query_labels = np.array([[1, 1, 1], [0, np.nan, 0], [np.nan, np.nan, 1]])
+    assert scored_conditions(query_labels) == [0, 2]
+    embeddings = np.random.default_rng(0).normal(size=(6, 4))
+    assert (probe_scores(embeddings[:3], np.array([1, 1, 1]), embeddings[3:]) == 0).all()
+    assert len(np.unique(probe_scores(embeddings[:4], np.array([1, 0, 1, 0]), embeddings[3:]))) > 1
+
+
+def test_cli_archive(demo_store, tmp_path, cli):
+    result = cli(
+        "evaluate",
+        demo_store,
+        "--protocol",
+        "archive",
+        "--selectors",
+        "kcenter",
+        "--out",
+        tmp_path,
+        "--report",
+        tmp_path / "report.html",
+        *QUICK_EVALUATION,
+    )
+    assert result.exit_code == 0, result.output
+    assert "archive episodes" in result.stdout and "Conditions labelled: Cardiomegaly" in result.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["protocol"] == "archive"
+    assert "probe_auroc" in pd.read_csv(tmp_path / "episodes.csv").columns
+    assert "probe AUROC" in (tmp_path / "report.html").read_text()

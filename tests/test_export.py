@@ -70,7 +70,7 @@ def test_manifest_lists_everything_a_site_needs(trained):
     assert manifest["schema_version"] == 2 and manifest["opset"] >= 17
     assert manifest["selector"]["name"] == "medselect" and manifest["selector"]["features"]["metadata"] == []
     assert manifest["encoder"]["preprocessing"] == {"image_size": 128, "channels": 1, "mean": [0.0], "std": [1.0]}
-    assert set(manifest["sha256"]) == {"encoder.onnx", "selector.onnx"}
+    assert set(manifest["sha256"]) == {"encoder.onnx", "selector.onnx", "trust_reference.npy"}
     assert manifest["parity"]["passed"] and len(manifest["parity"]["encoder"]) == 2
     pools = [check["case"] for check in manifest["parity"]["selector"]]
     assert pools == ["selector pool 7", "selector pool 61", "selector pool 250"]

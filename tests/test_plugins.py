@@ -236,7 +236,7 @@ def test_non_editable_install_ships_the_builtin_plugins(tmp_path):
     assert lines[2] == "encoders"
 
 
-SITE_PATH = ["site", "bundle", "selection", "selectors", "store", "identity", "labels", "geometry", "io"]
+SITE_PATH = ["site", "bundle", "selection", "selectors", "trust", "store", "identity", "labels", "geometry", "io"]
 
 
 def test_the_site_path_cannot_reach_torch():

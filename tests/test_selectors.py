@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,13 +11,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tests.conftest import QUICK_EVALUATION
 from xsel import plugins
+from xsel.errors import InputError
+from xsel.geometry import GEOMETRIES, geometry_rows, squared_distances
 from xsel.selectors import create_selector, run_selector
 
-# medselect needs a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it;
+# medselect and setselect need a checkpoint trained for a fixed embedding size: tests/test_medselect.py covers it;
 # uncertainty and boostmis need a classifier: MODEL_SELECTORS, tested below with a toy one
 MODEL_SELECTORS = ["uncertainty", "boostmis"]
-SELECTORS = [name for name in plugins.names("selector") if name not in ("medselect", *MODEL_SELECTORS)]
+HEURISTICS = ["kmedoids", "kcenter", "typiclust", "probcover"]  # each also a family NAME:<geometry>
+# the geometry a plain name does not use, so every contract test covers both geometries of each heuristic
+OTHER_GEOMETRY = [f"{h}:{g}" for h in HEURISTICS for g in GEOMETRIES if g != create_selector(h).geometry]
+SELECTORS = [
+    *(name for name in plugins.names("selector") if name not in ("medselect", "setselect", *MODEL_SELECTORS)),
+    *OTHER_GEOMETRY,
+]
 
 
 def labelled(n: int, seed: int = 0) -> pd.DataFrame:
@@ -43,7 +54,7 @@ def test_distinct_priority_order_and_deterministic(name):
     assert np.array_equal(first, pick(name, embeddings, 15, seed=3))
 
 
-@pytest.mark.parametrize("name", [n for n in SELECTORS if n not in ("kcenter",)])
+@pytest.mark.parametrize("name", [n for n in SELECTORS if not n.startswith("kcenter")])  # kcenter is seed-free
 def test_seed_changes_the_choice(name):
     embeddings = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
     assert any(
@@ -64,7 +75,7 @@ def test_identical_embeddings_still_give_distinct_picks(name):
     assert len(set(pick(name, embeddings, 6).tolist())) == 6
 
 
-@pytest.mark.parametrize("name", ["kmedoids", "kcenter", "typiclust", "probcover"])
+@pytest.mark.parametrize("name", [*HEURISTICS, *OTHER_GEOMETRY])
 def test_one_pick_per_well_separated_cluster(name):
     points, cluster = blobs()
     assert sorted(cluster[pick(name, points, 3)].tolist()) == [0, 1, 2]
@@ -85,20 +96,21 @@ def test_kmedoids_orders_the_largest_cluster_first():
     assert cluster[pick("kmedoids", points, 3)].tolist() == [1, 2, 0]
 
 
-def test_kcenter_adds_the_farthest_point():
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_kcenter_adds_the_farthest_point(geometry):
     points = np.array([[1, 0], [1, 0.01], [0.99, 0.02], [-1, 0.05], [0, 1]], dtype=np.float32)
-    assert pick("kcenter", points, 2)[1] == 3
+    assert pick(f"kcenter:{geometry}", points, 2)[1] == 3
 
 
-def test_probcover_radius_is_the_largest_with_95_percent_purity():
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_probcover_radius_is_the_largest_with_95_percent_purity(geometry):
     from xsel_plugins.selectors import ProbCoverSelector, kmeans_labels
 
-    from xsel.geometry import unit_rows
-
-    points = unit_rows(np.random.default_rng(0).normal(size=(300, 6)))
+    rng = np.random.default_rng(0)
+    points = geometry_rows(rng.normal(size=(300, 6)) * rng.uniform(0.5, 5, size=(300, 1)), geometry)
     clusters = kmeans_labels(points, 8, 0)
-    delta = ProbCoverSelector.radius(points, clusters)
-    distances = np.sqrt(np.maximum(2 - 2 * points @ points.T, 0))
+    delta = ProbCoverSelector.radius(points, clusters, geometry=geometry)
+    distances = np.sqrt(((points[:, None, :].astype(np.float64) - points[None, :, :]) ** 2).sum(axis=2))
 
     def purity(radius):
         inside = distances <= radius
@@ -112,6 +124,84 @@ def test_probcover_never_repeats_after_everything_is_covered():
     points, _ = blobs(sizes=(5, 5), spread=0.001)
     picks = pick("probcover", points, 10)
     assert sorted(picks.tolist()) == list(range(10))
+
+
+def test_squared_distances_in_each_geometry_match_the_definition():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 5)) * 10 + 3, rng.normal(size=(4, 5))
+    both = geometry_rows(np.concatenate([a, b]), "euclidean")
+    exact = ((a[:, None] - b[None]) ** 2).sum(axis=2)
+    assert np.allclose(squared_distances(both[:7], both[7:], "euclidean"), exact, rtol=1e-4)
+    unit = geometry_rows(np.concatenate([a, b]), "cosine")
+    cosine = 1 - (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    assert np.allclose(squared_distances(unit[:7], unit[7:], "cosine"), 2 * cosine, atol=1e-5)
+    with pytest.raises(InputError, match="geometry 'manhattan' is not one of cosine, euclidean"):
+        squared_distances(a, b, "manhattan")
+
+
+def directions_and_norms(per_group=15, seed=0):
+    """Four groups: two directions 0.3 rad apart × two norms (1 and 20). Cosine sees only the directions,
+    Euclidean mostly the norms; returns the rows, each row's direction (0/1) and norm level (0/1)."""
+    rng = np.random.default_rng(seed)
+    directions = np.array([[1.0, 0.0, 0.0], [np.cos(0.3), np.sin(0.3), 0.0]])
+    direction, level = np.repeat([0, 1, 0, 1], per_group), np.repeat([0, 0, 1, 1], per_group)
+    rows = directions[direction] + rng.normal(scale=0.01, size=(len(direction), 3))
+    return (rows * np.array([1.0, 20.0])[level, None]).astype(np.float32), direction, level
+
+
+@pytest.mark.parametrize("heuristic", HEURISTICS)
+def test_euclidean_follows_the_norm_where_cosine_follows_the_direction(heuristic):
+    points, direction, level = directions_and_norms()
+    cosine, euclidean = (pick(f"{heuristic}:{geometry}", points, 2) for geometry in GEOMETRIES)
+    assert sorted(direction[cosine].tolist()) == [0, 1], "cosine: one pick per direction"
+    assert sorted(level[euclidean].tolist()) == [0, 1], "Euclidean: one pick per norm"
+    assert set(cosine.tolist()) != set(euclidean.tolist())
+    rescaled = points * np.random.default_rng(1).uniform(0.1, 10, size=(len(points), 1)).astype(np.float32)
+    assert np.array_equal(pick(f"{heuristic}:cosine", rescaled, 2), cosine), "cosine ignores every norm"
+
+
+@pytest.mark.parametrize("heuristic", HEURISTICS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_reasons_name_the_geometry(heuristic, geometry):
+    points, _, _ = directions_and_norms()
+    picks, reasons = create_selector(f"{heuristic}:{geometry}").select_with_reasons(points, 6, seed=0)
+    distance = {"cosine": "cosine distance", "euclidean": "Euclidean distance"}[geometry]
+    measured = reasons[1:] if heuristic == "kcenter" else reasons  # kcenter's first pick: nearest the centre
+    assert len(reasons) == len(picks) == 6 and all(distance in reason for reason in measured), reasons
+
+
+@pytest.mark.parametrize("heuristic", HEURISTICS)
+def test_geometry_option_and_family_name_are_the_same_selector(heuristic):
+    points, _, _ = directions_and_norms()
+    by_option = run_selector(create_selector(heuristic, geometry="euclidean"), heuristic, points, 5, seed=4)
+    assert np.array_equal(by_option, pick(f"{heuristic}:euclidean", points, 5, seed=4))
+    assert create_selector(heuristic).geometry in GEOMETRIES
+    assert plugins.get("selector", f"{heuristic}:euclidean").name == f"{heuristic}:euclidean"
+    with pytest.raises(InputError, match="geometry 'manhattan' is not one of cosine, euclidean"):
+        create_selector(f"{heuristic}:manhattan")
+    with pytest.raises(InputError, match="geometry 'l1' is not one of"):
+        create_selector(heuristic, geometry="l1")
+    with pytest.raises(InputError, match="takes no geometry"):
+        create_selector(f"{heuristic}:euclidean", geometry="cosine")
+
+
+def test_the_cli_reaches_each_geometry(demo_store, tmp_path, cli):
+    out = tmp_path / "picks.csv"
+    result = cli("select", demo_store, "--k", "6", "--out", out, "--selector", "kcenter:euclidean")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert set(table["selector"]) == {"kcenter:euclidean"}
+    assert table["reason"].iloc[1:].str.contains("Euclidean distance").all()
+    specs = "typiclust:cosine,typiclust:euclidean,probcover:euclidean"
+    result = cli(
+        "evaluate", demo_store, "--conditions", "Edema", "--selectors", specs, "--out", tmp_path / "e",
+        *QUICK_EVALUATION, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shown = {row["selector"] for row in json.loads(result.stdout)["summary"]}
+    assert shown == {"random", *specs.split(",")}
+    result = cli("select", demo_store, "--k", "6", "--out", tmp_path / "x.csv", "--selector", "kcenter:l2")
+    assert result.exit_code != 0 and "geometry 'l2' is not one of cosine, euclidean" in result.output
 
 
 def test_oracle_balanced_takes_half_of_each_class_and_fills_from_the_other():

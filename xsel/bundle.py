@@ -1,8 +1,9 @@
 """Exported bundles at a hospital site: verify, load and run them with onnxruntime only (no torch).
 
-A bundle is a folder with ``encoder.onnx``, optionally ``selector.onnx`` (a learned selector), and
-``manifest.json`` (schema version, preprocessing, input/output names, SHA-256 of every file, parity
-results). Loading verifies the schema and every hash and refuses anything else.
+A bundle is a folder with ``encoder.onnx``, optionally ``selector.onnx`` (a learned selector) and
+``trust_reference.npy`` (its trust gate's reference rows, :mod:`xsel.trust`), and ``manifest.json`` (schema
+version, preprocessing, input/output names, SHA-256 of every file, parity results). Loading verifies the schema and
+every hash and refuses anything else; the .npy is read with ``allow_pickle=False``, so no file of a bundle runs code.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from xsel.io.table import file_sha256
 from xsel.io.workers import die_with_parent
 from xsel.progress import notify, progress_bar
 from xsel.selectors import PoolFeatures
+from xsel.trust import TrustGate
 
 BUNDLE_SCHEMA = 2  # 2: the selector entry names its plugin and input features (any learned selector)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 SELECTOR_FILE = "selector.onnx"
+TRUST_FILE = "trust_reference.npy"  # the learned selector's trust gate reference, when it has one
 
 
 def import_onnxruntime():
@@ -70,11 +73,13 @@ def make_session(path: Path, device: str = "auto"):
 
 @dataclass
 class Bundle:
-    """A verified bundle: its folder and manifest; sessions are created on demand."""
+    """A verified bundle: its folder and manifest, the learned selector's trust gate (None without one); sessions
+    are created on demand."""
 
     path: Path
     manifest: dict
     device: str = "auto"
+    trust_gate: TrustGate | None = None
     _sessions: dict = field(default_factory=dict)
 
     @classmethod
@@ -108,7 +113,8 @@ class Bundle:
         if "encoder" in manifest:  # a manifest without one is refused below, naming what it lacks
             preprocessing = manifest["encoder"].get("preprocessing")
             check_preprocessing(preprocessing, source=f"{manifest_path}: encoder preprocessing")
-        needed = [ENCODER_FILE, *([SELECTOR_FILE] if manifest.get("selector") else [])]
+        gated = bool((manifest.get("selector") or {}).get("trust_gate"))
+        needed = [ENCODER_FILE, *([SELECTOR_FILE] if manifest.get("selector") else []), *([TRUST_FILE] * gated)]
         missing = [name for name in needed if name not in files] + [k for k in ("encoder",) if k not in manifest]
         if missing:
             raise InputError(f"{manifest_path}: lists no {', '.join(missing)}; re-export the bundle")
@@ -124,6 +130,8 @@ class Bundle:
             notify(f"{path} holds files its manifest does not list ({', '.join(extra[:3])}); they are not used")
         bundle = cls(path=path, manifest=manifest, device=device)
         bundle._check_models()
+        if gated:
+            bundle.trust_gate = _read_trust_gate(path / TRUST_FILE, manifest["selector"]["trust_gate"])
         return bundle
 
     def _check_models(self) -> None:
@@ -223,6 +231,22 @@ class Bundle:
             },
         )
         return scores[0], top[0]
+
+
+def _read_trust_gate(path: Path, record: dict) -> TrustGate:
+    """The selector's trust gate from its manifest record and reference rows. ``allow_pickle=False``: an object
+    array (a pickle inside the .npy) is refused unread, never unpickled."""
+    try:
+        reference = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a plain array of reference rows ({first}); re-export the bundle") from None
+    if not isinstance(reference, np.ndarray) or not np.issubdtype(reference.dtype, np.floating):
+        raise InputError(f"{path}: holds {getattr(reference, 'dtype', type(reference).__name__)}, not float rows")
+    try:
+        return TrustGate.from_record(record, reference)
+    except InputError as error:
+        raise InputError(f"{path}: {error}; re-export the bundle") from None
 
 
 def _from_schema_1(manifest: dict) -> dict:

@@ -3,7 +3,8 @@
 Written next to every selection CSV as ``<name>.SELECTION.json``: the xsel version, every input with its SHA-256
 (store or image list, bundle, checkpoint or classifier, exclusion list), the encoder identity, the selector and the
 plugin it came from, the seed, K, the constraints and what they removed (duplicate groups included), the fallback
-decision, and per pick its rank, path, SOPInstanceUID, score and one-line reason. :func:`verify` recomputes the
+decision (a learned selector's trust-gate verdict, :mod:`xsel.trust`; the gate's on/off setting is among the selector
+options), and per pick its rank, path, SOPInstanceUID, score and one-line reason. :func:`verify` recomputes the
 selection from the recorded inputs and names the first thing that differs.
 """
 
@@ -177,6 +178,7 @@ def _recompute(certificate: dict, show_progress: bool):
                 exclude=exclude.get("path"),
                 constraints=constraints,
                 show_progress=show_progress,
+                trust_gate=options.get("trust_gate", True),
             )
     from xsel.selection import select
 
@@ -194,6 +196,7 @@ def _recompute(certificate: dict, show_progress: bool):
         seed=certificate["seed"],
         exclude=exclude.get("path"),
         constraints=constraints,
+        trust_gate=options.get("trust_gate", True),
     )
 
 

@@ -20,7 +20,8 @@ def register_encoders(register):
 @hookspec
 def register_selectors(register):
     """Register selectors: ``register(name, factory, *, aliases=(), description="")``; a factory's keyword options
-    (``checkpoint``, ``model``, …) are what ``--selector NAME=FILE`` and ``create_selector`` may pass."""
+    (``checkpoint``, ``model``, …) are what ``--selector NAME=FILE`` and ``create_selector`` may pass. A learned
+    selector may carry ``trust_gate`` (:class:`xsel.trust.TrustGate`), checked on every pool before it picks."""
 
 
 @hookspec

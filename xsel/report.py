@@ -371,6 +371,19 @@ def write_evaluation_report(
                     "win rate": [f"{w:.2f}" for w in group["win_rate"]],
                 }
             )
+            if "probe_auroc" in group.columns:  # archive evaluations: the multi-label probe beside the classifier
+                table["probe AUROC [95% CI]"] = [
+                    f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+                    for a, lo, hi in zip(
+                        group["probe_auroc"], group["probe_auroc_low"], group["probe_auroc_high"], strict=True
+                    )
+                ]
+                table["probe Δ vs random [95% CI]"] = [
+                    f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                    for d, lo, hi in zip(
+                        group["probe_diff_vs_random"], group["probe_diff_low"], group["probe_diff_high"], strict=True
+                    )
+                ]
             tables.append(_table(table, str(condition)))
         sections.append('<div class="tables">' + "".join(tables) + "</div>")
     subtitle = f"{summary['selector'].nunique()} selectors, {summary['condition'].nunique()} conditions (incl. all)"

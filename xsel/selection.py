@@ -27,6 +27,7 @@ from xsel.selectors import (
     excluded_paths,
     explained_picks,
     factory_options,
+    gated,
     pool_rows,
 )
 from xsel.store import Store, check_distinct_paths, check_finite, read_store
@@ -59,6 +60,7 @@ def select(
     exclude: str | Path | None = None,
     allow_same_patient: bool = False,
     constraints: Constraints | None = None,
+    trust_gate: bool = True,
 ) -> Selection:
     """Pick ``k`` rows of the store to label; K above the pool selects the whole pool with a warning.
 
@@ -67,7 +69,9 @@ def select(
     a ready selector object with a ``name`` (the site runtime passes its ONNX selector). ``checkpoint``,
     ``model`` and ``label`` become the selector's options; one it does not take is an input error.
     ``constraints`` (one image per patient/study, dedup, balance, quotas) default to one image per patient, or
-    every image with ``allow_same_patient``.
+    every image with ``allow_same_patient``. ``trust_gate``: a learned selector carrying a trust gate
+    (:mod:`xsel.trust`) hands a pool unlike its training pools to its fallback heuristic, with a warning; the
+    verdict is the record's ``fallback`` (None when no gate was checked) and the table's ``selector`` names who picked.
     """
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
@@ -92,6 +96,10 @@ def select(
     }
     if k > len(rows):
         warnings.append(f"--k {k} is larger than the pool ({len(rows)} images): selecting the whole pool")
+    learned = name  # the certificate names the selector asked for; the gate may hand the pool to another
+    instance, name, verdict = gated(instance, name, _pool_embeddings(store, rows), seed=seed, use_gate=trust_gate)
+    if verdict is not None and verdict.fired:
+        warnings.append(f"trust gate of {learned}: {verdict.message}")
     plan = plan_strata(store.meta.iloc[rows].reset_index(drop=True), k, constraints)
     if plan is None:
         positions, scores, reasons = _run(instance, name, store, rows, k, seed)
@@ -118,8 +126,9 @@ def select(
         "mode": "store",
         "inputs": inputs,
         "encoder": store.encoder_identity,
-        "selector": name,
-        "selector_options": {"label": label} if label is not None else {},
+        "selector": learned,
+        "selector_options": ({"label": label} if label is not None else {}) | {"trust_gate": trust_gate},
+        "fallback": verdict.to_record() if verdict is not None else None,
         "k": k,
         "seed": seed,
         "constraints": constraints.to_dict(),
@@ -180,11 +189,16 @@ def _pool(store: Store, exclude, constraints: Constraints) -> tuple[np.ndarray, 
     return rows, warnings, record
 
 
-def _run(instance, name: str, store: Store, rows: np.ndarray, k: int, seed: int):
-    """The selector on one pool (store rows in store order): positions in ``rows``, scores, reasons. A pool of the
-    whole store is passed as the store's own array, not a copy (a million 512-d rows are 2 GB)."""
+def _pool_embeddings(store: Store, rows: np.ndarray) -> np.ndarray:
+    """The pool's embeddings (store rows in store order). A pool of the whole store is the store's own array, not a
+    copy (a million 512-d rows are 2 GB)."""
     whole = len(rows) == len(store) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(store) - 1))
-    embeddings = store.embeddings if whole else store.embeddings[rows]
+    return store.embeddings if whole else store.embeddings[rows]
+
+
+def _run(instance, name: str, store: Store, rows: np.ndarray, k: int, seed: int):
+    """The selector on one pool (store rows in store order): positions in ``rows``, scores, reasons."""
+    embeddings = _pool_embeddings(store, rows)
     return explained_picks(instance, name, embeddings, k, seed=seed, metadata=store.meta.iloc[rows])
 
 

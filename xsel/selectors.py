@@ -3,8 +3,9 @@
 Every command that runs selectors (``select``, ``evaluate``, ``train selector``, ``export``, the site runtime)
 goes through here: :func:`create_selector` builds a plugin by name (options it does not take are an input
 error), :func:`run_selector` checks what it returns, :func:`check_identity` refuses a learned selector on
-embeddings of another encoder, and :func:`pool_rows` applies the shared rules (``--exclude``, one image per
-patient) before any selector runs.
+embeddings of another encoder, :func:`gated` hands a pool a learned selector was not trained for to the heuristic
+its trust gate names (:mod:`xsel.trust`), and :func:`pool_rows` applies the shared rules (``--exclude``, one image
+per patient) before any selector runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
 from xsel.io.table import PATH_COLUMN, read_csv_checked
 from xsel.store import Store
+from xsel.trust import check_fallback
 
 METADATA_FEATURES = ("sex", "age", "frontal")
 
@@ -141,6 +143,24 @@ def check_identity(selector, name: str, store: Store) -> None:
             f"selector {name!r}: {trained} trained on embeddings of {describe_identity(expected)} but {store.path} "
             f"was made by {describe_identity(found)}; embed with the same encoder or train on this store"
         )
+
+
+def gated(selector, name: str, embeddings: np.ndarray, *, seed: int, use_gate: bool = True):
+    """The selector to run on this pool: ``(selector, name, verdict)``. A selector carrying a ``trust_gate``
+    (:class:`xsel.trust.TrustGate`) has it judge the pool first; when the pool lies beyond what the selector was
+    trained on, the gate's fallback heuristic picks instead. ``verdict`` is None when no gate was checked (none, or
+    ``use_gate=False``). One place for ``select``, ``evaluate`` and the site, so all three fall back alike."""
+    gate = getattr(selector, "trust_gate", None)
+    if gate is None or not use_gate:
+        return selector, name, None
+    verdict = gate.check(embeddings, seed=seed)
+    if not verdict.fired:
+        return selector, name, verdict
+    try:
+        fallback = check_fallback(gate.fallback)
+    except InputError as error:
+        raise InputError(f"selector {name!r}: {error}; or pass --no-trust-gate") from None
+    return create_selector(fallback), fallback, verdict
 
 
 def run_selector(selector, name: str, embeddings: np.ndarray, k: int, *, seed: int, metadata=None) -> np.ndarray:

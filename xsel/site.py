@@ -28,7 +28,8 @@ from xsel.store import Store, errors_path, read_store, write_store
 
 class BundleSelector:
     """The bundle's learned selector as a selector object, run by onnxruntime: its input is prepared from the
-    features the manifest names, so any exported selector plugin runs here without its code."""
+    features the manifest names, so any exported selector plugin runs here without its code. It carries the bundle's
+    trust gate, so the framework falls back exactly as on the workstation."""
 
     uses_labels = False
 
@@ -37,6 +38,7 @@ class BundleSelector:
         self.name = bundle.selector["name"]
         self.features = PoolFeatures.from_dict(bundle.selector.get("features", {}))
         self.encoder_identity = bundle.encoder_identity
+        self.trust_gate = bundle.trust_gate
 
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
@@ -114,9 +116,10 @@ def site_select(
     allow_same_patient: bool = False,
     constraints: Constraints | None = None,
     show_progress: bool = True,
+    trust_gate: bool = True,
 ) -> Selection:
     """Select K images of ``csv`` (or of an image folder) with a bundle; the learned selector unless ``selector``
-    names a baseline. ``constraints`` as in :func:`xsel.selection.select`."""
+    names a baseline. ``constraints`` and ``trust_gate`` as in :func:`xsel.selection.select`."""
     if k < 1:
         raise InputError(f"--k {k}: choose at least 1 image")
     loaded = Bundle.load(bundle, device=device)
@@ -149,6 +152,7 @@ def site_select(
         exclude=exclude,
         allow_same_patient=allow_same_patient,
         constraints=constraints,
+        trust_gate=trust_gate,
     )
     result.record["mode"] = "site"
     images = input_record(csv)
@@ -167,6 +171,7 @@ def site_select(
     result.record["selector_options"] = {
         "selector": selector,
         "image_root": str(Path(image_root).resolve()) if image_root is not None else None,
+        "trust_gate": trust_gate,
     }
     if failed:
         result.warnings.append(f"{failed} images could not be read; they are listed in {errors_csv}")

@@ -63,38 +63,51 @@ def print_rounds(result, console: Console) -> None:
     console.print(view)
 
 
+def _score_cells(row, selector: str, prefix: str = "") -> list[str]:
+    """Mean [CI] and the paired Δ to random [CI] of one score (``prefix`` "probe_" for the archive probe)."""
+    from xsel.evaluate import REFERENCE
+
+    diff = "—"
+    if selector != REFERENCE:
+        style = _style({name: row[f"{prefix}{name}"] for name in ("diff_low", "diff_high")})
+        diff = (
+            f"[{style}]{row[f'{prefix}diff_vs_random']:+.3f} "
+            f"[{row[f'{prefix}diff_low']:+.3f}, {row[f'{prefix}diff_high']:+.3f}][/{style}]"
+        )
+    mean = f"{row[f'{prefix}auroc']:.3f} [{row[f'{prefix}auroc_low']:.3f}, {row[f'{prefix}auroc_high']:.3f}]"
+    return [mean, diff]
+
+
 def print_summary(result, console: Console) -> None:
     """Per K: an overall table (mean AUROC, 95% CI, paired Δ to random, win rate) and a per-condition
-    table of means, green where the Δ's CI is above 0 and red where it is below."""
+    table of means, green where the Δ's CI is above 0 and red where it is below. Archive evaluations
+    add the probe's columns and list the conditions scored instead of a per-condition table."""
+    from xsel.episodes import ARCHIVE
     from xsel.evaluate import OVERALL, REFERENCE
 
     summary = result.summary
     settings = result.settings
+    archive = settings.get("protocol") == ARCHIVE
     for budget in settings["k"]:
         rows = summary[summary["k"] == budget]
         overall = rows[rows["condition"] == OVERALL].set_index("selector")
-        view = Table(
-            title=f"K={budget}: query AUROC over {len(settings['conditions'])} conditions × "
-            f"{settings['episodes_per_condition']} episodes ({settings['classifier']} classifier)"
-        )
-        for column in ("selector", "AUROC [95% CI]", "Δ vs random [95% CI]", "wins"):
+        scope = f"{len(settings['conditions'])} conditions {'in' if archive else '×'} "
+        scope += f"{settings['episodes_per_condition']} {'archive ' if archive else ''}episodes"
+        view = Table(title=f"K={budget}: query AUROC over {scope} ({settings['classifier']} classifier)")
+        columns = ["selector", "AUROC [95% CI]", "Δ vs random [95% CI]", "wins"]
+        if archive:
+            columns += ["probe AUROC [95% CI]", "probe Δ vs random [95% CI]"]
+        for column in columns:
             view.add_column(column, justify="left" if column == "selector" else "right", no_wrap=True)
         for selector in settings["selectors"]:
             row = overall.loc[selector]
-            diff = "—"
-            if selector != REFERENCE:
-                style = _style(row)
-                diff = (
-                    f"[{style}]{row['diff_vs_random']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}][/{style}]"
-                )
-            view.add_row(
-                selector,
-                f"{row['auroc']:.3f} [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]",
-                diff,
-                "—" if selector == REFERENCE else f"{row['win_rate']:.0%}",
-            )
+            mean, diff = _score_cells(row, selector)
+            cells = [selector, mean, diff, "—" if selector == REFERENCE else f"{row['win_rate']:.0%}"]
+            view.add_row(*cells, *(_score_cells(row, selector, "probe_") if archive else []))
         console.print(view)
-        if len(settings["conditions"]) > 1:
+        if archive:
+            console.print(f"Conditions labelled: {', '.join(settings['conditions'])}", soft_wrap=True, markup=False)
+        elif len(settings["conditions"]) > 1:
             per_condition = Table(
                 title=f"K={budget}: mean AUROC per condition (green/red: Δ vs random CI above/below 0)"
             )
@@ -115,8 +128,14 @@ def print_summary(result, console: Console) -> None:
 def evaluate_command(
     ctx: typer.Context,
     store: Annotated[Path, typer.Argument(help="Embedding store with label columns.")],
-    conditions: Annotated[str, typer.Option(help="Comma-separated label columns to build episodes for.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for episodes.csv, summary.csv/json and plots.")],
+    conditions: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated label columns to build episodes for; with --protocol archive, the ones to score "
+            "(default: every label column with 2 positives and 2 negatives)."
+        ),
+    ] = None,
     selectors: Annotated[
         str | None,
         typer.Option(
@@ -131,6 +150,13 @@ def evaluate_command(
             "--k", "-k", help="Labels per episode; several (10,20,40) draw a curve. With --rounds: labels per round."
         ),
     ] = "20",
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="conditions: episodes per condition, its positives against --negative; archive: query and pool "
+            "drawn from the whole store, the picks labelled for every condition, mean query AUROC over them."
+        ),
+    ] = "conditions",
     rounds: Annotated[
         int,
         typer.Option(
@@ -146,10 +172,13 @@ def evaluate_command(
         int | None, typer.Option(min=1, help="With --rounds: full-batch AdamW steps of each linear-probe fit (50).")
     ] = None,
     episodes: Annotated[
-        int | None, typer.Option(help="Episodes per condition (default 200; 50 with --rounds).")
+        int | None,
+        typer.Option(help="Episodes per condition (default 200; 50 with --rounds); in all with --protocol archive."),
     ] = None,
     pool_size: Annotated[int, typer.Option(help="Images in each episode's pool.")] = 1000,
-    query_size: Annotated[int, typer.Option(help="Images in each episode's query set (half of each class).")] = 100,
+    query_size: Annotated[
+        int, typer.Option(help="Images in each episode's query set (half of each class; archive: a random draw).")
+    ] = 100,
     classifier: Annotated[
         str | None,
         typer.Option(
@@ -157,12 +186,23 @@ def evaluate_command(
             "linear probe instead."
         ),
     ] = None,
-    negative: Annotated[str, typer.Option(help="Label column of the negative class.")] = "No Finding",
+    negative: Annotated[
+        str, typer.Option(help="Label column of the negative class (conditions protocol).")
+    ] = "No Finding",
     uncertain: Annotated[
         str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
     ] = "positive",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the episodes and selectors.")] = 0,
     allow_same_patient: Annotated[bool, typer.Option(help="Allow several images of one PatientID.")] = False,
+    trust_gate: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-gate/--no-trust-gate",
+            help="A learned selector with a trust gate hands each pool unlike its training pools to its fallback "
+            "heuristic, as `xsel select` does; episodes.csv marks them (fell_back) and a warning counts them "
+            "(default on; --no-trust-gate always runs the learned selector).",
+        ),
+    ] = None,
     report: Annotated[
         Path | None,
         typer.Option(help="Also write a self-contained HTML report (settings, AUROC charts with CIs, Δ vs random)."),
@@ -180,9 +220,13 @@ def evaluate_command(
       xsel evaluate pool.h5 --conditions Edema --episodes 50 --pool-size 300 --query-size 60 --out quick/
       xsel evaluate pool.h5 --conditions Edema --selectors typiclust,medselect=runs/sel/selector.pt --out vs/
       xsel evaluate pool.h5 --conditions Effusion,Edema --rounds 3 --k 20 --pool-size 300 --out al/
+      xsel evaluate pool.h5 --protocol archive --selectors typiclust,kcenter --out archive/
 
     With [bold]--rounds R[/bold] the folder gets rounds.csv (episode, condition, strategy, round, labelled,
     auroc, …), rounds_summary.csv/json (paired Δ vs random per labelled count) and rounds.png.
+
+    With [bold]--protocol archive[/bold] each episode's rows (condition "archive") add probe_auroc (a logistic
+    regression per condition) and conditions_scored; the summary adds probe_* columns.
     """
     from xsel.io.outputs import claim_output
 
@@ -204,12 +248,18 @@ def evaluate_command(
         **_given(episodes=episodes, selectors=split_list(selectors, "--selectors") if selectors is not None else None),
     }
     if rounds:
+        if protocol != "conditions":
+            raise InputError(f"--rounds simulates condition episodes; --protocol {protocol} does not apply")
+        if conditions is None:
+            raise InputError("--rounds needs --conditions, the label columns to build episodes for")
         if report is not None:
             raise InputError(
                 "--report covers selector comparisons; with --rounds read rounds_summary.csv and rounds.png"
             )
         if classifier is not None:
             raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
+        if trust_gate is not None:
+            raise InputError("--trust-gate applies to selector comparisons, not to --rounds")
         if len(parse_budgets(k)) > 1:
             raise InputError(f"--k {k}: with --rounds give one K, the labels added per round")
         from xsel.train.active_learning import simulate, write_rounds_report
@@ -229,7 +279,12 @@ def evaluate_command(
         from xsel.evaluate import evaluate, write_report
 
         result = evaluate(
-            store, split_list(conditions, "--conditions"), k=parse_budgets(k), **shared, **_given(classifier=classifier)
+            store,
+            split_list(conditions, "--conditions") if conditions is not None else None,
+            protocol=protocol,
+            k=parse_budgets(k),
+            **shared,
+            **_given(classifier=classifier, trust_gate=trust_gate),
         )
         write, show = write_report, print_summary
     for warning in result.warnings:

@@ -93,6 +93,15 @@ def select_command(
             help="Recompute the selection a SELECTION.json certificate describes and confirm it (exit 1 if not)."
         ),
     ] = None,
+    trust_gate: Annotated[
+        bool,
+        typer.Option(
+            "--trust-gate/--no-trust-gate",
+            help="A learned selector with a trust gate hands a pool unlike its training pools to the heuristic that "
+            "validated best, with a warning and a record in the certificate; --no-trust-gate always runs the learned "
+            "selector.",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the selection as JSON records on stdout.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing selection CSV (one xsel wrote).")] = False,
     bundle: Annotated[
@@ -151,7 +160,13 @@ def select_command(
     ctx.with_resource(claim_output(out, kind="csv", header=header, inputs=inputs, overwrite=overwrite))
     if report is not None:
         ctx.with_resource(claim_output(report, kind="html", option="--report", inputs=inputs, overwrite=overwrite))
-    options = {"selector": selector, "seed": seed, "exclude": exclude, "constraints": constraints}
+    options = {
+        "selector": selector,
+        "seed": seed,
+        "exclude": exclude,
+        "constraints": constraints,
+        "trust_gate": trust_gate,
+    }
     if bundle is not None:
         from xsel.site import site_select
 

@@ -22,15 +22,22 @@ app.add_typer(train_app, name="train")
 @train_app.command("selector")
 def train_selector_command(
     ctx: typer.Context,
-    store: Annotated[Path, typer.Argument(help="Embedding store with label columns.")],
+    store: Annotated[
+        Path, typer.Argument(help="Embedding store with label columns (with --adapt: the site's store, no labels).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: selector.pt, last.pt, metrics.csv.")],
+    model: Annotated[
+        str, typer.Option(help="lstm (MedSelect's BiLSTM) or set (order-free, sequential picks).")
+    ] = "lstm",
     conditions: Annotated[
         str | None, typer.Option(help="Comma-separated seen conditions to train on (required unless --resume).")
     ] = None,
     val_conditions: Annotated[
         str | None, typer.Option(help="Comma-separated unseen conditions for validation (required unless --resume).")
     ] = None,
-    negative: Annotated[str, typer.Option(help="Label column of the negative class.")] = "No Finding",
+    negative: Annotated[
+        str, typer.Option(help="Label column(s) of the negative class, comma-separated (No Finding,Normal).")
+    ] = "No Finding",
     uncertain: Annotated[
         str, typer.Option(help="Uncertain labels (-1) count as: positive, negative or ignore.")
     ] = "positive",
@@ -41,7 +48,24 @@ def train_selector_command(
     batch_size: Annotated[int, typer.Option(help="Episodes per gradient step.")] = 16,
     classifier: Annotated[str, typer.Option(help="Few-shot classifier whose query AUROC is the reward.")] = "cosine",
     use_metadata: Annotated[bool, typer.Option(help="Also feed sex, age and frontal view to the selector.")] = False,
-    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (×0.1 after 60% of the steps).")] = 1e-4,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(help="Adam learning rate, ×0.1 after 60% of the steps [default: lstm 1e-4, set 1e-3]."),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="set: sequences sampled per episode (each one's baseline is the others' mean).")
+    ] = 4,
+    balanced: Annotated[
+        float, typer.Option(help="Share of steps whose pools are half positive (else natural prevalence).")
+    ] = 0.0,
+    adapt: Annotated[
+        Path | None,
+        typer.Option(
+            help="Adapt this trained selector.pt to STORE without labels: pseudo-tasks from k-means clusters of "
+            "STORE's images (conditions and sizes come from the checkpoint)."
+        ),
+    ] = None,
+    clusters: Annotated[int, typer.Option(help="--adapt: k-means clusters used as pseudo-conditions.")] = 8,
     val_every: Annotated[int, typer.Option(help="Steps between validations (and checkpoints).")] = 50,
     val_episodes: Annotated[int, typer.Option(help="Fixed validation episodes per validation condition.")] = 20,
     max_minutes: Annotated[
@@ -56,20 +80,41 @@ def train_selector_command(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Meta-learn a selector (MedSelect: BiLSTM + REINFORCE) on labelling episodes of seen conditions,
-    validated on unseen ones; the best checkpoint is RUN_DIR/selector.pt.
+    """Meta-learn a selector with REINFORCE on labelling episodes of seen conditions, validated on unseen ones:
+    MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time). The best
+    checkpoint is RUN_DIR/selector.pt; it carries a trust gate that falls back to the best heuristic on pools
+    unlike the training ones. --adapt fits a trained selector to a site's own images, without labels.
 
     [bold]Examples[/bold]
 
       xsel train selector pool.h5 --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/sel
+      xsel train selector pool.h5 --model set --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/set
       xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
+      xsel train selector site.h5 --adapt runs/set/selector.pt --out runs/set-site --max-minutes 3
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
     from xsel.io.outputs import claim_output
-    from xsel.train.selector import train_selector
+    from xsel.train.selector import adapt_selector, train_selector
 
-    ctx.with_resource(claim_output(out, kind="folder", inputs=[store]))
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt]))
+    if adapt is not None:
+        result = adapt_selector(
+            adapt,
+            store,
+            out,
+            clusters=clusters,
+            max_minutes=max_minutes,
+            seed=seed,
+            resume=resume,
+            device=device.value,
+            show_progress=not quiet,
+        )
+        _report_selector_training(result)
+        return
     settings = {
+        "model": model,
+        "samples": samples,
+        "balanced": balanced,
         "negative": negative,
         "uncertain": uncertain,
         "k": k,
@@ -79,7 +124,7 @@ def train_selector_command(
         "batch_size": batch_size,
         "classifier": classifier,
         "use_metadata": use_metadata,
-        "learning_rate": learning_rate,
+        **({"learning_rate": learning_rate} if learning_rate is not None else {}),
         "val_every": val_every,
         "val_episodes": val_episodes,
         "max_minutes": max_minutes,
@@ -93,6 +138,10 @@ def train_selector_command(
     if resume:  # the run goes on with its saved settings; only what was typed now is checked against them
         settings = {name: value for name, value in settings.items() if name in typed_options(ctx)}
     result = train_selector(store, out, settings, resume=resume, device=device.value, show_progress=not quiet)
+    _report_selector_training(result)
+
+
+def _report_selector_training(result) -> None:
     typer.echo(
         f"Trained {result.steps} steps ({result.episodes} episodes) in {result.seconds / 60:.1f} min, stopped by "
         f"{result.stopped_by}. Best validation AUROC {result.best_val_auroc:.3f} at step {result.best_step} "

@@ -31,7 +31,7 @@ import onnx
 import torch
 
 from xsel import __version__, plugins
-from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, make_session
+from xsel.bundle import BUNDLE_SCHEMA, ENCODER_FILE, MANIFEST, SELECTOR_FILE, TRUST_FILE, make_session
 from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity
@@ -40,6 +40,7 @@ from xsel.io.images import decode_or_error
 from xsel.io.outputs import claim_output, writing
 from xsel.io.table import file_sha256, read_image_table
 from xsel.selectors import PoolFeatures, create_selector, factory_options, parse_selector_spec
+from xsel.train.medselect import learned_plugin
 
 OPSET = 17
 ENCODER_BATCHES = (1, 3)
@@ -179,30 +180,32 @@ def _export_claimed(out: Path, encoder, weights, image_size, selector, opset: in
     return manifest
 
 
-def _selector_spec(selector: str | Path) -> tuple[str, str]:
-    """(plugin name, checkpoint) of ``--selector``: ``NAME=CHECKPOINT``, or a bare checkpoint of MedSelect — an existing
-    path is a checkpoint even when it holds "=" (runs/lr=0.1/selector.pt)."""
+def _selector_spec(selector: str | Path) -> tuple[str | None, str]:
+    """(plugin name, checkpoint) of ``--selector``: ``NAME=CHECKPOINT``, or a bare checkpoint of ``xsel train selector``
+    (name None: the checkpoint says which) — an existing path is a checkpoint even when it holds "=" (runs/lr=0.1/…)."""
     spec = str(selector)
     if "=" in spec and not Path(spec).exists():
         name, _, checkpoint = spec.partition("=")
         return name, checkpoint
-    return "medselect", spec
+    return None, spec
 
 
 def _learned_selector(selector) -> tuple[str, object]:
     """(registered name, selector object) of an exportable learned selector; anything else is an input error."""
     refusal = (
-        "cannot be exported: a bundle holds learned selectors (a plugin whose selector offers scorer() and "
-        "encoder_identity); baselines run at the site by name with --selector"
+        "cannot be exported: a bundle holds learned selectors (a plugin whose selector offers scorer() or "
+        "policy(), and encoder_identity); baselines run at the site by name with --selector"
     )
     if isinstance(selector, (str, Path)):
-        _, name, options = parse_selector_spec("=".join(_selector_spec(selector)))
+        name, checkpoint = _selector_spec(selector)
+        _, name, options = parse_selector_spec(f"{name or learned_plugin(checkpoint)}={checkpoint}")
         if "checkpoint" not in options or "checkpoint" not in factory_options(plugins.get("selector", name).factory):
             raise InputError(f"selector {name!r} {refusal}")
         instance = create_selector(name, **options)
     else:
         name, instance = selector.name, selector
-    if not callable(getattr(instance, "scorer", None)) or getattr(instance, "encoder_identity", None) is None:
+    graph = getattr(instance, "scorer", None) or getattr(instance, "policy", None)
+    if not callable(graph) or getattr(instance, "encoder_identity", None) is None:
         raise InputError(f"selector {name!r} {refusal}")
     return name, instance
 
@@ -269,7 +272,9 @@ def _write_models(folder: Path, model, identity: dict, name: str | None, learned
         if (folder / file).exists():
             _add_metadata(folder / file, {"xsel_encoder": encoder_entry, "xsel_version": __version__})
     manifest["sha256"] = {
-        file: file_sha256(folder / file) for file in (ENCODER_FILE, SELECTOR_FILE) if (folder / file).exists()
+        file: file_sha256(folder / file)
+        for file in (ENCODER_FILE, SELECTOR_FILE, TRUST_FILE)
+        if (folder / file).exists()
     }
     return manifest
 
@@ -279,40 +284,16 @@ def _write_selector(folder: Path, name: str, learned, embedding_dim: int, opset:
     the manifest entry that lets a site prepare its input and run it."""
     features = getattr(learned, "pool_features", None) or PoolFeatures()
     width = features.width(embedding_dim)
-    scorer = learned.scorer().cpu().eval()
-    generator = torch.Generator().manual_seed(0)
-    path = folder / SELECTOR_FILE
-    _onnx_export(
-        ExportedSelector(scorer).eval(),
-        (torch.randn(1, 50, width, generator=generator), torch.tensor(5, dtype=torch.int64)),
-        path,
-        input_names=["pool", "k"],
-        output_names=["scores", "top_indices"],
-        dynamic_axes={
-            "pool": {0: "batch", 1: "pool_size"},
-            "scores": {0: "batch", 1: "pool_size"},
-            "top_indices": {0: "batch", 1: "k_in_pool"},
-        },
-        opset_version=opset,
-    )
-    onnx.checker.check_model(str(path))
-    session = make_session(path, "cpu")
-    for pool_size in SELECTOR_POOLS:
-        pool = torch.randn(1, pool_size, width, generator=generator)
-        with torch.inference_mode():
-            reference = scorer(pool).numpy()
-        scores, top = session.run(
-            ["scores", "top_indices"], {"pool": pool.numpy(), "k": np.array(SELECTOR_K, np.int64)}
-        )
-        check = _check(f"selector pool {pool_size}", reference, scores)
-        expected = np.argsort(-reference[0], kind="stable")[: min(SELECTOR_K, pool_size)]
-        # the same picks, in the same order (a swap is only tolerated between tied scores)
-        if not np.allclose(reference[0][top[0]], reference[0][expected], rtol=0, atol=ATOL):
-            raise XselError(f"parity check failed for selector top-k at pool {pool_size}; no bundle was written")
-        check["same_top_k"] = bool(np.array_equal(top[0], expected))
-        parity["selector"].append(check)
+    parity["selector"] = _export_selector_graph(learned, width, folder / SELECTOR_FILE, opset)
     registration = plugins.get("selector", name)
     details = learned.export_details() if callable(getattr(learned, "export_details", None)) else {}
+    gate = getattr(learned, "trust_gate", None)
+    if gate is not None:  # its reference rows as a plain .npy (read without pickle at the site), hashed with the rest
+        if gate.dim != embedding_dim:
+            raise InputError(
+                f"selector {name!r}: its trust gate compares {gate.dim}-d rows, the encoder gives {embedding_dim}"
+            )
+        np.save(folder / TRUST_FILE, np.asarray(gate.reference, dtype=np.float32), allow_pickle=False)
     return {
         "name": registration.name,
         "plugin": registration.plugin,
@@ -326,7 +307,61 @@ def _write_selector(folder: Path, name: str, learned, embedding_dim: int, opset:
         "features": features.to_dict(),
         "checkpoint": _checkpoint_record(getattr(learned, "checkpoint", None)),
         "details": details,
+        **({"trust_gate": gate.to_record()} if gate is not None else {}),
     }
+
+
+def _export_selector_graph(learned, width: int, path: Path, opset: int) -> list[dict]:
+    """Write the selector's graph — ``(pool, k) → (scores, top_indices)`` — and check it against PyTorch.
+
+    A scoring selector (``scorer()``) gets the top-k added inside the graph. A sequential one (``policy()``: a
+    TorchScript-compatible module returning scores and its K picks) is scripted, so its loop over the K steps is
+    in the graph; its picks must be PyTorch's exactly."""
+    sequential = callable(getattr(learned, "policy", None))
+    module = learned.policy() if sequential else learned.scorer()
+    module = module.cpu().eval()
+    generator = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice: it is the exporter's input here
+        graph = torch.jit.script(module) if sequential else ExportedSelector(module).eval()
+    _onnx_export(
+        graph,
+        (torch.randn(1, 50, width, generator=generator), torch.tensor(5, dtype=torch.int64)),
+        path,
+        input_names=["pool", "k"],
+        output_names=["scores", "top_indices"],
+        dynamic_axes={
+            "pool": {0: "batch", 1: "pool_size"},
+            "scores": {0: "batch", 1: "pool_size"},
+            "top_indices": {0: "batch", 1: "k_in_pool"},
+        },
+        opset_version=opset,
+    )
+    onnx.checker.check_model(str(path))
+    session = make_session(path, "cpu")
+    checks = []
+    for pool_size in SELECTOR_POOLS:
+        pool = torch.randn(1, pool_size, width, generator=generator)
+        with torch.no_grad():
+            if sequential:
+                reference, expected = (t.numpy() for t in module(pool, torch.tensor(SELECTOR_K)))
+                expected = expected[0]
+            else:
+                reference = module(pool).numpy()
+                expected = np.argsort(-reference[0], kind="stable")[: min(SELECTOR_K, pool_size)]
+        scores, top = session.run(
+            ["scores", "top_indices"], {"pool": pool.numpy(), "k": np.array(SELECTOR_K, np.int64)}
+        )
+        check = _check(f"selector pool {pool_size}", reference, scores)
+        # the same picks, in the same order (a scorer's swap is only tolerated between tied scores)
+        same = np.array_equal(top[0], expected)
+        if not (
+            same or (not sequential and np.allclose(reference[0][top[0]], reference[0][expected], rtol=0, atol=ATOL))
+        ):
+            raise XselError(f"parity check failed for the selector's picks at pool {pool_size}; no bundle was written")
+        check["same_top_k"] = bool(same)
+        checks.append(check)
+    return checks
 
 
 def _checkpoint_record(checkpoint) -> dict | None:

@@ -1,4 +1,5 @@
-"""The learned selector (MedSelect): a bidirectional LSTM that scores every image of a pool.
+"""The learned selectors: MedSelect (a bidirectional LSTM that scores every image of a pool, the paper's
+reproduction) and the set selector (:mod:`xsel.train.setselect`); their settings, checkpoints and plugin classes.
 
 Pool order: an LSTM reads the pool as a sequence, so xsel always presents a pool in store order (rows
 ascending), in training, evaluation, ``xsel select`` and the exported bundle; the same pool therefore
@@ -26,7 +27,8 @@ from torch import nn
 
 from xsel.errors import InputError
 from xsel.selectors import METADATA_FEATURES, PoolFeatures
-from xsel.train.checkpoints import read_checkpoint, save_torch_atomic
+from xsel.train.checkpoints import gate_from_payload, read_checkpoint, save_torch_atomic
+from xsel.train.setselect import SetPolicy
 
 CHECKPOINT_FORMAT = 1
 
@@ -46,8 +48,11 @@ class SelectorConfig:
     batch_size: int = 16
     classifier: str = "cosine"
     use_metadata: bool = False
-    hidden: int = 256
-    learning_rate: float = 1e-4
+    model: str = "lstm"  # "lstm" (MedSelect) or "set" (order-free, sequential picks)
+    hidden: int = 0  # 0: the model's default (MODEL_DEFAULTS)
+    learning_rate: float = 0.0  # 0: the model's default
+    samples: int = 4  # set model: sequences sampled per episode; each one's baseline is the others' mean reward
+    balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
     val_every: int = 50  # training steps between validations
     val_episodes: int = 20  # fixed validation episodes per validation condition
@@ -57,6 +62,27 @@ class SelectorConfig:
     age_mean: float = 0.0
     age_std: float = 1.0
     extra: dict = field(default_factory=dict)
+
+
+MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 1e-3}}
+
+
+def with_model_defaults(config: SelectorConfig) -> SelectorConfig:
+    """The config with its model's hidden width and learning rate wherever they were left at 0."""
+    if config.model not in MODEL_DEFAULTS:
+        raise InputError(f"--model {config.model}: choose {' or '.join(MODEL_DEFAULTS)}")
+    defaults = MODEL_DEFAULTS[config.model]
+    config.hidden = config.hidden or defaults["hidden"]
+    config.learning_rate = config.learning_rate or defaults["learning_rate"]
+    return config
+
+
+def build_policy(config: SelectorConfig, embedding_dim: int):
+    """The network a config names: the MedSelect scorer or the set policy."""
+    metadata = len(METADATA_FEATURES) if config.use_metadata else 0
+    if config.model == "set":
+        return SetPolicy(embedding_dim, hidden=config.hidden, metadata=metadata)
+    return MedSelectScorer(embedding_dim, hidden=config.hidden, use_metadata=config.use_metadata)
 
 
 class MedSelectScorer(nn.Module):
@@ -109,49 +135,90 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-class MedSelectSelector:
-    """Selector plugin over a trained checkpoint: scores the pool, returns the top-k in score order."""
+def load_selector_checkpoint(path: str | Path, *, model: str | None = None) -> tuple[dict, SelectorConfig]:
+    """A checkpoint and its config, refused (one line) when ``model`` is given and it holds the other kind."""
+    payload = load_checkpoint(path)
+    known = set(SelectorConfig.__dataclass_fields__)
+    config = SelectorConfig(**{k: v for k, v in payload["config"].items() if k in known})
+    if model is not None and config.model != model:
+        plugin = learned_plugin(path)
+        raise InputError(f"{payload['path']} holds a {config.model} selector: use {plugin}={payload['path']}")
+    return payload, with_model_defaults(config)
+
+
+def learned_plugin(checkpoint: str | Path) -> str:
+    """The selector plugin that runs a checkpoint of ``xsel train selector``: medselect (LSTM) or setselect."""
+    model = load_checkpoint(checkpoint)["config"].get("model", "lstm")
+    return {"lstm": "medselect", "set": "setselect"}.get(model, "medselect")
+
+
+class _LearnedSelector:
+    """A trained checkpoint as a selector plugin: its network, encoder identity and input features."""
 
     uses_labels = False
+    model = ""
+    plugin = ""
 
     def __init__(self, checkpoint: str | Path | None = None):
         if checkpoint is None:
-            raise InputError("medselect needs a trained checkpoint: medselect=RUN_DIR/selector.pt")
-        payload = load_checkpoint(checkpoint)
-        known = set(SelectorConfig.__dataclass_fields__)
-        self.config = SelectorConfig(**{k: v for k, v in payload["config"].items() if k in known})
-        self.scorer_module = MedSelectScorer(
-            payload["embedding_dim"], hidden=self.config.hidden, use_metadata=self.config.use_metadata
-        )
-        self.scorer_module.load_state_dict(payload["state_dict"])
-        self.scorer_module.eval()
+            raise InputError(f"{self.plugin} needs a trained checkpoint: {self.plugin}=RUN_DIR/selector.pt")
+        payload, self.config = load_selector_checkpoint(checkpoint, model=self.model)
+        self.name = self.plugin
+        self.network = build_policy(self.config, payload["embedding_dim"])
+        self.network.load_state_dict(payload["state_dict"])
+        self.network.eval()
         self.encoder_identity = payload["encoder_identity"]
         self.checkpoint = payload["path"]
         self.pool_features = pool_features(self.config)
-
-    def scorer(self):
-        """The torch module of the plugin contract: (1, N, D′) → (1, N) scores."""
-        return self.scorer_module
+        self.trust_gate = gate_from_payload(payload)  # None for checkpoints trained without one
 
     def export_details(self) -> dict:
         """What a bundle's manifest records about this selector besides its features."""
-        return {"trained_k": int(self.config.k), "conditions": list(self.config.conditions)}
+        return {"model": self.config.model, "trained_k": int(self.config.k), "conditions": list(self.config.conditions)}
 
-    def scores(self, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> np.ndarray:
-        """One score per pool row (rows in the order given: xsel passes store order)."""
-        if embeddings.shape[1] != self.scorer_module.embedding_dim:
+    def _inputs(self, embeddings: np.ndarray, metadata: pd.DataFrame | None) -> torch.Tensor:
+        if embeddings.shape[1] != self.network.embedding_dim:
             raise InputError(
-                f"{self.checkpoint} was trained on {self.scorer_module.embedding_dim}-d embeddings, "
+                f"{self.checkpoint} was trained on {self.network.embedding_dim}-d embeddings, "
                 f"this store has {embeddings.shape[1]}-d"
             )
-        inputs = self.pool_features.inputs(embeddings, metadata)
-        with torch.inference_mode():
-            return self.scorer_module(torch.from_numpy(inputs)[None])[0].numpy()
+        return torch.from_numpy(self.pool_features.inputs(np.asarray(embeddings, dtype=np.float32), metadata))[None]
 
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
 
+
+class MedSelectSelector(_LearnedSelector):
+    """MedSelect over a trained checkpoint: scores the pool, returns the top-k in score order."""
+
+    model, plugin = "lstm", "medselect"
+
+    def scorer(self):
+        """The torch module of the plugin contract: (1, N, D′) → (1, N) scores."""
+        return self.network
+
+    def scores(self, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> np.ndarray:
+        """One score per pool row (rows in the order given: xsel passes store order)."""
+        with torch.inference_mode():
+            return self.network(self._inputs(embeddings, metadata))[0].numpy()
+
     def select_with_scores(self, embeddings, k, *, seed, metadata=None):
         """The deterministic top-k and every row's score from one pass of the scorer."""
-        scores = self.scores(np.asarray(embeddings, dtype=np.float32), metadata)
+        scores = self.scores(embeddings, metadata)
         return np.argsort(-scores, kind="stable")[: min(k, len(scores))], scores
+
+
+class SetSelector(_LearnedSelector):
+    """The set selector over a trained checkpoint: K sequential picks, the same for any row order."""
+
+    model, plugin = "set", "setselect"
+
+    def policy(self):
+        """The torch module of the sequential contract: ``(1, N, D′), K → (1, N) scores, (1, K) picks``."""
+        return self.network
+
+    def select_with_scores(self, embeddings, k, *, seed, metadata=None):
+        """K sequential picks and each row's logit (at its pick, or at the last step) from one run of the policy."""
+        with torch.no_grad():  # not inference_mode: TorchScript export reuses this module
+            scores, picks = self.network(self._inputs(embeddings, metadata), torch.tensor(k))
+        return picks[0].numpy(), scores[0].numpy()

@@ -1,11 +1,15 @@
-"""``xsel train selector``: meta-learn the MedSelect scorer with REINFORCE over labeling episodes.
+"""``xsel train selector``: meta-learn a selector (MedSelect's LSTM or the set policy) with REINFORCE.
 
-Each step draws a batch of episodes of one seen condition (train patients only), samples K picks per
-episode *without* replacement by Gumbel-top-k on the scorer's logits, and rewards them with the query
-AUROC of the few-shot classifier fitted on their labels. The baseline is the AUROC of K random picks
-from the same pool; loss = −mean((R − R_random) · log p(picks)), where log p is the Plackett–Luce
-probability of the ordered sample. Validation runs a fixed set of episodes of the unseen validation
-conditions on held-out patients with the deterministic top-k; the best checkpoint is kept.
+Each step draws a batch of episodes of one seen condition (train patients only) and rewards picks with the
+query AUROC of the few-shot classifier fitted on their labels. MedSelect (``model="lstm"``) samples K picks
+per episode *without* replacement by Gumbel-top-k on the scorer's logits; its baseline is the AUROC of K
+random picks from the same pool, loss = −mean((R − R_random) · log p(picks)), log p the Plackett–Luce
+probability of the ordered sample. The set policy (``model="set"``) samples ``samples`` sequences per episode,
+one pick at a time, and each sequence's baseline is the mean reward of the others (leave-one-out).
+``balanced`` is the share of steps whose pools are half positive instead of at natural prevalence.
+Validation runs a fixed set of episodes of the unseen validation conditions on held-out patients with the
+deterministic picks; the best checkpoint is kept. A validation condition too scarce for full-size episodes
+is validated on smaller ones (with a warning), or left out when even those cannot be drawn.
 
 Everything random derives from (seed, step), so ``resume`` continues exactly as an uninterrupted run.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import csv
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +27,35 @@ import torch
 from scipy.stats import rankdata
 
 from xsel import plugins
-from xsel.episodes import EpisodeTask
+from xsel.episodes import VALIDATION_QUERY_PER_CLASS, EpisodeTask
 from xsel.errors import InputError
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
+from xsel.io.table import file_sha256
 from xsel.labels import patient_ids
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
+from xsel.selectors import create_selector
 from xsel.store import Store, check_finite, read_store
-from xsel.train.medselect import MedSelectScorer, SelectorConfig, load_checkpoint, pool_features, save_checkpoint
+from xsel.train.checkpoints import gate_payload
+from xsel.train.medselect import (
+    SelectorConfig,
+    build_policy,
+    load_checkpoint,
+    load_selector_checkpoint,
+    pool_features,
+    save_checkpoint,
+    with_model_defaults,
+)
 from xsel.train.runtime import resolve_device
+from xsel.trust import calibrate_gate
 
 BEST = "selector.pt"
 LAST = "last.pt"
 METRICS = "metrics.csv"
 RESUMABLE = ("max_minutes",)  # a time budget does not change what is learned
+FALLBACK_CANDIDATES = ("random", "kcenter", "typiclust", "kmedoids", "probcover")  # the trust gate's fallbacks
+GATE_ENTRIES = ("trust_gate", "trust_reference", "heuristics_val")
 
 
 @dataclass(frozen=True)
@@ -86,25 +104,49 @@ def batch_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 class _Episodes:
     """Batches of episodes as arrays: pools (B, N, D′), labels, and query sets."""
 
-    def __init__(self, store: Store, config: SelectorConfig, conditions: list[str], rows: np.ndarray):
+    def __init__(
+        self, store: Store, config: SelectorConfig, conditions: list[str], rows: np.ndarray, *, validation: bool
+    ):
         self.store, self.config, self.features = store, config, pool_features(config)
-        self.tasks = [
-            EpisodeTask(
-                store,
-                condition,
-                negative=config.negative,
-                uncertain=config.uncertain,
-                pool_size=config.pool_size,
-                query_size=config.query_size,
-                k=config.k,
-                rows=rows,
+        self.tasks, self.warnings = [], []
+        for condition in conditions:
+            try:
+                task = self._task(condition, rows, min_query_per_class=None)
+            except InputError as full_size:
+                if not validation:
+                    raise
+                try:  # validation shrinks for a scarce condition instead of stopping the run
+                    task = self._task(condition, rows, min_query_per_class=VALIDATION_QUERY_PER_CLASS)
+                except InputError:
+                    self.warnings.append(f"validation leaves out {full_size}")
+                    continue
+            self.tasks.append(task)
+            if task.warning:
+                self.warnings.append(task.warning)
+        if not self.tasks:
+            raise InputError(
+                "no validation condition has enough images among the validation patients: "
+                + "; ".join(self.warnings)
+                + "; name other --val-conditions or raise --val-fraction"
             )
-            for condition in conditions
-        ]
         self.classifier = plugins.get("classifier", config.classifier).factory
 
-    def batch(self, task: EpisodeTask, indices: list[int], seed: int):
-        episodes = [task.episode(i, seed) for i in indices]
+    def _task(self, condition: str, rows: np.ndarray, *, min_query_per_class) -> EpisodeTask:
+        config = self.config
+        return EpisodeTask(
+            self.store,
+            condition,
+            negative=config.negative,
+            uncertain=config.uncertain,
+            pool_size=config.pool_size,
+            query_size=config.query_size,
+            k=config.k,
+            rows=rows,
+            **({} if min_query_per_class is None else {"min_query_per_class": min_query_per_class}),
+        )
+
+    def batch(self, task: EpisodeTask, indices: list[int], seed: int, *, balanced: bool = False):
+        episodes = [task.episode(i, seed, balanced=balanced) for i in indices]
         size = min(len(e.pool) for e in episodes)  # equal lengths for one tensor (they rarely differ)
         pools = np.stack(
             [
@@ -150,7 +192,7 @@ class _Training:
 
     config: SelectorConfig
     run_dir: Path
-    scorer: MedSelectScorer
+    scorer: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
     train: _Episodes
@@ -159,6 +201,8 @@ class _Training:
     identity: dict
     total_steps: int
     store_rows: int  # with the identity, what a resumed run must find again
+    train_rows: np.ndarray
+    gate: dict = field(default_factory=dict)  # the trust gate's checkpoint entries, saved with every checkpoint
 
 
 def train_selector(
@@ -169,6 +213,7 @@ def train_selector(
     resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
+    initial_weights: dict | None = None,
 ) -> TrainResult:
     """Train a selector on ``config.conditions``, validate on ``config.val_conditions``; files in ``run_dir``.
 
@@ -201,12 +246,17 @@ def train_selector(
         config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
     training = _start(store, config, run_dir, resolve_device(device))
     state = RunState()
+    if saved is None and initial_weights is not None:  # adaptation starts from a trained selector
+        training.scorer.load_state_dict(initial_weights)
     if saved is not None:
         training.scorer.load_state_dict(saved["state_dict"])
         training.optimizer.load_state_dict(saved["optimizer"])
         training.scheduler.load_state_dict(saved["scheduler"])
         state = RunState(saved["step"], saved["best_val"], saved["best_step"], saved["seconds"])
         _truncate_metrics(run_dir / METRICS, state.step)  # rows logged after the last checkpoint are redone
+        training.gate = {key: saved[key] for key in GATE_ENTRIES if key in saved}
+    else:
+        training.gate = _trust_gate(training)
     random_val = _mean_val(training, None)
     started = time.perf_counter()  # --max-minutes budgets this invocation; state.seconds carries the run's total
     stopped_by = "episodes"
@@ -238,6 +288,79 @@ def train_selector(
     )
 
 
+PSEUDO_NEGATIVE = "(any other cluster)"
+
+
+def adapt_selector(
+    checkpoint: str | Path,
+    unlabeled: str | Path | Store,
+    run_dir: str | Path,
+    *,
+    clusters: int = 8,
+    max_minutes: float = 3.0,
+    episodes: int = 100_000,
+    seed: int = 0,
+    resume: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Adapt a trained selector to a site's own images without a label: meta-train it further on pseudo-tasks.
+
+    The site's embeddings are clustered (k-means on unit rows, ``clusters`` clusters); each cluster is a
+    pseudo-condition (its images positive, every other image negative), the two smallest clusters validate. The run
+    starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model), and its trust gate is
+    recalibrated on the site's images, so it stays quiet there. Files as :func:`train_selector` writes them."""
+    payload, trained = load_selector_checkpoint(checkpoint)
+    site = unlabeled if isinstance(unlabeled, Store) else read_store(unlabeled)
+    if site.encoder_identity != payload["encoder_identity"]:
+        raise InputError(
+            f"{checkpoint} was trained on embeddings of {describe_identity(payload['encoder_identity'])}, "
+            f"{site.path} holds {describe_identity(site.encoder_identity)}: embed the site with the same encoder"
+        )
+    pseudo = pseudo_labelled(site, clusters, seed)
+    names = [c for c in pseudo.meta.columns if c.startswith("cluster ")]
+    config = SelectorConfig(
+        **{
+            **asdict(trained),
+            "conditions": names[:-2],
+            "val_conditions": names[-2:],
+            "negative": PSEUDO_NEGATIVE,
+            "episodes": episodes,
+            "max_minutes": max_minutes,
+            "seed": seed,
+            "extra": {"adapted_from": file_sha256(checkpoint), "clusters": clusters},
+        }
+    )
+    return train_selector(
+        pseudo,
+        run_dir,
+        None if resume else config,
+        resume=resume,
+        device=device,
+        show_progress=show_progress,
+        initial_weights=payload["state_dict"],
+    )
+
+
+def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
+    """The store with one 0/1 column per k-means cluster (largest first) and a negative column true everywhere."""
+    from sklearn.cluster import KMeans
+
+    from xsel.geometry import unit_rows
+
+    if clusters < 4 or len(store) < 10 * clusters:
+        raise InputError(
+            f"--clusters {clusters} on {len(store)} images: use at least 4 clusters and 10 images per cluster"
+        )
+    labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(unit_rows(store.embeddings).astype(np.float64))
+    order = np.argsort(-np.bincount(labels, minlength=clusters), kind="stable")
+    meta = store.meta.copy()
+    for rank, cluster in enumerate(order, 1):
+        meta[f"cluster {rank}"] = (labels == cluster).astype(np.int8)
+    meta[PSEUDO_NEGATIVE] = 1
+    return Store(path=store.path, embeddings=store.embeddings, paths=store.paths, meta=meta, attrs=store.attrs)
+
+
 def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_dir: Path) -> SelectorConfig:
     """A new run's config as given; a resumed run's as saved, with what this invocation asks for checked."""
     if saved is None:
@@ -258,6 +381,7 @@ def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_di
 
 
 def _check_config(config: SelectorConfig) -> None:
+    with_model_defaults(config)
     if not config.conditions:
         raise InputError("--conditions is empty: name the seen conditions to train on")
     if not config.val_conditions:
@@ -271,25 +395,27 @@ def _check_config(config: SelectorConfig) -> None:
         ("--k", config.k),
         ("--val-every", config.val_every),
         ("--val-episodes", config.val_episodes),
+        ("--samples", config.samples),
     )
     for name, value in checks:
         if value < 1:
             raise InputError(f"{name} {value}: use at least 1")
     if config.learning_rate <= 0 or config.seed < 0:
         raise InputError("--learning-rate must be positive and --seed 0 or more")
+    if not 0 <= config.balanced <= 1:
+        raise InputError(f"--balanced {config.balanced}: choose the share of balanced training steps in [0, 1]")
 
 
 def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.device) -> _Training:
     """Episodes split by patient, the scorer (seeded), Adam and the step decay."""
     train_rows, val_rows = split_patients(store, config.val_fraction, config.seed)
-    train = _Episodes(store, config, config.conditions, train_rows)
-    val = _Episodes(store, config, config.val_conditions, val_rows)
-    for task in [*train.tasks, *val.tasks]:
-        if task.warning:
-            notify(task.warning)
+    train = _Episodes(store, config, config.conditions, train_rows, validation=False)
+    val = _Episodes(store, config, config.val_conditions, val_rows, validation=True)
+    for warning in [*train.warnings, *val.warnings]:
+        notify(warning)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        scorer = MedSelectScorer(store.embeddings.shape[1], hidden=config.hidden, use_metadata=config.use_metadata)
+        scorer = build_policy(config, store.embeddings.shape[1])
     scorer.to(device)  # before any state is loaded, so the optimizer's state lands on the same device
     optimizer = torch.optim.Adam(scorer.parameters(), lr=config.learning_rate)
     total_steps = max(1, config.episodes // config.batch_size)
@@ -309,6 +435,7 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
         store.encoder_identity,
         total_steps,
         len(store),
+        train_rows,
     )
 
 
@@ -317,16 +444,26 @@ def _train_step(training: _Training, step: int) -> dict:
     config, scorer = training.config, training.scorer
     task = training.train.tasks[step % len(training.train.tasks)]
     indices = list(range(step * config.batch_size, (step + 1) * config.batch_size))
-    episodes, pools, _, size = training.train.batch(task, indices, config.seed)
     generator = torch.Generator().manual_seed(int(zlib.crc32(f"{config.seed}:{step}".encode())))
+    balanced = bool(torch.rand(1, generator=generator).item() < config.balanced) if config.balanced else False
+    episodes, pools, _, size = training.train.batch(task, indices, config.seed, balanced=balanced)
     scorer.train()
-    logits = scorer(torch.from_numpy(pools).to(training.device)).cpu()
-    picks = gumbel_top_k(logits, config.k, generator)
-    log_prob = plackett_luce_log_prob(logits, picks)
-    reward = training.train.rewards(episodes, picks.numpy())
+    pools = torch.from_numpy(pools).to(training.device)
+    samples = config.samples if config.model == "set" else 1
+    if config.model == "set":
+        picks, log_prob = scorer.sample(pools, config.k, samples, generator)
+    else:
+        logits = scorer(pools).cpu()
+        picks = gumbel_top_k(logits, config.k, generator)
+        log_prob = plackett_luce_log_prob(logits, picks)
     random_picks = np.stack([torch.randperm(size, generator=generator)[: config.k].numpy() for _ in episodes])
-    baseline = training.train.rewards(episodes, random_picks)
-    loss = -(torch.from_numpy(reward - baseline).float() * log_prob).mean()
+    random_reward = training.train.rewards(episodes, random_picks)
+    reward = training.train.rewards([e for e in episodes for _ in range(samples)], picks.cpu().numpy())
+    grouped = reward.reshape(len(episodes), samples)
+    # each sampled sequence against the mean of the episode's other samples; a lone sample against random picks
+    others = (grouped.sum(1, keepdims=True) - grouped) / (samples - 1) if samples > 1 else random_reward[:, None]
+    advantage = (grouped - others).reshape(-1)
+    loss = -(torch.from_numpy(advantage).float() * log_prob.cpu()).mean()
     training.optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
@@ -337,7 +474,7 @@ def _train_step(training: _Training, step: int) -> dict:
         "episodes": (step + 1) * config.batch_size,
         "condition": task.condition,
         "reward": float(reward.mean()),
-        "baseline": float(baseline.mean()),
+        "baseline": float(random_reward.mean()),
         "loss": float(loss.detach()),
         "learning_rate": training.scheduler.get_last_lr()[0],
     }
@@ -366,7 +503,7 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
     return {f"val_auroc_{c}": v for c, v in per_condition.items()} | {"val_auroc": mean, "val_random_auroc": random_val}
 
 
-def _mean_val(training: _Training, scorer: MedSelectScorer | None) -> float:
+def _mean_val(training: _Training, scorer: torch.nn.Module | None) -> float:
     """Mean validation AUROC over the validation conditions (random picks when ``scorer`` is None)."""
     return float(np.mean(list(_validate(training.val, scorer, training.config, training.device).values())))
 
@@ -377,7 +514,7 @@ def _save(training: _Training, name: str, extra: dict) -> None:
         scorer=training.scorer.cpu(),
         config=training.config,
         identity=training.identity,
-        extra=extra,
+        extra=training.gate | extra,
     )
     training.scorer.to(training.device)
 
@@ -392,12 +529,43 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
             rng = np.random.default_rng([config.seed, 99])
             picks = np.stack([rng.permutation(size)[: config.k] for _ in episodes])
         else:
-            scorer.eval()
-            with torch.inference_mode():
-                logits = scorer(torch.from_numpy(pools).to(device)).cpu()
-            picks = torch.topk(logits, config.k, dim=1).indices.numpy()
+            picks = policy_picks(scorer, torch.from_numpy(pools).to(device), config.k)
         results[task.condition] = float(val.rewards(episodes, picks).mean())
     return results
+
+
+def _trust_gate(training: _Training) -> dict:
+    """The checkpoint entries of the run's trust gate: its reference is a sample of the training patients' images,
+    its threshold the 99th percentile over the validation pools (held-out patients, the training hospital), its
+    fallback the heuristic with the best validation AUROC (``heuristics_val``, every candidate's score)."""
+    config, val = training.config, training.val
+    scores = {name: [] for name in FALLBACK_CANDIDATES}
+    held_out = []
+    for task in val.tasks:
+        episodes, _, _, _ = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
+        held_out += [val.store.embeddings[episode.pool] for episode in episodes]
+        for name in FALLBACK_CANDIDATES:
+            heuristic = create_selector(name)
+            picks = np.stack([heuristic.select(val.store.embeddings[e.pool], config.k, seed=e.seed) for e in episodes])
+            scores[name].append(float(val.rewards(episodes, picks).mean()))
+    means = {name: float(np.mean(values)) for name, values in scores.items()}
+    fallback = max(means, key=means.get)
+    gate = calibrate_gate(val.store.embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed)
+    notify(
+        "trust gate: validation AUROC "
+        + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
+        + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
+    )
+    return gate_payload(gate) | {"heuristics_val": means}
+
+
+def policy_picks(scorer: torch.nn.Module, pools: torch.Tensor, k: int) -> np.ndarray:
+    """The deterministic picks of either model: MedSelect's top-k of its scores, the set policy's K steps."""
+    scorer.eval()
+    with torch.no_grad():
+        if hasattr(scorer, "sample"):
+            return scorer(pools, torch.tensor(k))[1].cpu().numpy()
+        return torch.topk(scorer(pools).cpu(), k, dim=1).indices.numpy()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,200 @@
+"""The set selector against MedSelect's LSTM and the heuristics, at home and away, with the trust gate.
+
+Patients are split once (seeded): 60% train the selectors (their own validation split inside), 40% are held out
+for testing, so no test image was ever in a training pool. Both selectors train on NIH only (seen NIH conditions
+vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patients, paired over episodes:
+
+- NIH, unseen conditions (home); Kermany children's pneumonias and the COVID sources (away, never trained on);
+- the archive protocol (a random draw of the store, K picks labelled for every condition) on NIH and on all sources;
+- learned selectors with the trust gate (as shipped) and without it (the raw policy); with ``--adapt``, the set
+  selector adapted without labels to each away store (``xsel train selector --unlabeled``).
+
+Prints Markdown tables (Δ AUROC vs random with paired 95% CIs) and writes ``--json``.
+
+    python bench/bench_realcxr_setselect.py [--encoder efficientnet-lite0] [--minutes 10] [--episodes 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from benchlib import REALCXR, subset
+
+from xsel.embed import embed
+from xsel.evaluate import evaluate
+from xsel.store import read_store
+from xsel.train.medselect import SelectorConfig
+from xsel.train.selector import train_selector
+
+NIH = ("nih-talo", "nih-zech")
+COVID = ("ieee8023", "actualmed", "figure1")
+SEEN = ["Effusion", "Infiltration", "Pneumonia", "Consolidation", "Pleural_Thickening"]
+VALIDATION = ["Mass", "Nodule"]
+GROUPS = {  # name: (sources, conditions, negative class)
+    "NIH unseen": (NIH, ["Atelectasis", "Edema", "Cardiomegaly"], "No Finding"),
+    "Kermany": (("kermany",), ["Bacterial Pneumonia", "Viral Pneumonia"], "No Finding"),
+    "COVID sources": (COVID, ["COVID-19"], "No Finding,Bacterial Pneumonia,Viral Pneumonia"),
+}
+ARCHIVES = {"archive NIH": NIH, "archive all": (*NIH, "kermany", *COVID)}
+HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
+
+
+def train(store, run_dir: Path, model: str, args) -> dict:
+    """Train (or reuse) one selector; its checkpoint, steps and minutes."""
+    config = SelectorConfig(
+        conditions=SEEN,
+        val_conditions=VALIDATION,
+        k=args.k,
+        pool_size=args.pool_size,
+        query_size=args.query_size,
+        episodes=1_000_000,
+        batch_size=16,
+        val_every=25,
+        val_episodes=30,
+        val_fraction=0.3,
+        max_minutes=args.minutes,
+        model=model,
+        balanced=args.balanced if model == "set" else 0.0,
+    )
+    if not (run_dir / "selector.pt").exists():
+        began = time.perf_counter()
+        result = train_selector(store, run_dir, config, show_progress=False)
+        print(
+            f"{model}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min, best val "
+            f"{result.best_val_auroc:.3f} at step {result.best_step} (random {result.random_val_auroc:.3f})",
+            flush=True,
+        )
+    return {"checkpoint": str(run_dir / "selector.pt")}
+
+
+def rows(result, group: str, variant: str) -> list[dict]:
+    overall = result.summary[result.summary["condition"] == "all"]
+    fell_back = result.settings.get("fell_back", {})
+    out = []
+    for r in overall.itertuples():
+        counts = fell_back.get(r.selector)
+        share = None
+        if counts:
+            fired, seen = (sum(c[key] for c in counts.values()) for key in ("fell_back", "episodes"))
+            share = f"{fired}/{seen}"
+        out.append(
+            {
+                "group": group,
+                "variant": variant,
+                "selector": r.selector,
+                "auroc": r.auroc,
+                "diff": r.diff_vs_random,
+                "diff_ci": [r.diff_low, r.diff_high],
+                "probe_diff": getattr(r, "probe_diff_vs_random", None),
+                "probe_diff_ci": [getattr(r, "probe_diff_low", None), getattr(r, "probe_diff_high", None)],
+                "fell_back": share,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--episodes", type=int, default=120, help="test episodes per condition")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--pool-size", type=int, default=100)
+    parser.add_argument("--query-size", type=int, default=40)
+    parser.add_argument("--balanced", type=float, default=0.25, help="set selector: share of balanced steps")
+    parser.add_argument("--adapt", action="store_true", help="also adapt the set selector to each away store")
+    parser.add_argument("--adapt-minutes", type=float, default=3.0)
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
+    parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    path = args.cache / f"realcxr-{args.encoder}.h5"
+    if not path.exists():
+        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False)
+    store = read_store(path)
+    patients = store.meta["PatientID"].astype(str)
+    test_patient = np.asarray([zlib.crc32(f"test:{p}".encode()) % 100 < 40 for p in patients])
+    source = store.meta["Source"]
+    train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
+    runs = args.runs / args.encoder
+    learned = {
+        "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
+        "setselect": train(train_store, runs / "set", "set", args)["checkpoint"],
+    }
+    specs = [*HEURISTICS, "oracle-balanced", *(f"{name}={ckpt}" for name, ckpt in learned.items())]
+    raw_specs = [f"{name}={ckpt}" for name, ckpt in learned.items()]
+    report = []
+    common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
+    stores = {}
+    for group, (sources, conditions, negative) in GROUPS.items():
+        stores[group] = test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
+            result = evaluate(
+                test, conditions, selectors=chosen, negative=negative, trust_gate=gate, show_progress=False, **common
+            )
+            report += rows(result, group, variant)
+        print(f"{group}: done", flush=True)
+    for group, sources in ARCHIVES.items():
+        test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
+            result = evaluate(
+                test, None, selectors=chosen, protocol="archive", trust_gate=gate, show_progress=False, **common
+            )
+            report += rows(result, group, variant)
+        print(f"{group}: done", flush=True)
+    if args.adapt:
+        from xsel.train.selector import adapt_selector
+
+        for group in ("Kermany", "COVID sources"):
+            _, conditions, negative = GROUPS[group]
+            run_dir = runs / f"set-adapted-{group.split()[0].lower()}"
+            if not (run_dir / "selector.pt").exists():
+                adapt_selector(learned["setselect"], stores[group], run_dir, max_minutes=args.adapt_minutes)
+            result = evaluate(
+                stores[group],
+                conditions,
+                selectors=[f"setselect={run_dir / 'selector.pt'}"],
+                negative=negative,
+                show_progress=False,
+                **common,
+            )
+            report += rows(result, group, "adapted")
+    print_tables(report)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"settings": vars(args) | {"learned": learned}, "rows": report}, indent=2, default=str)
+        )
+
+
+def print_tables(report: list[dict]) -> None:
+    groups = list(dict.fromkeys(r["group"] for r in report))
+    names = list(dict.fromkeys((r["selector"], r["variant"]) for r in report if r["selector"] != "random"))
+    print("\n| selector | " + " | ".join(groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for selector, variant in names:
+        cells = []
+        for group in groups:
+            match = [r for r in report if (r["selector"], r["variant"], r["group"]) == (selector, variant, group)]
+            if not match:
+                cells.append("")
+                continue
+            r = match[0]
+            low, high = r["diff_ci"]
+            cell = f"{r['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            if r["fell_back"]:
+                cell += f" (fell back {r['fell_back']})"
+            cells.append(cell)
+        label = selector if variant == "gated" or selector in ("oracle-balanced",) else f"{selector} ({variant})"
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    randoms = {r["group"]: r["auroc"] for r in report if r["selector"] == "random" and r["variant"] == "gated"}
+    print("| random (AUROC) | " + " | ".join(f"{randoms.get(g, float('nan')):.3f}" for g in groups) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The set selector: order-free sequential picks, its training, export, trust gate, adaptation and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.test_medselect import toy_config, toy_store
+from xsel.episodes import EpisodeTask
+from xsel.errors import InputError
+from xsel.selection import select
+from xsel.store import Store, read_store
+from xsel.train.medselect import MedSelectSelector, SetSelector, load_checkpoint
+from xsel.train.selector import adapt_selector, train_selector
+from xsel.train.setselect import SetPolicy
+
+
+def set_config(**changes):
+    return toy_config(model="set", hidden=16, samples=3, **changes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("set")
+    store = toy_store()
+    train_selector(store, run, set_config(episodes=16 * 30, val_every=10), show_progress=False)
+    return store, run / "selector.pt"
+
+
+def test_a_shuffled_pool_gets_the_same_picks(trained):
+    store, checkpoint = trained
+    selector = SetSelector(checkpoint)
+    pool = store.embeddings[:80]
+    picks = selector.select(pool, 10, seed=0)
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(pool))
+        shuffled = order[selector.select(pool[order], 10, seed=0)]
+        assert shuffled.tolist() == picks.tolist(), "same set, and the same order"
+
+
+def test_sequential_picks_never_repeat_and_fill_a_small_pool():
+    torch.manual_seed(0)
+    policy = SetPolicy(8, hidden=16).eval()
+    for size, k in ((5, 20), (40, 40), (33, 7)):
+        with torch.no_grad():
+            scores, picks = policy(torch.randn(2, size, 8), torch.tensor(k))
+        assert picks.shape == (2, min(k, size)) and scores.shape == (2, size)
+        for row in picks.tolist():
+            assert len(set(row)) == len(row) and all(0 <= i < size for i in row)
+
+
+def test_sampling_gives_the_log_probability_of_the_sequence():
+    torch.manual_seed(0)
+    policy = SetPolicy(4, hidden=8)
+    pool = torch.randn(1, 3, 4)
+    picks, log_prob = policy.sample(pool, 3, 2000, torch.Generator().manual_seed(0))
+    assert all(len(set(row)) == 3 for row in picks.tolist())
+    sequences, counts = np.unique(picks.numpy(), axis=0, return_counts=True)
+    for sequence, count in zip(sequences, counts, strict=True):
+        probability = float(log_prob.detach()[(picks == torch.from_numpy(sequence)).all(1)][0].exp())
+        assert abs(count / 2000 - probability) < 0.03, sequence
+    (-log_prob.mean()).backward()
+    assert all(p.grad is not None for name, p in policy.named_parameters() if not name.startswith("layers.1.points"))
+
+
+def test_learns_to_beat_random_on_the_toy_problem(trained, tmp_path):
+    store, checkpoint = trained
+    payload = load_checkpoint(checkpoint)
+    assert payload["config"]["model"] == "set" and payload["val_auroc"] > payload["val_random_auroc"]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    store, config = toy_store(), set_config(episodes=16 * 6, val_every=3)
+    train_selector(store, tmp_path / "straight", config, show_progress=False)
+    train_selector(store, tmp_path / "resumed", set_config(episodes=16 * 3, val_every=3), show_progress=False)
+    with pytest.raises(InputError, match="--episodes 48 → 96"):
+        train_selector(store, tmp_path / "resumed", {"episodes": 96, "k": 6}, resume=True, show_progress=False)
+
+
+def test_resume_after_an_interruption_is_identical(tmp_path, monkeypatch):
+    import xsel.train.selector as module
+
+    store, config = toy_store(), set_config(episodes=16 * 6, val_every=3)
+    train_selector(store, tmp_path / "straight", config, show_progress=False)
+    original = module._append_metrics
+
+    def crash_after_four(path, row, conditions):
+        original(path, row, conditions)
+        if row["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_append_metrics", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train_selector(store, tmp_path / "resumed", config, show_progress=False)
+    monkeypatch.setattr(module, "_append_metrics", original)
+    train_selector(store, tmp_path / "resumed", None, resume=True, show_progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(straight["state_dict"][key], resumed["state_dict"][key]) for key in straight["state_dict"])
+    assert straight["trust_gate"] == resumed["trust_gate"]
+
+
+def test_the_checkpoint_names_its_plugin(trained):
+    _, checkpoint = trained
+    with pytest.raises(InputError, match=f"use setselect={checkpoint}"):
+        MedSelectSelector(checkpoint)
+
+
+def test_the_gate_falls_back_on_another_hospital_and_not_at_home(trained):
+    store, checkpoint = trained
+    selector = SetSelector(checkpoint)
+    gate = selector.trust_gate
+    assert gate is not None and gate.fallback in ("random", "kcenter", "typiclust", "kmedoids", "probcover")
+    home = Store(
+        path="home",
+        embeddings=store.embeddings[:150],
+        paths=store.paths[:150],
+        meta=store.meta[:150],
+        attrs=store.attrs,
+    )
+    shifted = Store(
+        path="away",
+        embeddings=store.embeddings[:150] * np.linspace(0.2, 3, 8, dtype=np.float32) + 2.0,
+        paths=store.paths[:150],
+        meta=store.meta[:150],
+        attrs=store.attrs,
+    )
+    at_home = select(home, 10, selector=selector, seed=0)
+    away = select(shifted, 10, selector=selector, seed=0)
+    assert at_home.record["fallback"]["fired"] is False
+    assert away.record["fallback"]["fired"] is True and any("fell back" in w for w in away.warnings)
+
+
+def test_a_scarce_validation_condition_trains_with_a_warning(tmp_path, capsys):
+    store = toy_store()
+    rare = np.zeros(len(store))
+    rare[np.flatnonzero(store.meta["A"] == 1)[:14]] = 1  # a handful left among the validation patients
+    store.meta["Rare"] = rare
+    result = train_selector(
+        store, tmp_path, set_config(val_conditions=["Rare"], episodes=16 * 2, val_every=2), show_progress=False
+    )
+    assert result.steps == 2 and "Rare" in capsys.readouterr().err
+    with pytest.raises(InputError, match="no validation condition"):
+        store.meta["None"] = 0.0
+        train_selector(store, tmp_path / "none", set_config(val_conditions=["None"]), show_progress=False)
+
+
+def test_balanced_episodes_and_several_negative_columns():
+    store = toy_store()
+    store.meta["Normal"] = np.where(store.meta["A"] == 1, np.nan, 1.0)
+    store.meta["No Finding"] = np.where(np.arange(len(store)) % 2 == 0, store.meta["No Finding"], np.nan)
+    one = EpisodeTask(store, "A", pool_size=60, query_size=20, k=6)
+    both = EpisodeTask(store, "A", negative="No Finding,Normal", pool_size=60, query_size=20, k=6)
+    assert len(both.negatives) > len(one.negatives)
+    natural = both.episode(0, 0)
+    balanced = both.episode(0, 0, balanced=True)
+    assert natural.pool_labels.mean() < 0.3 and balanced.pool_labels.mean() == pytest.approx(0.5, abs=0.02)
+    assert both.episode(0, 0).pool.tolist() == natural.pool.tolist(), "the default episode is unchanged"
+
+
+def test_adaptation_without_labels(trained, tmp_path):
+    store, checkpoint = trained
+    site = Store(
+        path="site",
+        embeddings=store.embeddings * 1.5 + 0.5,
+        paths=store.paths,
+        meta=pd.DataFrame({"PatientID": store.meta["PatientID"]}),
+        attrs=store.attrs,
+    )
+    result = adapt_selector(
+        checkpoint, site, tmp_path, clusters=4, max_minutes=0.2, episodes=16 * 4, show_progress=False
+    )
+    assert result.steps == 4
+    adapted = SetSelector(tmp_path / "selector.pt")
+    assert adapted.config.k == 6 and adapted.config.conditions[0] == "cluster 1"
+    assert adapted.trust_gate.check(site.embeddings[:100], seed=0).fired is False, "calibrated on the site"
+    with pytest.raises(InputError, match="at least 4 clusters"):
+        adapt_selector(checkpoint, site, tmp_path / "few", clusters=2, show_progress=False)
+
+
+@pytest.mark.slow
+def test_the_bundle_runs_the_sequential_loop_and_the_site_picks_what_the_workstation_picks(demo_store, tmp_path, cli):
+    from xsel.bundle import Bundle
+    from xsel.site import BundleSelector
+    from xsel.train.export import export_bundle
+
+    run = tmp_path / "run"
+    result = cli(
+        "train",
+        "selector",
+        demo_store,
+        "--model",
+        "set",
+        "--conditions",
+        "Cardiomegaly,Pleural Effusion",
+        "--val-conditions",
+        "Lung Opacity",
+        "--out",
+        run,
+        "--pool-size",
+        "60",
+        "--query-size",
+        "20",
+        "--k",
+        "5",
+        "--episodes",
+        "32",
+        "--batch-size",
+        "8",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "4",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = export_bundle(tmp_path / "bundle", encoder="pixels", selector=run / "selector.pt")  # a bare checkpoint
+    assert manifest["selector"]["name"] == "setselect" and manifest["selector"]["details"]["model"] == "set"
+    assert all(check["same_top_k"] for check in manifest["parity"]["selector"])
+    workstation, site = SetSelector(run / "selector.pt"), BundleSelector(Bundle.load(tmp_path / "bundle"))
+    embeddings = read_store(demo_store).embeddings
+    for size in (13, 90):  # pool sizes other than the export's example and checks
+        pool = embeddings[:size]
+        assert site.select(pool, 6, seed=0).tolist() == workstation.select(pool, 6, seed=0).tolist()
+
+
+def test_cli_trains_a_set_selector_and_refuses_a_bad_model(tmp_path, cli, demo_store):
+    bad = cli(
+        "train",
+        "selector",
+        demo_store,
+        "--model",
+        "gru",
+        "--conditions",
+        "Cardiomegaly",
+        "--val-conditions",
+        "Lung Opacity",
+        "--out",
+        tmp_path / "bad",
+    )
+    assert bad.exit_code == 2 and "--model gru" in bad.output

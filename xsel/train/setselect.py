@@ -1,0 +1,195 @@
+"""The set selector: an order-free policy that picks a pool's K images one at a time.
+
+Why not the LSTM: MedSelect reads a pool as a sequence, so a row shuffle changes its picks, and it scores every
+image at once, so it can spend two labels on near-twins. Here every input is a function of the pool as a *set*:
+
+- **Pool-relative features** per image (each z-scored over the pool, so the scale of an encoder or a hospital
+  does not leak in): log of the embedding's norm (the norm carries signal that L2-normalising drops), cosine to
+  the pool's mean direction, Euclidean distance to the pool's mean, and three from a soft clustering around
+  ``ANCHORS`` anchors (at most one per image) found by farthest-point sampling from the most central image — the
+  image's cluster share (local density), its typicality (cosine to its soft cluster's centroid) and how close its
+  nearest anchor is.
+  With ``use_metadata``: sex, age (z-scored with the training store's statistics) and frontal view.
+- **Attention over the pool** through induced points (a Set Transformer's ISAB): cost grows as N·m, not N².
+- **Sequential picks**: before each pick the policy sees, per image, how close it is to the picks so far (its
+  k-center gain) and how much of its soft cluster is already picked; picked images are masked out.
+
+Inference takes the argmax at each step (deterministic); training samples each step from the softmax
+(:meth:`SetPolicy.sample`, REINFORCE with the exact log-probability of the sampled sequence). The module is
+TorchScript-compatible, so ``xsel export`` writes the whole loop — encoding and the K steps — as one ONNX graph
+and a site runs it with onnxruntime alone. Ties are broken by the lowest row, the only way row order can matter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ANCHORS = 32  # farthest-point anchors of the soft clustering
+TEMPERATURE = 0.05  # of the soft assignment to anchors (cosine / temperature)
+GEOMETRY_FEATURES = 6
+STEP_FEATURES = 3  # k-center gain, cluster already picked, share of K picked
+
+
+def _dot(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) · (B, 1, D) → (B, N) as a matrix product (BLAS, no (N, D) temporary). The cast names the type
+    the ONNX exporter cannot infer for loop-carried values."""
+    return torch.bmm(rows, vector.transpose(1, 2)).squeeze(-1).float()
+
+
+def _standardise(values: torch.Tensor) -> torch.Tensor:
+    """Z-score over the pool (dim 1): the same image in a pool of another scale gets the same feature. A feature
+    constant up to rounding (every image its own anchor in a tiny pool) stays near 0 instead of amplified noise."""
+    centred = values - values.mean(dim=1, keepdim=True)
+    floor = 1e-3 * values.abs().mean(dim=1, keepdim=True) + 1e-6
+    return centred / ((centred * centred).mean(dim=1, keepdim=True).sqrt() + floor)
+
+
+class Attention(nn.Module):
+    """Multi-head attention block (MAB of the Set Transformer): queries attend to keys, residual + feed-forward."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.feed = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        b, q_len, width = queries.shape[0], queries.shape[1], queries.shape[2]
+        k_len = keys.shape[1]
+        head = width // self.heads
+        q = self.query(queries).view(b, q_len, self.heads, head).transpose(1, 2)
+        k = self.key(keys).view(b, k_len, self.heads, head).transpose(1, 2)
+        v = self.value(keys).view(b, k_len, self.heads, head).transpose(1, 2)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head), dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(b, q_len, width)
+        hidden = self.norm1(queries + attended)
+        return self.norm2(hidden + self.feed(hidden))
+
+
+class InducedAttention(nn.Module):
+    """ISAB: m learned points summarise the pool, then every image reads the summary (N·m attention)."""
+
+    def __init__(self, width: int, heads: int, points: int):
+        super().__init__()
+        self.points = nn.Parameter(torch.randn(1, points, width) / math.sqrt(width))
+        self.summarise = Attention(width, heads)
+        self.read = Attention(width, heads)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        summary = self.summarise(self.points.expand(tokens.shape[0], -1, -1), tokens)
+        return self.read(tokens, summary)
+
+
+class SetPolicy(nn.Module):
+    """``(B, N, D′)`` pool features, K → ``(B, N)`` scores (each image's logit when picked, else at the last step)
+    and ``(B, K)`` picks in order. D′ = D, plus the metadata features the selector was trained with."""
+
+    def __init__(self, embedding_dim: int, *, hidden: int = 64, metadata: int = 0, heads: int = 4, points: int = 16):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.input_dim = embedding_dim + metadata
+        self.anchors, self.temperature = ANCHORS, TEMPERATURE  # attributes: TorchScript reads no module globals
+        self.tokens = nn.Sequential(
+            nn.Linear(GEOMETRY_FEATURES + metadata, hidden), nn.ReLU(), nn.Linear(hidden, hidden)
+        )
+        self.layers = nn.ModuleList([InducedAttention(hidden, heads, points) for _ in range(2)])
+        self.step = nn.Sequential(nn.Linear(hidden + STEP_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def encode(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: its context vector (B, N, H), unit embedding (B, N, D) and soft cluster weights (B, N, m)."""
+        raw = pool[:, :, : self.embedding_dim]
+        norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = raw / norm
+        direction = unit.mean(dim=1, keepdim=True)
+        direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(1e-12)
+        centrality = _dot(unit, direction)
+        mean = raw.mean(dim=1, keepdim=True)  # distance to it expanded, so no (N, D) difference is held
+        spread = (norm.squeeze(-1) ** 2 - 2 * _dot(raw, mean) + (mean * mean).sum(-1)).clamp_min(0).sqrt()
+        anchors = self._anchors(unit, centrality)
+        similarity = unit @ anchors.transpose(1, 2)
+        assign = torch.softmax(similarity / self.temperature, dim=-1)
+        mass = assign.mean(dim=1, keepdim=True)
+        centroids = assign.transpose(1, 2) @ unit
+        centroids = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)
+        share = (assign * mass).sum(-1)
+        typicality = (assign * (unit @ centroids.transpose(1, 2))).sum(-1)
+        geometry = torch.stack(
+            [norm.squeeze(-1).log(), centrality, spread, share, typicality, similarity.max(dim=-1)[0]], dim=-1
+        )
+        features = torch.cat([_standardise(geometry), pool[:, :, self.embedding_dim :]], dim=-1)
+        context = self.tokens(features)
+        for layer in self.layers:
+            context = layer(context)
+        return context, unit, assign
+
+    def _anchors(self, unit: torch.Tensor, centrality: torch.Tensor) -> torch.Tensor:
+        """Farthest-point sampling from the most central image: an order-free, deterministic cover of the pool."""
+        b, d = unit.shape[0], unit.shape[2]
+        index = torch.argmax(centrality, dim=1)
+        chosen = unit.gather(1, index.view(b, 1, 1).expand(b, 1, d))
+        anchors = [chosen]
+        nearest = _dot(unit, chosen)
+        for _ in range(min(self.anchors, unit.shape[1]) - 1):  # a pool smaller than m: each image once
+            index = torch.argmin(nearest, dim=1)
+            chosen = unit.gather(1, index.view(b, 1, 1).expand(b, 1, d))
+            anchors.append(chosen)
+            nearest = torch.maximum(nearest, _dot(unit, chosen))
+        return torch.cat(anchors, dim=1)
+
+    def logits(
+        self, context: torch.Tensor, nearest: torch.Tensor, covered: torch.Tensor, fraction: float
+    ) -> torch.Tensor:
+        """Every image's logit for the next pick, given the picks so far (``nearest``: cosine to the closest pick;
+        ``covered``: how much of its soft cluster is picked)."""
+        gain = _standardise(1.0 - nearest)
+        step = torch.stack([gain, _standardise(covered), torch.full_like(gain, fraction)], dim=-1)
+        return self.step(torch.cat([context, step], dim=-1)).squeeze(-1)
+
+    def forward(self, pool: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, unit, assign = self.encode(pool)
+        b, n, d = unit.shape[0], unit.shape[1], unit.shape[2]
+        picks_wanted = min(int(k), n)
+        nearest = torch.zeros(b, n)
+        covered = torch.zeros(b, n)
+        taken = torch.zeros(b, n, dtype=torch.bool)
+        scores = torch.zeros(b, n)
+        picks = torch.zeros(b, picks_wanted, dtype=torch.long)
+        for t in range(picks_wanted):
+            logits = self.logits(context, nearest, covered, t / max(picks_wanted, 1))
+            scores = torch.where(taken, scores, logits)
+            best = torch.argmax(logits.masked_fill(taken, float("-inf")), dim=1)
+            picks[:, t] = best
+            taken = taken.scatter(1, best.unsqueeze(1), True)
+            chosen = unit.gather(1, best.view(b, 1, 1).expand(b, 1, d))
+            nearest = torch.maximum(nearest, _dot(unit, chosen))
+            covered = covered + _dot(assign, assign.gather(1, best.view(b, 1, 1).expand(b, 1, assign.shape[2])))
+        return scores, picks
+
+    @torch.jit.unused
+    def sample(self, pool: torch.Tensor, k: int, samples: int, generator: torch.Generator):
+        """``samples`` sequences of K picks per pool, each step drawn from the softmax over the unpicked images;
+        returns picks (B·samples, K) and the log-probability of each sequence (B·samples,)."""
+        context, unit, assign = (t.repeat_interleave(samples, dim=0) for t in self.encode(pool))
+        b, n = unit.shape[0], unit.shape[1]
+        nearest, covered = torch.zeros(b, n), torch.zeros(b, n)
+        taken = torch.zeros(b, n, dtype=torch.bool)
+        picks, log_prob = [], torch.zeros(b)
+        rows = torch.arange(b)
+        for t in range(k):
+            logits = self.logits(context, nearest, covered, t / k).masked_fill(taken, float("-inf"))
+            uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
+            best = torch.argmax(logits.detach() - torch.log(-torch.log(uniform)), dim=1)
+            log_prob = log_prob + torch.log_softmax(logits, dim=1)[rows, best]
+            picks.append(best)
+            taken = taken.scatter(1, best.unsqueeze(1), True)
+            with torch.no_grad():
+                nearest = torch.maximum(nearest, _dot(unit, unit[rows, best].unsqueeze(1)))
+                covered = covered + _dot(assign, assign[rows, best].unsqueeze(1))
+        return torch.stack(picks, dim=1), log_prob
