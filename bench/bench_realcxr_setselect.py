@@ -72,6 +72,37 @@ def train(store, run_dir: Path, model: str, args) -> dict:
     return {"checkpoint": str(run_dir / "selector.pt")}
 
 
+def speed(store, checkpoint: str, encoder: str, folder: Path, size: int = 100_000, repeats: int = 3) -> dict:
+    """Seconds to pick K=20 of ``size`` images (real embeddings tiled with small noise) with the set selector:
+    PyTorch on the workstation and the exported bundle's ONNX graph at the site (median of ``repeats``)."""
+    import statistics
+
+    from xsel.bundle import Bundle
+    from xsel.site import BundleSelector
+    from xsel.train.export import export_bundle
+    from xsel.train.medselect import SetSelector
+
+    bundle = folder / "bundle"
+    if not bundle.exists():
+        export_bundle(bundle, encoder=encoder, selector=f"setselect={checkpoint}")
+    reps = -(-size // len(store))
+    rng = np.random.default_rng(0)
+    pool = np.tile(store.embeddings, (reps, 1))[:size]
+    pool = pool + rng.normal(0, 0.01, pool.shape).astype(np.float32)
+    timings = {}
+    for name, selector in (("torch", SetSelector(checkpoint)), ("onnx bundle", BundleSelector(Bundle.load(bundle)))):
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            selector.select(pool, 20, seed=0)
+            seconds.append(time.perf_counter() - began)
+        timings[name] = statistics.median(seconds)
+    print(
+        f"set selector, K=20 of {size:,} × {pool.shape[1]}: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    )
+    return timings
+
+
 def rows(result, group: str, variant: str) -> list[dict]:
     overall = result.summary[result.summary["condition"] == "all"]
     fell_back = result.settings.get("fell_back", {})
@@ -127,6 +158,7 @@ def main() -> None:
         "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
         "setselect": train(train_store, runs / "set", "set", args)["checkpoint"],
     }
+    timings = speed(store, learned["setselect"], args.encoder, runs)
     specs = [*HEURISTICS, "oracle-balanced", *(f"{name}={ckpt}" for name, ckpt in learned.items())]
     raw_specs = [f"{name}={ckpt}" for name, ckpt in learned.items()]
     report = []
@@ -168,7 +200,11 @@ def main() -> None:
     print_tables(report)
     if args.json:
         args.json.write_text(
-            json.dumps({"settings": vars(args) | {"learned": learned}, "rows": report}, indent=2, default=str)
+            json.dumps(
+                {"settings": vars(args) | {"learned": learned}, "speed_seconds": timings, "rows": report},
+                indent=2,
+                default=str,
+            )
         )
 
 

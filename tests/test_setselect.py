@@ -53,7 +53,7 @@ def test_sequential_picks_never_repeat_and_fill_a_small_pool():
 
 def test_sampling_gives_the_log_probability_of_the_sequence():
     torch.manual_seed(0)
-    policy = SetPolicy(4, hidden=8)
+    policy = SetPolicy(4, hidden=8, read_embedding=True)
     pool = torch.randn(1, 3, 4)
     picks, log_prob = policy.sample(pool, 3, 2000, torch.Generator().manual_seed(0))
     assert all(len(set(row)) == 3 for row in picks.tolist())

@@ -50,7 +50,7 @@ def train_selector_command(
     use_metadata: Annotated[bool, typer.Option(help="Also feed sex, age and frontal view to the selector.")] = False,
     learning_rate: Annotated[
         float | None,
-        typer.Option(help="Adam learning rate, ×0.1 after 60% of the steps [default: lstm 1e-4, set 1e-3]."),
+        typer.Option(help="Adam learning rate, ×0.1 after 60% of the steps [default: lstm 1e-4, set 3e-4]."),
     ] = None,
     samples: Annotated[
         int, typer.Option(help="set: sequences sampled per episode (each one's baseline is the others' mean).")
@@ -58,6 +58,13 @@ def train_selector_command(
     balanced: Annotated[
         float, typer.Option(help="Share of steps whose pools are half positive (else natural prevalence).")
     ] = 0.0,
+    read_embedding: Annotated[
+        bool,
+        typer.Option(
+            help="set: read each embedding itself besides the pool-relative features (--no-read-embedding: "
+            "geometry only)."
+        ),
+    ] = True,
     adapt: Annotated[
         Path | None,
         typer.Option(
@@ -115,6 +122,7 @@ def train_selector_command(
         "model": model,
         "samples": samples,
         "balanced": balanced,
+        "read_embedding": read_embedding,
         "negative": negative,
         "uncertain": uncertain,
         "k": k,

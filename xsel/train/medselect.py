@@ -53,6 +53,7 @@ class SelectorConfig:
     learning_rate: float = 0.0  # 0: the model's default
     samples: int = 4  # set model: sequences sampled per episode; each one's baseline is the others' mean reward
     balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
+    read_embedding: bool = True  # set model: read the embedding itself besides the pool-relative features
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
     val_every: int = 50  # training steps between validations
     val_episodes: int = 20  # fixed validation episodes per validation condition
@@ -64,7 +65,7 @@ class SelectorConfig:
     extra: dict = field(default_factory=dict)
 
 
-MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 1e-3}}
+MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 3e-4}}
 
 
 def with_model_defaults(config: SelectorConfig) -> SelectorConfig:
@@ -81,7 +82,7 @@ def build_policy(config: SelectorConfig, embedding_dim: int):
     """The network a config names: the MedSelect scorer or the set policy."""
     metadata = len(METADATA_FEATURES) if config.use_metadata else 0
     if config.model == "set":
-        return SetPolicy(embedding_dim, hidden=config.hidden, metadata=metadata)
+        return SetPolicy(embedding_dim, hidden=config.hidden, metadata=metadata, read_embedding=config.read_embedding)
     return MedSelectScorer(embedding_dim, hidden=config.hidden, use_metadata=config.use_metadata)
 
 

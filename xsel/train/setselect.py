@@ -10,6 +10,8 @@ image at once, so it can spend two labels on near-twins. Here every input is a f
   image's cluster share (local density), its typicality (cosine to its soft cluster's centroid) and how close its
   nearest anchor is.
   With ``use_metadata``: sex, age (z-scored with the training store's statistics) and frontal view.
+- With ``read_embedding``, the embedding itself too (centred on the pool): what images look like, which helps at
+  the training hospital and may not travel.
 - **Attention over the pool** through induced points (a Set Transformer's ISAB): cost grows as N·m, not N².
 - **Sequential picks**: before each pick the policy sees, per image, how close it is to the picks so far (its
   k-center gain) and how much of its soft cluster is already picked; picked images are masked out.
@@ -91,8 +93,19 @@ class SetPolicy(nn.Module):
     """``(B, N, D′)`` pool features, K → ``(B, N)`` scores (each image's logit when picked, else at the last step)
     and ``(B, K)`` picks in order. D′ = D, plus the metadata features the selector was trained with."""
 
-    def __init__(self, embedding_dim: int, *, hidden: int = 64, metadata: int = 0, heads: int = 4, points: int = 16):
+    def __init__(
+        self,
+        embedding_dim: int,
+        *,
+        hidden: int = 64,
+        metadata: int = 0,
+        heads: int = 4,
+        points: int = 16,
+        read_embedding: bool = False,
+    ):
         super().__init__()
+        self.read_embedding = read_embedding  # also the embedding itself (what images look like), not only geometry
+        self.embedding = nn.Linear(embedding_dim, hidden if read_embedding else 1)
         self.embedding_dim = embedding_dim
         self.input_dim = embedding_dim + metadata
         self.anchors, self.temperature = ANCHORS, TEMPERATURE  # attributes: TorchScript reads no module globals
@@ -125,6 +138,9 @@ class SetPolicy(nn.Module):
         )
         features = torch.cat([_standardise(geometry), pool[:, :, self.embedding_dim :]], dim=-1)
         context = self.tokens(features)
+        if self.read_embedding:  # centred on the pool and scaled to components of order 1, as MedSelect reads it
+            centred = (unit - unit.mean(dim=1, keepdim=True)) * math.sqrt(self.embedding_dim)
+            context = context + self.embedding(centred)
         for layer in self.layers:
             context = layer(context)
         return context, unit, assign
