@@ -132,6 +132,10 @@ def rows(result, group: str, variant: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="encoder weights, e.g. RUN/encoder.pt of `xsel train encoder`")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--name", help="name of this encoder's store and runs (default: --encoder)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the 100,000-image timing")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--episodes", type=int, default=120, help="test episodes per condition")
     parser.add_argument("--k", type=int, default=20)
@@ -145,20 +149,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    path = args.cache / f"realcxr-{args.encoder}.h5"
+    name = args.name or args.encoder
+    path = args.cache / f"realcxr-{name}.h5"
     if not path.exists():
-        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False)
+        options = {"weights": args.weights, "image_size": args.image_size}
+        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
     store = read_store(path)
     patients = store.meta["PatientID"].astype(str)
     test_patient = np.asarray([zlib.crc32(f"test:{p}".encode()) % 100 < 40 for p in patients])
     source = store.meta["Source"]
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
-    runs = args.runs / args.encoder
+    runs = args.runs / name
     learned = {
         "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
         "setselect": train(train_store, runs / "set", "set", args)["checkpoint"],
     }
-    timings = speed(store, learned["setselect"], args.encoder, runs)
+    timings = None if args.no_speed else speed(store, learned["setselect"], args.encoder, runs)
     specs = [*HEURISTICS, "oracle-balanced", *(f"{name}={ckpt}" for name, ckpt in learned.items())]
     raw_specs = [f"{name}={ckpt}" for name, ckpt in learned.items()]
     report = []
@@ -172,6 +178,7 @@ def main() -> None:
             )
             report += rows(result, group, variant)
         print(f"{group}: done", flush=True)
+        save(args, learned, timings, report)
     for group, sources in ARCHIVES.items():
         test = subset(store, source.isin(sources).to_numpy() & test_patient)
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
@@ -180,6 +187,7 @@ def main() -> None:
             )
             report += rows(result, group, variant)
         print(f"{group}: done", flush=True)
+        save(args, learned, timings, report)
     if args.adapt:
         from xsel.train.selector import adapt_selector
 
@@ -197,15 +205,15 @@ def main() -> None:
                 **common,
             )
             report += rows(result, group, "adapted")
+            save(args, learned, timings, report)
     print_tables(report)
+
+
+def save(args, learned: dict, timings, report: list[dict]) -> None:
+    """The results so far as JSON (``--json``), rewritten after every group."""
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"settings": vars(args) | {"learned": learned}, "speed_seconds": timings, "rows": report},
-                indent=2,
-                default=str,
-            )
-        )
+        payload = {"settings": vars(args) | {"learned": learned}, "speed_seconds": timings, "rows": report}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
 
 
 def print_tables(report: list[dict]) -> None:

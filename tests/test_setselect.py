@@ -104,7 +104,7 @@ def test_resume_after_an_interruption_is_identical(tmp_path, monkeypatch):
 
 def test_the_checkpoint_names_its_plugin(trained):
     _, checkpoint = trained
-    with pytest.raises(InputError, match=f"use setselect={checkpoint}"):
+    with pytest.raises(InputError, match=f"run it as setselect .*setselect={checkpoint}"):
         MedSelectSelector(checkpoint)
 
 
@@ -241,3 +241,12 @@ def test_cli_trains_a_set_selector_and_refuses_a_bad_model(tmp_path, cli, demo_s
         tmp_path / "bad",
     )
     assert bad.exit_code == 2 and "--model gru" in bad.output
+
+
+def test_conditions_all_trains_on_every_labelled_column(tmp_path, capsys):
+    store = toy_store()
+    store.meta["C"] = store.meta["A"]
+    store.meta["Rare"] = (np.arange(len(store)) < 3).astype(float)
+    train_selector(store, tmp_path, set_config(conditions=["all"], episodes=16 * 2, val_every=2), show_progress=False)
+    assert load_checkpoint(tmp_path / "selector.pt")["config"]["conditions"] == ["A", "C"]
+    assert "leaves out Rare" in capsys.readouterr().err

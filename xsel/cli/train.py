@@ -30,7 +30,11 @@ def train_selector_command(
         str, typer.Option(help="lstm (MedSelect's BiLSTM) or set (order-free, sequential picks).")
     ] = "lstm",
     conditions: Annotated[
-        str | None, typer.Option(help="Comma-separated seen conditions to train on (required unless --resume).")
+        str | None,
+        typer.Option(
+            help="Comma-separated seen conditions to train on, or all: every label column with enough images "
+            "(required unless --resume)."
+        ),
     ] = None,
     val_conditions: Annotated[
         str | None, typer.Option(help="Comma-separated unseen conditions for validation (required unless --resume).")

@@ -47,6 +47,9 @@ ENCODER_BATCHES = (1, 3)
 SELECTOR_POOLS = (7, 61, 250)  # the export example has 50; 7 is smaller than the default K
 SELECTOR_K = 20
 RTOL, ATOL = 1e-3, 1e-4
+# a sequential selector's picks must be PyTorch's exactly; its scores (report and certificate only) may differ more:
+# in a pool smaller than its anchors, z-scored features that are constant up to rounding carry float noise
+SEQUENTIAL_RTOL, SEQUENTIAL_ATOL = 1e-2, 2e-3
 QUANTIZATIONS = ("int8",)
 AGREEMENT_K = 20  # the site selection compared between the fp32 and the int8 encoder
 CALIBRATION_SEED = 0
@@ -75,12 +78,12 @@ def _onnx_export(module, example, path: Path, **options) -> None:
         torch.onnx.export(module, example, str(path), dynamo=False, **options)
 
 
-def _check(name: str, reference: np.ndarray, exported: np.ndarray) -> dict:
+def _check(name: str, reference: np.ndarray, exported: np.ndarray, rtol: float = RTOL, atol: float = ATOL) -> dict:
     difference = float(np.abs(reference - exported).max()) if reference.size else 0.0
-    if reference.shape != exported.shape or not np.allclose(exported, reference, rtol=RTOL, atol=ATOL):
+    if reference.shape != exported.shape or not np.allclose(exported, reference, rtol=rtol, atol=atol):
         raise XselError(
             f"parity check failed for {name}: shapes {reference.shape} vs {exported.shape}, max abs difference "
-            f"{difference:.2e} (tolerance rtol {RTOL}, atol {ATOL}); no bundle was written"
+            f"{difference:.2e} (tolerance rtol {rtol}, atol {atol}); no bundle was written"
         )
     return {"case": name, "max_abs_diff": difference}
 
@@ -352,7 +355,8 @@ def _export_selector_graph(learned, width: int, path: Path, opset: int) -> list[
         scores, top = session.run(
             ["scores", "top_indices"], {"pool": pool.numpy(), "k": np.array(SELECTOR_K, np.int64)}
         )
-        check = _check(f"selector pool {pool_size}", reference, scores)
+        tolerance = (SEQUENTIAL_RTOL, SEQUENTIAL_ATOL) if sequential else (RTOL, ATOL)
+        check = _check(f"selector pool {pool_size}", reference, scores, *tolerance)
         # the same picks, in the same order (a scorer's swap is only tolerated between tied scores)
         same = np.array_equal(top[0], expected)
         if not (
@@ -360,6 +364,8 @@ def _export_selector_graph(learned, width: int, path: Path, opset: int) -> list[
         ):
             raise XselError(f"parity check failed for the selector's picks at pool {pool_size}; no bundle was written")
         check["same_top_k"] = bool(same)
+        if sequential:
+            check["tolerance"] = {"rtol": SEQUENTIAL_RTOL, "atol": SEQUENTIAL_ATOL}
         checks.append(check)
     return checks
 

@@ -143,7 +143,10 @@ def load_selector_checkpoint(path: str | Path, *, model: str | None = None) -> t
     config = SelectorConfig(**{k: v for k, v in payload["config"].items() if k in known})
     if model is not None and config.model != model:
         plugin = learned_plugin(path)
-        raise InputError(f"{payload['path']} holds a {config.model} selector: use {plugin}={payload['path']}")
+        raise InputError(
+            f"{payload['path']} holds a {config.model} selector: run it as {plugin} "
+            f"(--selector {plugin}, or {plugin}={payload['path']} in --selectors)"
+        )
     return payload, with_model_defaults(config)
 
 

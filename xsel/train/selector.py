@@ -27,12 +27,12 @@ import torch
 from scipy.stats import rankdata
 
 from xsel import plugins
-from xsel.episodes import VALIDATION_QUERY_PER_CLASS, EpisodeTask
+from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask
 from xsel.errors import InputError
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
 from xsel.io.table import file_sha256
-from xsel.labels import patient_ids
+from xsel.labels import available_conditions, patient_ids
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
 from xsel.selectors import create_selector
@@ -111,7 +111,7 @@ class _Episodes:
         self.tasks, self.warnings = [], []
         for condition in conditions:
             try:
-                task = self._task(condition, rows, min_query_per_class=None)
+                task = self._task(condition, rows, min_query_per_class=MIN_QUERY_PER_CLASS)
             except InputError as full_size:
                 if not validation:
                     raise
@@ -131,19 +131,8 @@ class _Episodes:
             )
         self.classifier = plugins.get("classifier", config.classifier).factory
 
-    def _task(self, condition: str, rows: np.ndarray, *, min_query_per_class) -> EpisodeTask:
-        config = self.config
-        return EpisodeTask(
-            self.store,
-            condition,
-            negative=config.negative,
-            uncertain=config.uncertain,
-            pool_size=config.pool_size,
-            query_size=config.query_size,
-            k=config.k,
-            rows=rows,
-            **({} if min_query_per_class is None else {"min_query_per_class": min_query_per_class}),
-        )
+    def _task(self, condition: str, rows: np.ndarray, *, min_query_per_class: int) -> EpisodeTask:
+        return episode_task(self.store, self.config, condition, rows, min_query_per_class=min_query_per_class)
 
     def batch(self, task: EpisodeTask, indices: list[int], seed: int, *, balanced: bool = False):
         episodes = [task.episode(i, seed, balanced=balanced) for i in indices]
@@ -166,6 +155,47 @@ class _Episodes:
             scores.append(model.decision_function(self.store.embeddings[episode.query]))
             labels.append(episode.query_labels)
         return batch_auroc(np.stack(labels), np.stack(scores))
+
+
+def episode_task(
+    store: Store, config: SelectorConfig, condition: str, rows: np.ndarray, *, min_query_per_class: int
+) -> EpisodeTask:
+    """The episodes of one condition among ``rows``, sized as the config asks."""
+    return EpisodeTask(
+        store,
+        condition,
+        negative=config.negative,
+        uncertain=config.uncertain,
+        pool_size=config.pool_size,
+        query_size=config.query_size,
+        k=config.k,
+        rows=rows,
+        min_query_per_class=min_query_per_class,
+    )
+
+
+ALL_CONDITIONS = "all"
+
+
+def every_labelled_condition(store: Store, config: SelectorConfig) -> list[str]:
+    """``--conditions all``: every label column with enough images for episodes among the training patients,
+    except the negative class and the validation conditions (those left out are named in a note)."""
+    train_rows, _ = split_patients(store, config.val_fraction, config.seed)
+    excluded = {name.strip() for name in config.negative.split(",")} | set(config.val_conditions)
+    kept, scarce = [], []
+    for condition in available_conditions(store.meta):
+        if condition in excluded:
+            continue
+        try:
+            episode_task(store, config, condition, train_rows, min_query_per_class=MIN_QUERY_PER_CLASS)
+            kept.append(condition)
+        except InputError:
+            scarce.append(condition)
+    if scarce:
+        notify(f"--conditions all leaves out {', '.join(scarce)}: too few images among the training patients")
+    if not kept:
+        raise InputError(f"--conditions all: no label column of {store.path} has enough images for episodes")
+    return kept
 
 
 def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +269,8 @@ def train_selector(
             f"{describe_identity(store.encoder_identity)}: resume on the same store, or start a new run"
         )
     config = _run_config(config, saved, run_dir)
+    if saved is None and config.conditions == [ALL_CONDITIONS]:
+        config.conditions = every_labelled_condition(store, config)
     _check_config(config)
     if saved is None and config.use_metadata:  # ages are z-scored with the training store's statistics
         ages = np.asarray(store.meta["Age"], dtype=np.float64) if "Age" in store.meta.columns else np.array([])
@@ -307,7 +339,8 @@ def adapt_selector(
     """Adapt a trained selector to a site's own images without a label: meta-train it further on pseudo-tasks.
 
     The site's embeddings are clustered (k-means on unit rows, ``clusters`` clusters); each cluster is a
-    pseudo-condition (its images positive, every other image negative), the two smallest clusters validate. The run
+    pseudo-condition (its images positive, every other image negative), the two smallest clusters validate and the
+    others with enough images for episodes train. Label columns the store may have are dropped first. The run
     starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model), and its trust gate is
     recalibrated on the site's images, so it stays quiet there. Files as :func:`train_selector` writes them."""
     payload, trained = load_selector_checkpoint(checkpoint)
@@ -322,7 +355,7 @@ def adapt_selector(
     config = SelectorConfig(
         **{
             **asdict(trained),
-            "conditions": names[:-2],
+            "conditions": [ALL_CONDITIONS],  # every cluster with enough images for episodes
             "val_conditions": names[-2:],
             "negative": PSEUDO_NEGATIVE,
             "episodes": episodes,
@@ -343,7 +376,8 @@ def adapt_selector(
 
 
 def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
-    """The store with one 0/1 column per k-means cluster (largest first) and a negative column true everywhere."""
+    """The store without its label columns (adaptation reads no label), plus one 0/1 column per k-means cluster
+    (largest first) and a negative column true everywhere."""
     from sklearn.cluster import KMeans
 
     from xsel.geometry import unit_rows
@@ -354,7 +388,7 @@ def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
         )
     labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(unit_rows(store.embeddings).astype(np.float64))
     order = np.argsort(-np.bincount(labels, minlength=clusters), kind="stable")
-    meta = store.meta.copy()
+    meta = store.meta.drop(columns=available_conditions(store.meta))
     for rank, cluster in enumerate(order, 1):
         meta[f"cluster {rank}"] = (labels == cluster).astype(np.int8)
     meta[PSEUDO_NEGATIVE] = 1
