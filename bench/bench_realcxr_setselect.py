@@ -45,7 +45,7 @@ HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 
 def train(store, run_dir: Path, model: str, args) -> dict:
-    """Train (or reuse) one selector; its checkpoint, steps and minutes."""
+    """Train one selector (or reuse a finished run); returns its checkpoint."""
     config = SelectorConfig(
         conditions=SEEN,
         val_conditions=VALIDATION,
@@ -164,14 +164,20 @@ def main() -> None:
         "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
         "setselect": train(train_store, runs / "set", "set", args)["checkpoint"],
     }
-    timings = None if args.no_speed else speed(store, learned["setselect"], args.encoder, runs)
+    previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    report = [row for row in previous.get("rows", []) if row["variant"] != "adapted"]  # an earlier run's are kept
+    done = {row["group"] for row in report}
+    timings = previous.get("speed_seconds") or (
+        None if args.no_speed else speed(store, learned["setselect"], args.encoder, runs)
+    )
     specs = [*HEURISTICS, "oracle-balanced", *(f"{name}={ckpt}" for name, ckpt in learned.items())]
     raw_specs = [f"{name}={ckpt}" for name, ckpt in learned.items()]
-    report = []
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     stores = {}
     for group, (sources, conditions, negative) in GROUPS.items():
         stores[group] = test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        if group in done:
+            continue
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
             result = evaluate(
                 test, conditions, selectors=chosen, negative=negative, trust_gate=gate, show_progress=False, **common
@@ -180,6 +186,8 @@ def main() -> None:
         print(f"{group}: done", flush=True)
         save(args, learned, timings, report)
     for group, sources in ARCHIVES.items():
+        if group in done:
+            continue
         test = subset(store, source.isin(sources).to_numpy() & test_patient)
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
             result = evaluate(

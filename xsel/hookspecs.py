@@ -21,7 +21,9 @@ def register_encoders(register):
 def register_selectors(register):
     """Register selectors: ``register(name, factory, *, aliases=(), description="")``; a factory's keyword options
     (``checkpoint``, ``model``, …) are what ``--selector NAME=FILE`` and ``create_selector`` may pass. A learned
-    selector may carry ``trust_gate`` (:class:`xsel.trust.TrustGate`), checked on every pool before it picks."""
+    selector exports with ``scorer()`` ((1, N, D′) → (1, N) scores) or, picking one image at a time, ``policy()``
+    (TorchScript-compatible: (1, N, D′), K → (1, N) scores and (1, K) picks), and may carry ``trust_gate``
+    (:class:`xsel.trust.TrustGate`), checked on every pool before it picks."""
 
 
 @hookspec

@@ -339,7 +339,7 @@ def adapt_selector(
     """Adapt a trained selector to a site's own images without a label: meta-train it further on pseudo-tasks.
 
     The site's embeddings are clustered (k-means on unit rows, ``clusters`` clusters); each cluster is a
-    pseudo-condition (its images positive, every other image negative), the two smallest clusters validate and the
+    pseudo-condition (its images positive, every other image negative), the two largest clusters validate and the
     others with enough images for episodes train. Label columns the store may have are dropped first. The run
     starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model), and its trust gate is
     recalibrated on the site's images, so it stays quiet there. Files as :func:`train_selector` writes them."""
@@ -355,8 +355,8 @@ def adapt_selector(
     config = SelectorConfig(
         **{
             **asdict(trained),
-            "conditions": [ALL_CONDITIONS],  # every cluster with enough images for episodes
-            "val_conditions": names[-2:],
+            "conditions": [ALL_CONDITIONS],  # every other cluster with enough images for episodes
+            "val_conditions": names[:2],  # the largest: a small archive still has validation images in them
             "negative": PSEUDO_NEGATIVE,
             "episodes": episodes,
             "max_minutes": max_minutes,
