@@ -174,7 +174,8 @@ def test_adaptation_without_labels(trained, tmp_path):
     )
     assert result.steps == 4
     adapted = SetSelector(tmp_path / "selector.pt")
-    assert adapted.config.k == 6 and adapted.config.conditions[0] == "cluster 1"
+    assert adapted.config.k == 6 and adapted.config.val_conditions == ["cluster 1", "cluster 2"]
+    assert adapted.config.conditions and "cluster 1" not in adapted.config.conditions
     assert adapted.trust_gate.check(site.embeddings[:100], seed=0).fired is False, "calibrated on the site"
     with pytest.raises(InputError, match="at least 4 clusters"):
         adapt_selector(checkpoint, site, tmp_path / "few", clusters=2, show_progress=False)
