@@ -33,6 +33,29 @@ UNSEEN_NIH = ["Atelectasis", "Edema", "Cardiomegaly"]
 UNSEEN_KERMANY = ["Bacterial Pneumonia", "Viral Pneumonia"]
 
 
+def test_patients(store) -> np.ndarray:
+    """The held-out 40% of patients (seeded by patient ID): no test image is ever in a training pool."""
+    patients = store.meta["PatientID"].astype(str)
+    return np.asarray([zlib.crc32(f"test:{p}".encode()) % 100 < 40 for p in patients])
+
+
+def training_config(args, **changes) -> SelectorConfig:
+    """The learned selectors' training settings on NIH: seen conditions, validation on Mass and Nodule."""
+    settings = dict(
+        conditions=SEEN,
+        val_conditions=VALIDATION,
+        k=args.k,
+        pool_size=args.pool_size,
+        query_size=args.query_size,
+        batch_size=16,
+        val_every=25,
+        val_episodes=30,
+        val_fraction=0.3,
+        max_minutes=args.minutes,
+    )
+    return SelectorConfig(**(settings | changes))
+
+
 def shuffled_order_overlap(store, checkpoint, mask, args, pools: int = 50) -> float:
     """How much the LSTM's picks depend on pool order: mean share of K picks kept when a pool is shuffled."""
     from xsel.episodes import EpisodeTask
@@ -73,24 +96,11 @@ def main() -> None:
         if not path.exists():
             embed(REALCXR / "labels.csv", path, encoder=encoder, show_progress=False)
         store = read_store(path)
-        patients = store.meta["PatientID"].astype(str)
-        test_patient = np.asarray([zlib.crc32(f"test:{p}".encode()) % 100 < 40 for p in patients])
+        test_patient = test_patients(store)
         source = store.meta["Source"]
         train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
         run_dir = args.runs / encoder
-        config = SelectorConfig(
-            conditions=SEEN,
-            val_conditions=VALIDATION,
-            k=args.k,
-            pool_size=args.pool_size,
-            query_size=args.query_size,
-            episodes=args.train_episodes,
-            batch_size=16,
-            val_every=25,
-            val_episodes=30,
-            val_fraction=0.3,
-            max_minutes=args.minutes,
-        )
+        config = training_config(args, episodes=args.train_episodes)
         began = time.perf_counter()
         trained = train_selector(
             train_store, run_dir, config, resume=(run_dir / "last.pt").exists(), show_progress=False

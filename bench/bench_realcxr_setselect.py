@@ -19,25 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from bench_realcxr_medselect import NIH, UNSEEN_KERMANY, UNSEEN_NIH, test_patients, training_config
 from benchlib import REALCXR, subset
 
 from xsel.embed import embed
-from xsel.evaluate import evaluate
+from xsel.evaluate import REFERENCE, evaluate, summarize
 from xsel.store import read_store
-from xsel.train.medselect import SelectorConfig
 from xsel.train.selector import train_selector
 
-NIH = ("nih-talo", "nih-zech")
 COVID = ("ieee8023", "actualmed", "figure1")
-SEEN = ["Effusion", "Infiltration", "Pneumonia", "Consolidation", "Pleural_Thickening"]
-VALIDATION = ["Mass", "Nodule"]
 GROUPS = {  # name: (sources, conditions, negative class)
-    "NIH unseen": (NIH, ["Atelectasis", "Edema", "Cardiomegaly"], "No Finding"),
-    "Kermany": (("kermany",), ["Bacterial Pneumonia", "Viral Pneumonia"], "No Finding"),
+    "NIH unseen": (NIH, UNSEEN_NIH, "No Finding"),
+    "Kermany": (("kermany",), UNSEEN_KERMANY, "No Finding"),
     "COVID sources": (COVID, ["COVID-19"], "No Finding,Bacterial Pneumonia,Viral Pneumonia"),
 }
 ARCHIVES = {"archive NIH": NIH, "archive all": (*NIH, "kermany", *COVID)}
@@ -46,21 +43,7 @@ HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 def train(store, run_dir: Path, model: str, args) -> dict:
     """Train one selector (or reuse a finished run); returns its checkpoint."""
-    config = SelectorConfig(
-        conditions=SEEN,
-        val_conditions=VALIDATION,
-        k=args.k,
-        pool_size=args.pool_size,
-        query_size=args.query_size,
-        episodes=1_000_000,
-        batch_size=16,
-        val_every=25,
-        val_episodes=30,
-        val_fraction=0.3,
-        max_minutes=args.minutes,
-        model=model,
-        balanced=args.balanced if model == "set" else 0.0,
-    )
+    config = training_config(args, episodes=1_000_000, model=model, balanced=args.balanced if model == "set" else 0.0)
     if not (run_dir / "selector.pt").exists():
         began = time.perf_counter()
         result = train_selector(store, run_dir, config, show_progress=False)
@@ -101,6 +84,14 @@ def speed(store, checkpoint: str, encoder: str, folder: Path, size: int = 100_00
         f"set selector, K=20 of {size:,} × {pool.shape[1]}: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     )
     return timings
+
+
+def set_vs_lstm(result):
+    """The raw evaluation summarised with the LSTM as the reference: the paired set − LSTM difference and its CI
+    (``summarize`` pairs every selector with the reference's episodes)."""
+    table = result.episodes[result.episodes["selector"].isin(["medselect", "setselect"])]
+    table = table.assign(selector=table["selector"].replace({"medselect": REFERENCE}))
+    return replace(result, summary=summarize(table), settings={})
 
 
 def rows(result, group: str, variant: str) -> list[dict]:
@@ -155,8 +146,7 @@ def main() -> None:
         options = {"weights": args.weights, "image_size": args.image_size}
         embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
     store = read_store(path)
-    patients = store.meta["PatientID"].astype(str)
-    test_patient = np.asarray([zlib.crc32(f"test:{p}".encode()) % 100 < 40 for p in patients])
+    test_patient = test_patients(store)
     source = store.meta["Source"]
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
     runs = args.runs / name
@@ -183,6 +173,7 @@ def main() -> None:
                 test, conditions, selectors=chosen, negative=negative, trust_gate=gate, show_progress=False, **common
             )
             report += rows(result, group, variant)
+        report += rows(set_vs_lstm(result), group, "set − LSTM")
         print(f"{group}: done", flush=True)
         save(args, learned, timings, report)
     for group, sources in ARCHIVES.items():
@@ -204,15 +195,17 @@ def main() -> None:
             run_dir = runs / f"set-adapted-{group.split()[0].lower()}"
             if not (run_dir / "selector.pt").exists():
                 adapt_selector(learned["setselect"], stores[group], run_dir, max_minutes=args.adapt_minutes)
-            result = evaluate(
-                stores[group],
-                conditions,
-                selectors=[f"setselect={run_dir / 'selector.pt'}"],
-                negative=negative,
-                show_progress=False,
-                **common,
-            )
-            report += rows(result, group, "adapted")
+            for variant, gate in (("adapted", True), ("adapted raw", False)):
+                result = evaluate(
+                    stores[group],
+                    conditions,
+                    selectors=[f"setselect={run_dir / 'selector.pt'}"],
+                    negative=negative,
+                    trust_gate=gate,
+                    show_progress=False,
+                    **common,
+                )
+                report += rows(result, group, variant)
             save(args, learned, timings, report)
     print_tables(report)
 
