@@ -292,6 +292,28 @@ def scan_section(args, lines: list[str]) -> None:
     ]
 
 
+def million_section(args, lines: list[str]) -> None:
+    """`xsel select` on stores of 10⁵ and 10⁶ images: every selector at K=20 and K=1,000, seconds and peak memory."""
+    import bench_million
+
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in args.million_sizes:
+            for row in bench_million.run(rows, [20, 1000], list(bench_million.SELECTORS), Path(tmp), 300, results):
+                print(bench_million.describe(row), flush=True)
+    lines += [
+        "## 14. Selecting from a million images (`bench/bench_million.py`)",
+        "",
+        "512-d seeded mixture embeddings, one image per patient; `xsel.selection.select` in a fresh process per "
+        "measurement: seconds of the selection (store read excluded), peak resident memory of the whole process "
+        "(libraries included; torch alone is ~0.5 GiB) and its ratio to the embeddings' size. `random --exclude`: "
+        "1,000 labelled images excluded from a store where every tenth patient has a second image.",
+        "",
+        *bench_million.markdown(results),
+        "",
+    ]
+
+
 def int8_section(args, lines: list[str]) -> None:
     """int8 vs fp32 site encoders (`xsel export --quantize int8`): speed and agreement, 64 images."""
     from bench_int8 import measure
@@ -325,6 +347,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[10_000, 100_000])
+    parser.add_argument("--million-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[100_000, 1_000_000])
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -355,6 +378,7 @@ def main() -> None:
         zoo_section,
         scan_section,
         int8_section,
+        million_section,
     ]
     for section in sections:
         began = time.perf_counter()

@@ -28,6 +28,7 @@ from xsel import hookimpl
 from xsel.errors import InputError
 from xsel.geometry import (
     LARGE_POOL,
+    PoolDistances,
     check_geometry,
     describe_distance,
     distance_name,
@@ -38,6 +39,8 @@ from xsel.geometry import (
 
 TYPICALITY_NEIGHBOURS = 20
 TYPICALITY_REFERENCE = 2_000  # typicality is measured against at most this many members of a cluster
+REFRESH_BATCH = 512  # kcenter brings this many of the largest stale distances up to date at a time
+TYPICLUST_SAMPLE = 100_000  # typiclust clusters larger pools on a seeded sample of this many rows
 PURITY = 0.95
 PURITY_SAMPLE = 5_000  # probcover estimates ball purity on at most this many balls
 LABEL_COLUMN = "label"  # episode labels (1/0) that evaluation passes to selectors with uses_labels
@@ -72,8 +75,13 @@ class RandomSelector:
 
 class KCenterSelector:
     """Greedy k-center (core-set): start at the point nearest the mean, then repeatedly take the point
-    farthest from everything picked so far. O(N·D) per pick. Euclidean by default: the one heuristic whose
-    Euclidean variant measured better on NIH (module docstring)."""
+    farthest from everything picked so far. Euclidean by default: the one heuristic whose Euclidean variant
+    measured better on NIH (module docstring).
+
+    Exact greedy with lazy updates: a row's distance to its nearest pick only shrinks, so a stale value is an upper
+    bound; each step refreshes, against the picks made since, only the rows whose bound could still be the largest
+    (a max-heap, ``REFRESH_BATCH`` rows at a time). One pass over the pool to start, then a small share of it per
+    pick instead of a whole pass. No transformed copy of the pool (:class:`~xsel.geometry.PoolDistances`)."""
 
     uses_labels = False
 
@@ -84,18 +92,38 @@ class KCenterSelector:
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
-        geometry, points = self.geometry, geometry_rows(embeddings, self.geometry)
-        k = min(k, len(points))
-        centre = points.mean(axis=0, keepdims=True)
-        first = int(np.argmin(squared_distances(points, centre, geometry)[:, 0]))
+        import heapq
+
+        pool = PoolDistances(embeddings, self.geometry)
+        k = min(k, len(pool))
+        if k == 0:
+            return np.zeros(0, dtype=np.int64), []
+        first = int(np.argmin(pool.to(pool.centre())[:, 0]))
+        centres = np.empty((k, embeddings.shape[1]), dtype=np.float32)
+        centres[0] = pool.points(first)[0]
+        nearest = pool.to(centres[:1])[:, 0]  # squared distance to the nearest pick, exact up to `counted` picks
+        counted = np.ones(len(pool), dtype=np.int64)
+        heap = [(-distance, row) for row, distance in enumerate(nearest.tolist()) if row != first]
+        heapq.heapify(heap)  # largest bound first; ties: the lowest row, as argmax breaks them
         picks, reasons = [first], ["nearest the centre of the pool"]
-        nearest = squared_distances(points, points[first : first + 1], geometry)[:, 0]
-        for _ in range(k - 1):
-            nearest[picks[-1]] = -1.0
-            pick = int(np.argmax(nearest))
-            picks.append(pick)
-            reasons.append(f"farthest from the picks so far ({describe_distance(nearest[pick], geometry)})")
-            nearest = np.minimum(nearest, squared_distances(points, points[pick : pick + 1], geometry)[:, 0])
+        while len(picks) < k:
+            # the rows with the largest bounds, brought up to date together against the picks each has not seen
+            batch = np.asarray([heapq.heappop(heap)[1] for _ in range(min(REFRESH_BATCH, len(heap)))])
+            stale = batch[counted[batch] < len(picks)]
+            if len(stale):
+                since = int(counted[stale].min())
+                squared = pool.to(centres[since : len(picks)], stale)
+                squared[np.arange(since, len(picks))[None, :] < counted[stale][:, None]] = np.inf  # seen already
+                nearest[stale] = np.minimum(nearest[stale], squared.min(axis=1))
+                counted[stale] = len(picks)
+            entries = sorted(zip((-nearest[batch]).tolist(), batch.tolist(), strict=True))
+            if not heap or entries[0] <= heap[0]:  # exact and at least every bound left: the farthest row
+                _, row = entries.pop(0)
+                reasons.append(f"farthest from the picks so far ({describe_distance(nearest[row], self.geometry)})")
+                centres[len(picks)] = pool.points(row)[0]
+                picks.append(row)
+            for entry in entries:
+                heapq.heappush(heap, entry)
         return np.asarray(picks, dtype=np.int64), reasons
 
 
@@ -169,7 +197,9 @@ class KMedoidsSelector:
 class TypiClustSelector:
     """TypiClust (Hacohen et al. 2022): k-means into min(K, N) clusters; from each cluster, largest first,
     take its most typical point, typicality = 1 / mean distance to its 20 nearest neighbours in the cluster.
-    Clusters above ``TYPICALITY_REFERENCE`` members measure typicality against a seeded sample of that size."""
+    Clusters above ``TYPICALITY_REFERENCE`` members measure typicality against a seeded sample of that size; pools
+    above ``TYPICLUST_SAMPLE`` rows are clustered on a seeded sample of that size (k-means into 1,000 clusters of a
+    million rows alone would take minutes on a workstation CPU; a sample of 100,000 still gives each of them ~100)."""
 
     uses_labels = False
 
@@ -180,7 +210,11 @@ class TypiClustSelector:
         return self.select_with_reasons(embeddings, k, seed=seed)[0]
 
     def select_with_reasons(self, embeddings, k, *, seed, metadata=None):
-        geometry, points = self.geometry, geometry_rows(embeddings, self.geometry)
+        rows = subsample(len(embeddings), seed, TYPICLUST_SAMPLE)
+        geometry, points = (
+            self.geometry,
+            geometry_rows(embeddings[rows] if len(rows) < len(embeddings) else embeddings, self.geometry),
+        )
         k = min(k, len(points))
         assignment = kmeans_labels(points, k, seed)
         rng = np.random.default_rng([seed, 2])
@@ -198,12 +232,13 @@ class TypiClustSelector:
             for rank, members in enumerate(ranked, 1)
             if depth < len(members)
         ][:k]
+        sampled = f" of a {len(rows)}-image sample" if len(rows) < len(embeddings) else ""
         reasons = [
-            f"{'most' if depth == 0 else f'number {depth + 1} by'} typical image of cluster {rank} of {len(ranked)} "
-            f"({size} images) by {distance_name(geometry)}"
+            f"{'most' if depth == 0 else f'number {depth + 1} by'} typical image of cluster {rank} of {len(ranked)}"
+            f"{sampled} ({size} images) by {distance_name(geometry)}"
             for _, depth, rank, size in chosen
         ]
-        return np.asarray([pick for pick, *_ in chosen], dtype=np.int64), reasons
+        return rows[np.asarray([pick for pick, *_ in chosen], dtype=np.int64)], reasons
 
     @staticmethod
     def _typicality(points, members, rng, geometry):

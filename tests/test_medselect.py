@@ -242,3 +242,14 @@ def test_bad_input(demo_store, tmp_path, cli):
     )
     assert spec.exit_code == 2 and "medselect=RUN_DIR/selector.pt" in spec.stderr
     assert read_store(demo_store)  # the input store is untouched and readable
+
+
+@pytest.mark.parametrize("use_metadata", [False, True])
+def test_a_long_pool_is_scored_chunk_by_chunk_with_the_same_numbers(use_metadata):
+    """Pools above SCORE_CHUNK rows run each LSTM direction chunk by chunk, carrying its state: forward's scores."""
+    torch.manual_seed(0)
+    scorer = MedSelectScorer(16, hidden=8, use_metadata=use_metadata).eval()
+    pool = torch.randn(1, 53, scorer.input_dim)
+    with torch.no_grad():
+        assert torch.allclose(scorer(pool)[0], scorer.forward_in_chunks(pool[0], chunk=7), atol=1e-5)
+        assert not torch.allclose(scorer(pool)[0], scorer(pool.flip(1))[0].flip(0), atol=1e-5), "order matters"

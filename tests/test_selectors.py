@@ -103,6 +103,49 @@ def test_kcenter_adds_the_farthest_point(geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_kcenter_is_the_exact_greedy_k_center(geometry):
+    """The lazy updates change nothing: every pick is (within float32 rounding) the row farthest from the picks so
+    far, measured here the brute-force way in float64; rows share an offset, as ReLU features do."""
+    rng = np.random.default_rng(0)
+    points = (rng.normal(size=(600, 12)) * rng.uniform(0.5, 3, size=(600, 1)) + 4).astype(np.float32)
+    picks = pick(f"kcenter:{geometry}", points, 60)
+    rows = geometry_rows(points, geometry).astype(np.float64)
+    assert picks[0] == np.argmin(((rows - rows.mean(axis=0)) ** 2).sum(axis=1)), "starts nearest the centre"
+    nearest = ((rows - rows[picks[0]]) ** 2).sum(axis=1)
+    for row in picks[1:]:
+        assert nearest[row] >= nearest.max() * (1 - 1e-4)
+        nearest = np.minimum(nearest, ((rows - rows[row]) ** 2).sum(axis=1))
+
+
+@pytest.mark.parametrize("name", ["kcenter", "kcenter:cosine", "random"])
+def test_a_pool_read_whole_is_not_copied(name):
+    """What a selector that reads every row allocates beside the pool stays well under the pool's own size (a
+    million 512-d rows are 2 GB): no normalised or centred copy. The others work on samples (tested below)."""
+    import tracemalloc
+
+    embeddings = np.random.default_rng(0).normal(size=(60_000, 256)).astype(np.float32)
+    tracemalloc.start()
+    pick(name, embeddings, 50, metadata=pd.DataFrame(index=range(len(embeddings))))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.5 * embeddings.nbytes, (
+        f"{name}: {peak / 2**20:.1f} MiB for a {embeddings.nbytes / 2**20:.0f} MiB pool"
+    )
+
+
+def test_typiclust_clusters_a_sample_of_a_large_pool(monkeypatch):
+    from xsel_plugins import selectors
+
+    monkeypatch.setattr(selectors, "TYPICLUST_SAMPLE", 500)
+    points, _ = blobs(sizes=(900, 700, 400))
+    picks, reasons = create_selector("typiclust").select_with_reasons(points, 3, seed=0)
+    assert len(set(picks.tolist())) == 3 and picks.max() < len(points)
+    assert all("of a 500-image sample" in reason for reason in reasons)
+    again, _ = create_selector("typiclust").select_with_reasons(points, 3, seed=0)
+    assert again.tolist() == picks.tolist()
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_probcover_radius_is_the_largest_with_95_percent_purity(geometry):
     from xsel_plugins.selectors import ProbCoverSelector, kmeans_labels
 

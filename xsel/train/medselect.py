@@ -65,6 +65,7 @@ class SelectorConfig:
     extra: dict = field(default_factory=dict)
 
 
+SCORE_CHUNK = 50_000  # MedSelect scores pools longer than this chunk by chunk (MedSelectScorer.forward_in_chunks)
 MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 3e-4}}
 
 
@@ -97,13 +98,45 @@ class MedSelectScorer(nn.Module):
         self.head = nn.Linear(2 * hidden, 1)
 
     def forward(self, pool: torch.Tensor) -> torch.Tensor:
-        embeddings = pool[..., : self.embedding_dim]
-        unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scaled = unit * math.sqrt(self.embedding_dim)
-        centred = scaled - scaled.mean(dim=1, keepdim=True)
-        features = torch.cat([centred, pool[..., self.embedding_dim :]], dim=-1)
+        scaled = self._scaled(pool)
+        features = torch.cat([scaled - scaled.mean(dim=1, keepdim=True), pool[..., self.embedding_dim :]], dim=-1)
         hidden_states, _ = self.lstm(features)
         return self.head(hidden_states).squeeze(-1)
+
+    def _scaled(self, pool: torch.Tensor) -> torch.Tensor:
+        embeddings = pool[..., : self.embedding_dim]
+        return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12) * math.sqrt(self.embedding_dim)
+
+    def forward_in_chunks(self, pool: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+        """:meth:`forward` of one long pool ``(N, D′)`` → ``(N,)``, ``chunk`` rows at a time: each direction of the
+        LSTM carries its state from chunk to chunk, so the numbers are forward's, without its (N, 8·hidden) gate
+        buffers and feature copies (a million-image pool needs tens of GB in one piece)."""
+        n, width = pool.shape[0], self.lstm.hidden_size
+        mean = sum(self._scaled(pool[s : s + chunk]).sum(dim=0) for s in range(0, n, chunk)) / max(n, 1)
+
+        def features(start: int) -> torch.Tensor:
+            rows = pool[start : start + chunk]
+            return torch.cat([self._scaled(rows) - mean, rows[:, self.embedding_dim :]], dim=-1)[None]
+
+        weight = self.head.weight[0]
+        scores = torch.full((n,), float(self.head.bias[0]))
+        for direction, starts, flip in ((0, range(0, n, chunk), False), (1, range(0, n, chunk)[::-1], True)):
+            lstm, state = self._one_direction(direction), None
+            for start in starts:
+                rows = features(start).flip(1) if flip else features(start)
+                hidden_states, state = lstm(rows, state)
+                hidden_states = hidden_states[0].flip(0) if flip else hidden_states[0]
+                scores[start : start + len(hidden_states)] += (
+                    hidden_states @ weight[direction * width : (direction + 1) * width]
+                )
+        return scores
+
+    def _one_direction(self, direction: int) -> nn.LSTM:
+        """A one-way LSTM holding the forward (0) or backward (1) weights of ``self.lstm``."""
+        lstm = nn.LSTM(self.input_dim, self.lstm.hidden_size, batch_first=True)
+        suffix = "_reverse" if direction else ""
+        lstm.load_state_dict({name: getattr(self.lstm, f"{name}{suffix}") for name, _ in lstm.named_parameters()})
+        return lstm
 
 
 def pool_features(config: SelectorConfig) -> PoolFeatures:
@@ -204,7 +237,10 @@ class MedSelectSelector(_LearnedSelector):
     def scores(self, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> np.ndarray:
         """One score per pool row (rows in the order given: xsel passes store order)."""
         with torch.inference_mode():
-            return self.network(self._inputs(embeddings, metadata))[0].numpy()
+            inputs = self._inputs(embeddings, metadata)
+            if inputs.shape[1] > SCORE_CHUNK:
+                return self.network.forward_in_chunks(inputs[0]).numpy()
+            return self.network(inputs)[0].numpy()
 
     def select_with_scores(self, embeddings, k, *, seed, metadata=None):
         """The deterministic top-k and every row's score from one pass of the scorer."""

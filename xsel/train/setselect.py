@@ -41,6 +41,13 @@ def _dot(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     return torch.bmm(rows, vector.transpose(1, 2)).squeeze(-1).float()
 
 
+def _unit_rows(raw: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The unit rows of image ``index`` of each pool: (B, N, D), (B, N), (B,) → (B, 1, D)."""
+    b, d = raw.shape[0], raw.shape[2]
+    row = raw.gather(1, index.view(b, 1, 1).expand(b, 1, d))
+    return row * inverse.gather(1, index.view(b, 1)).unsqueeze(-1)
+
+
 def _standardise(values: torch.Tensor) -> torch.Tensor:
     """Z-score over the pool (dim 1): the same image in a pool of another scale gets the same feature. A feature
     constant up to rounding (every image its own anchor in a tiny pool) stays near 0 instead of amplified noise."""
@@ -106,7 +113,7 @@ class SetPolicy(nn.Module):
         super().__init__()
         self.read_embedding = read_embedding  # also the embedding itself (what images look like), not only geometry
         self.embedding = nn.Linear(embedding_dim, hidden if read_embedding else 1)
-        self.embedding_dim = embedding_dim
+        self.embedding_dim, self.hidden = embedding_dim, hidden
         self.input_dim = embedding_dim + metadata
         self.anchors, self.temperature = ANCHORS, TEMPERATURE  # attributes: TorchScript reads no module globals
         self.tokens = nn.Sequential(
@@ -115,62 +122,70 @@ class SetPolicy(nn.Module):
         self.layers = nn.ModuleList([InducedAttention(hidden, heads, points) for _ in range(2)])
         self.step = nn.Sequential(nn.Linear(hidden + STEP_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def encode(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per image: its context vector (B, N, H), unit embedding (B, N, D) and soft cluster weights (B, N, m)."""
+    def encode(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: its context vector (B, N, H), raw embedding (B, N, D) with its inverse norm (B, N) — unit rows
+        as matrix products of the two, never held (a million 512-d rows are 2 GB) — and soft cluster weights
+        (B, N, m)."""
         raw = pool[:, :, : self.embedding_dim]
-        norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min(1e-12)
-        unit = raw / norm
-        direction = unit.mean(dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(raw, dim=-1).clamp_min(1e-12)
+        inverse = 1.0 / norm
+        direction = torch.bmm(inverse.unsqueeze(1), raw) / raw.shape[1]  # the mean unit row
         direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(1e-12)
-        centrality = _dot(unit, direction)
+        centrality = _dot(raw, direction) * inverse
         mean = raw.mean(dim=1, keepdim=True)  # distance to it expanded, so no (N, D) difference is held
-        spread = (norm.squeeze(-1) ** 2 - 2 * _dot(raw, mean) + (mean * mean).sum(-1)).clamp_min(0).sqrt()
-        anchors = self._anchors(unit, centrality)
-        similarity = unit @ anchors.transpose(1, 2)
+        spread = (norm**2 - 2 * _dot(raw, mean) + (mean * mean).sum(-1)).clamp_min(0).sqrt()
+        anchors = self._anchors(raw, inverse, centrality)
+        similarity = torch.bmm(raw, anchors.transpose(1, 2)) * inverse.unsqueeze(-1)
         assign = torch.softmax(similarity / self.temperature, dim=-1)
         mass = assign.mean(dim=1, keepdim=True)
-        centroids = assign.transpose(1, 2) @ unit
+        centroids = torch.bmm((assign * inverse.unsqueeze(-1)).transpose(1, 2), raw)
         centroids = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)
         share = (assign * mass).sum(-1)
-        typicality = (assign * (unit @ centroids.transpose(1, 2))).sum(-1)
-        geometry = torch.stack(
-            [norm.squeeze(-1).log(), centrality, spread, share, typicality, similarity.max(dim=-1)[0]], dim=-1
-        )
+        typicality = (assign * torch.bmm(raw, centroids.transpose(1, 2)) * inverse.unsqueeze(-1)).sum(-1)
+        geometry = torch.stack([norm.log(), centrality, spread, share, typicality, similarity.max(dim=-1)[0]], dim=-1)
         features = torch.cat([_standardise(geometry), pool[:, :, self.embedding_dim :]], dim=-1)
         context = self.tokens(features)
-        if self.read_embedding:  # centred on the pool and scaled to components of order 1, as MedSelect reads it
-            centred = (unit - unit.mean(dim=1, keepdim=True)) * math.sqrt(self.embedding_dim)
-            context = context + self.embedding(centred)
+        if self.read_embedding:  # the unit row centred on the pool, scaled to components of order 1, as MedSelect
+            # reads it; the layer is linear, so centre its output: no centred (N, D) copy
+            projected = nn.functional.linear(raw, self.embedding.weight) * inverse.unsqueeze(-1)
+            centred = projected - projected.mean(dim=1, keepdim=True)
+            context = context + centred * math.sqrt(self.embedding_dim) + self.embedding.bias
         for layer in self.layers:
             context = layer(context)
-        return context, unit, assign
+        return context, raw, inverse, assign
 
-    def _anchors(self, unit: torch.Tensor, centrality: torch.Tensor) -> torch.Tensor:
+    def _anchors(self, raw: torch.Tensor, inverse: torch.Tensor, centrality: torch.Tensor) -> torch.Tensor:
         """Farthest-point sampling from the most central image: an order-free, deterministic cover of the pool."""
-        b, d = unit.shape[0], unit.shape[2]
         index = torch.argmax(centrality, dim=1)
-        chosen = unit.gather(1, index.view(b, 1, 1).expand(b, 1, d))
+        chosen = _unit_rows(raw, inverse, index)
         anchors = [chosen]
-        nearest = _dot(unit, chosen)
-        for _ in range(min(self.anchors, unit.shape[1]) - 1):  # a pool smaller than m: each image once
+        nearest = _dot(raw, chosen) * inverse
+        for _ in range(min(self.anchors, raw.shape[1]) - 1):  # a pool smaller than m: each image once
             index = torch.argmin(nearest, dim=1)
-            chosen = unit.gather(1, index.view(b, 1, 1).expand(b, 1, d))
+            chosen = _unit_rows(raw, inverse, index)
             anchors.append(chosen)
-            nearest = torch.maximum(nearest, _dot(unit, chosen))
+            nearest = torch.maximum(nearest, _dot(raw, chosen) * inverse)
         return torch.cat(anchors, dim=1)
 
-    def logits(
-        self, context: torch.Tensor, nearest: torch.Tensor, covered: torch.Tensor, fraction: float
-    ) -> torch.Tensor:
-        """Every image's logit for the next pick, given the picks so far (``nearest``: cosine to the closest pick;
-        ``covered``: how much of its soft cluster is picked)."""
+    def context_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """The part of the step layer's first linear map that reads the context: the same at every step, so it is
+        computed once (the layer is linear in [context, step features])."""
+        first = self.step[0]
+        return nn.functional.linear(context, first.weight[:, : self.hidden], first.bias)
+
+    def logits(self, base: torch.Tensor, nearest: torch.Tensor, covered: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Every image's logit for the next pick, given :meth:`context_logits` and the picks so far (``nearest``:
+        cosine to the closest pick; ``covered``: how much of its soft cluster is picked)."""
         gain = _standardise(1.0 - nearest)
         step = torch.stack([gain, _standardise(covered), torch.full_like(gain, fraction)], dim=-1)
-        return self.step(torch.cat([context, step], dim=-1)).squeeze(-1)
+        first = self.step[0]
+        hidden = torch.relu(base + nn.functional.linear(step, first.weight[:, self.hidden :]))
+        return self.step[2](hidden).squeeze(-1)
 
     def forward(self, pool: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context, unit, assign = self.encode(pool)
-        b, n, d = unit.shape[0], unit.shape[1], unit.shape[2]
+        context, raw, inverse, assign = self.encode(pool)
+        base = self.context_logits(context)
+        b, n = raw.shape[0], raw.shape[1]
         picks_wanted = min(int(k), n)
         nearest = torch.zeros(b, n)
         covered = torch.zeros(b, n)
@@ -178,13 +193,12 @@ class SetPolicy(nn.Module):
         scores = torch.zeros(b, n)
         picks = torch.zeros(b, picks_wanted, dtype=torch.long)
         for t in range(picks_wanted):
-            logits = self.logits(context, nearest, covered, t / max(picks_wanted, 1))
+            logits = self.logits(base, nearest, covered, t / max(picks_wanted, 1))
             scores = torch.where(taken, scores, logits)
             best = torch.argmax(logits.masked_fill(taken, float("-inf")), dim=1)
             picks[:, t] = best
             taken = taken.scatter(1, best.unsqueeze(1), True)
-            chosen = unit.gather(1, best.view(b, 1, 1).expand(b, 1, d))
-            nearest = torch.maximum(nearest, _dot(unit, chosen))
+            nearest = torch.maximum(nearest, _dot(raw, _unit_rows(raw, inverse, best)) * inverse)
             covered = covered + _dot(assign, assign.gather(1, best.view(b, 1, 1).expand(b, 1, assign.shape[2])))
         return scores, picks
 
@@ -192,20 +206,21 @@ class SetPolicy(nn.Module):
     def sample(self, pool: torch.Tensor, k: int, samples: int, generator: torch.Generator):
         """``samples`` sequences of K picks per pool, each step drawn from the softmax over the unpicked images;
         returns picks (B·samples, K) and the log-probability of each sequence (B·samples,)."""
-        context, unit, assign = (t.repeat_interleave(samples, dim=0) for t in self.encode(pool))
-        b, n = unit.shape[0], unit.shape[1]
+        context, raw, inverse, assign = (t.repeat_interleave(samples, dim=0) for t in self.encode(pool))
+        base = self.context_logits(context)
+        b, n = raw.shape[0], raw.shape[1]
         nearest, covered = torch.zeros(b, n), torch.zeros(b, n)
         taken = torch.zeros(b, n, dtype=torch.bool)
         picks, log_prob = [], torch.zeros(b)
         rows = torch.arange(b)
         for t in range(k):
-            logits = self.logits(context, nearest, covered, t / k).masked_fill(taken, float("-inf"))
+            logits = self.logits(base, nearest, covered, t / k).masked_fill(taken, float("-inf"))
             uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
             best = torch.argmax(logits.detach() - torch.log(-torch.log(uniform)), dim=1)
             log_prob = log_prob + torch.log_softmax(logits, dim=1)[rows, best]
             picks.append(best)
             taken = taken.scatter(1, best.unsqueeze(1), True)
             with torch.no_grad():
-                nearest = torch.maximum(nearest, _dot(unit, unit[rows, best].unsqueeze(1)))
+                nearest = torch.maximum(nearest, _dot(raw, _unit_rows(raw, inverse, best)) * inverse)
                 covered = covered + _dot(assign, assign[rows, best].unsqueeze(1))
         return torch.stack(picks, dim=1), log_prob

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from xsel.errors import InputError
-from xsel.geometry import LARGE_POOL, subsample, unit_rows
+from xsel.geometry import LARGE_POOL, PoolDistances, row_norms, subsample
 from xsel.train.head import Classifier, load_classifier
 
 DENSITY_NEIGHBOURS = 10  # boostmis: k of the pool's k-nearest-neighbour graph
@@ -77,15 +77,19 @@ class _ModelSelector:
             )
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        """(N, len(columns)) float64 logits of the chosen labels, in batches of ``MODEL_BATCH`` rows."""
+        """(N, len(columns)) float64 logits of the chosen labels, in batches of ``MODEL_BATCH`` rows. One input
+        buffer and one output array: per-batch arrays left between the head's temporaries fragment the heap, and a
+        million rows then held twice their own size."""
         self._check_dimension(embeddings)
         head = self._head()
-        blocks = []
+        logits = np.empty((len(embeddings), len(self.columns)))
+        buffer = np.empty((min(MODEL_BATCH, len(embeddings)), embeddings.shape[1]))
         with torch.no_grad():
             for start in range(0, len(embeddings), MODEL_BATCH):
-                block = torch.from_numpy(np.asarray(embeddings[start : start + MODEL_BATCH], dtype=np.float64))
-                blocks.append(head(block)[:, self.columns].numpy())
-        return np.concatenate(blocks) if blocks else np.zeros((0, len(self.columns)))
+                rows = len(embeddings[start : start + MODEL_BATCH])
+                buffer[:rows] = embeddings[start : start + rows]
+                logits[start : start + rows] = head(torch.from_numpy(buffer[:rows]))[:, self.columns].numpy()
+        return logits
 
     def select(self, embeddings, k, *, seed, metadata=None):
         return self.select_with_scores(embeddings, k, seed=seed, metadata=metadata)[0]
@@ -175,14 +179,17 @@ class BoostMISSelector(_ModelSelector):
         """a(x) of the docstring, (N,) float64 ≥ 0."""
         self._check_dimension(embeddings)
         head = self._head()
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        scale = float(np.median(np.linalg.norm(embeddings, axis=1))) if len(embeddings) else 1.0
+        scale = float(np.median(row_norms(embeddings))) if len(embeddings) else 1.0
         scale = scale if scale > 0 else 1.0
         rng = np.random.default_rng([seed, 5])
         result = np.zeros(len(embeddings))
+        buffer = np.empty((min(MODEL_BATCH, len(embeddings)), embeddings.shape[1]))  # reused: see logits()
+        noise = np.empty_like(buffer)
         for start in range(0, len(embeddings), MODEL_BATCH):
-            x = torch.from_numpy(embeddings[start : start + MODEL_BATCH].astype(np.float64))
-            d = torch.from_numpy(rng.standard_normal(tuple(x.shape)))
+            rows = len(embeddings[start : start + MODEL_BATCH])
+            buffer[:rows] = embeddings[start : start + rows]
+            rng.standard_normal(out=noise[:rows])
+            x, d = torch.from_numpy(buffer[:rows]), torch.from_numpy(noise[:rows])
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
             clean = head(x)[:, self.columns]
             probe = (self.xi * scale * d).requires_grad_(True)
@@ -191,24 +198,27 @@ class BoostMISSelector(_ModelSelector):
             direction = gradient / gradient.norm(dim=1, keepdim=True).clamp_min(1e-300)
             with torch.no_grad():
                 adversarial = head(x + self.epsilon * scale * direction)[:, self.columns]
-                result[start : start + len(x)] = bernoulli_kl(clean, adversarial).mean(dim=1).clamp_min(0).numpy()
+                result[start : start + rows] = bernoulli_kl(clean, adversarial).mean(dim=1).clamp_min(0).numpy()
         return result
 
     def density(self, embeddings: np.ndarray, seed: int) -> np.ndarray:
-        """ρ(x) of the docstring, (N,) in (0, 1]; cosine neighbours found block by block (no N×N matrix)."""
-        points = unit_rows(embeddings)
-        n = len(points)
+        """ρ(x) of the docstring, (N,) in (0, 1]; cosine neighbours found block by block (no N×N matrix, no
+        normalised copy of the pool)."""
+        pool = PoolDistances(embeddings, "cosine")
+        n = len(pool)
         reference = subsample(n, seed, LARGE_POOL) if n <= LARGE_POOL else subsample(n, seed, DENSITY_REFERENCE)
         neighbours = min(self.neighbours, len(reference) - 1)
         if neighbours < 1:
             return np.ones(n)
+        targets = pool.points(reference)
         mean_distance = np.empty(n)
         for start in range(0, n, 1024):
-            similarity = points[start : start + 1024] @ points[reference].T
-            rows, columns = np.nonzero(reference[None, :] == np.arange(start, start + len(similarity))[:, None])
-            similarity[rows, columns] = -np.inf  # a row is not its own neighbour
-            nearest = np.partition(similarity, -neighbours, axis=1)[:, -neighbours:]
-            mean_distance[start : start + 1024] = np.sqrt(np.maximum(2.0 - 2.0 * nearest, 0.0)).mean(axis=1)
+            block = np.arange(start, min(start + 1024, n))
+            squared = pool.to(targets, block)
+            rows, columns = np.nonzero(reference[None, :] == block[:, None])
+            squared[rows, columns] = np.inf  # a row is not its own neighbour
+            nearest = np.partition(squared, neighbours - 1, axis=1)[:, :neighbours]
+            mean_distance[block] = np.sqrt(nearest).mean(axis=1)
         typicality = 1.0 / (mean_distance + 1e-6)
         return typicality / typicality.max()
 
