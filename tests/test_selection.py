@@ -119,3 +119,21 @@ def test_bad_input(demo_store, tmp_path, cli):
 def test_library_refuses_k_zero(demo_store):
     with pytest.raises(InputError):
         select(demo_store, 0)
+
+
+def test_a_pool_of_part_of_the_store_picks_alike_from_the_file_and_from_a_loaded_store(demo_store, tmp_path):
+    """select() given the file moves the pool to the front of its own copy (no second copy beside the store); given a
+    loaded Store it must not touch it. Both pick the same images, with the same scores and reasons."""
+    store = read_store(demo_store)
+    before = store.embeddings.copy()
+    exclude = tmp_path / "labelled.csv"
+    pd.DataFrame({"Path": store.paths[::7]}).to_csv(exclude, index=False)
+    for selector in ("kcenter", "typiclust", "random"):
+        from_file = select(demo_store, 8, selector=selector, exclude=exclude, seed=2)
+        from_store = select(store, 8, selector=selector, exclude=exclude, seed=2)
+        assert from_file.pool_size < len(store)
+        assert {**from_file.record, "inputs": None} == {**from_store.record, "inputs": None}
+        pd.testing.assert_frame_equal(from_file.table, from_store.table)
+        pool = from_file.store.paths
+        assert [pool[i] for i in from_file.pool] == [store.paths[i] for i in from_store.pool]
+    assert np.array_equal(store.embeddings, before), "a caller's store is never modified"

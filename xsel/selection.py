@@ -30,7 +30,7 @@ from xsel.selectors import (
     gated,
     pool_rows,
 )
-from xsel.store import Store, check_distinct_paths, check_finite, read_store
+from xsel.store import ROW_CHUNK, Store, check_distinct_paths, check_finite, read_store
 
 SELECTION_COLUMNS = ("rank", PATH_COLUMN, "score", "selector", "reason")
 
@@ -88,6 +88,8 @@ def select(
     if getattr(instance, "uses_labels", False):
         raise InputError(f"selector {name!r} picks with the labels; it is for `xsel evaluate` only")
     rows, warnings, record = _pool(store, exclude, constraints)
+    if store_file is not None:  # select's own copy of the file: the pool moves to the front of it, not beside it
+        store, rows = _only_the_pool(store, rows), np.arange(len(rows))
     inputs = {  # hashed once every file has been read, so a missing one is the reader's one-line error
         "store": input_record(store_file),
         "exclude": input_record(exclude),
@@ -187,6 +189,20 @@ def _pool(store: Store, exclude, constraints: Constraints) -> tuple[np.ndarray, 
             )
     record["pool"] = len(rows)
     return rows, warnings, record
+
+
+def _only_the_pool(store: Store, rows: np.ndarray) -> Store:
+    """The store cut down to ``rows`` (ascending store rows), moved to the front of its own embeddings array in place:
+    a pool that is most of a large store (after ``--exclude`` or the patient rule) is not copied beside it (a million
+    512-d rows are 2 GB). Only for a store ``select`` read itself: a caller's Store is never modified."""
+    if len(rows) == len(store):
+        return store
+    embeddings = store.embeddings
+    for start in range(0, len(rows), ROW_CHUNK):  # rows[i] ≥ i: no row is overwritten before it is moved
+        block = rows[start : start + ROW_CHUNK]
+        embeddings[start : start + len(block)] = embeddings[block]
+    meta = store.meta.iloc[rows].reset_index(drop=True)
+    return Store(store.path, embeddings[: len(rows)], [store.paths[i] for i in rows], meta, store.attrs)
 
 
 def _pool_embeddings(store: Store, rows: np.ndarray) -> np.ndarray:
