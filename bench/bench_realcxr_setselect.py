@@ -135,6 +135,12 @@ def main() -> None:
     parser.add_argument("--balanced", type=float, default=0.25, help="set selector: share of balanced steps")
     parser.add_argument("--adapt", action="store_true", help="also adapt the set selector to each away store")
     parser.add_argument("--adapt-minutes", type=float, default=3.0)
+    parser.add_argument(
+        "--choose-fallback",
+        action="store_true",
+        help="also choose the set selector's fallback on the other away source",
+    )
+    parser.add_argument("--fallback-episodes", type=int, default=60, help="--choose-fallback: episodes per condition")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
@@ -207,7 +213,47 @@ def main() -> None:
                 )
                 report += rows(result, group, variant)
             save(args, learned, timings, report)
+    if args.choose_fallback:
+        fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings)
     print_tables(report)
+
+
+def fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings) -> None:
+    """The set selector's trust-gate fallback chosen on the other away source (its patients outside the test split),
+    then the gated selector on each away test store: Kermany's fallback chosen on the COVID sources and vice versa,
+    so neither decision saw the hospital it is judged on."""
+    from xsel.train.selector import choose_fallback
+
+    source = store.meta["Source"]
+    for group, other in (("Kermany", "COVID sources"), ("COVID sources", "Kermany")):
+        variant = f"fallback chosen on {other}"
+        if any(r["group"] == group and r["variant"] == variant for r in report):
+            continue
+        sources, conditions, negative = GROUPS[other]
+        run_dir = args.runs / (args.name or args.encoder) / f"set-fallback-{other.split()[0].lower()}"
+        if not (run_dir / "selector.pt").exists():
+            calibration = subset(store, source.isin(sources).to_numpy() & ~test_patient)
+            choice = choose_fallback(
+                learned["setselect"],
+                calibration,
+                run_dir,
+                conditions=conditions,
+                negative=negative,
+                episodes=args.fallback_episodes,
+                show_progress=False,
+            )
+            print(f"{group}: fallback chosen on {other}: {choice.fallback} {choice.auroc}", flush=True)
+        _, conditions, negative = GROUPS[group]
+        result = evaluate(
+            stores[group],
+            conditions,
+            selectors=[f"setselect={run_dir / 'selector.pt'}"],
+            negative=negative,
+            show_progress=False,
+            **common,
+        )
+        report += rows(result, group, variant)
+        save(args, learned, timings, report)
 
 
 def save(args, learned: dict, timings, report: list[dict]) -> None:

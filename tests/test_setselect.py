@@ -251,3 +251,32 @@ def test_conditions_all_trains_on_every_labelled_column(tmp_path, capsys):
     train_selector(store, tmp_path, set_config(conditions=["all"], episodes=16 * 2, val_every=2), show_progress=False)
     assert load_checkpoint(tmp_path / "selector.pt")["config"]["conditions"] == ["A", "C"]
     assert "leaves out Rare" in capsys.readouterr().err
+
+
+def test_the_fallback_is_chosen_on_another_store_and_the_weights_stay(trained, tmp_path):
+    from xsel.train.selector import FALLBACK_CANDIDATES, choose_fallback
+    from xsel.trust import KEEP_LEARNED
+
+    store, checkpoint = trained
+    other = toy_store(seed=1)  # another "hospital" with the same encoder
+    choice = choose_fallback(checkpoint, other, tmp_path / "gated", conditions=["A"], episodes=6, show_progress=False)
+    assert set(choice.auroc) == {*FALLBACK_CANDIDATES, KEEP_LEARNED}
+    assert choice.fallback == max(choice.auroc, key=choice.auroc.get)
+    original, chosen = load_checkpoint(checkpoint), load_checkpoint(choice.checkpoint)
+    assert chosen["trust_gate"]["fallback"] == choice.fallback
+    assert chosen["trust_gate"]["threshold"] == original["trust_gate"]["threshold"]
+    assert chosen["fallback_validation"]["auroc"] == choice.auroc and chosen["fallback_validation"]["conditions"] == [
+        "A"
+    ]
+    assert all(torch.equal(chosen["state_dict"][key], value) for key, value in original["state_dict"].items())
+    assert SetSelector(choice.checkpoint).trust_gate.fallback == choice.fallback
+
+
+def test_choose_fallback_needs_conditions_and_excludes_adapt(trained, demo_store, tmp_path, cli):
+    _, checkpoint = trained
+    base = ["train", "selector", demo_store, "--choose-fallback", checkpoint]
+    missing = cli(*base, "--out", tmp_path / "a")
+    assert missing.exit_code == 2 and "--choose-fallback needs --conditions" in missing.stderr
+    both = cli(*base, "--adapt", checkpoint, "--conditions", "Edema", "--out", tmp_path / "b")
+    assert both.exit_code == 2 and "one at a time" in both.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,7 +20,7 @@ from xsel.io.table import file_sha256
 from xsel.selection import select
 from xsel.site import site_select
 from xsel.store import read_store
-from xsel.trust import STATISTIC, TrustGate, calibrate_gate
+from xsel.trust import KEEP_LEARNED, STATISTIC, TrustGate, calibrate_gate
 
 DIM = 32
 
@@ -238,11 +238,32 @@ def test_evaluation_marks_and_counts_fallbacks(gated_plugin, demo_store):
     assert mine["fell_back"].astype(bool).all() and table.loc[table["selector"] == "random", "fell_back"].isna().all()
     assert np.allclose(mine["auroc"], heuristic["auroc"])  # the fallback picked: the same labels, the same scores
     assert result.settings["trust_gate"]
-    assert result.settings["fell_back"]["tiny-gated"] == {"Cardiomegaly": {"fell_back": 3, "episodes": 3}}
+    assert result.settings["fell_back"]["tiny-gated"] == {"Cardiomegaly": {"fired": 3, "fell_back": 3, "episodes": 3}}
     line = "trust gate of tiny-gated: fell back to kcenter in 3/3 episodes of Cardiomegaly"
     assert any(line in warning for warning in result.warnings)
     off = evaluate(demo_store, ["Cardiomegaly"], selectors=specs, trust_gate=False, **options)
     assert "fell_back" not in off.episodes.columns and not off.settings["trust_gate"]
+
+
+def test_a_gate_whose_fallback_is_the_learned_selector_reports_the_pool_and_keeps_picking(gated_plugin, demo_store):
+    """A fallback chosen on another hospital may be the learned selector itself: the gate still says the pool is
+    unlike the training pools (record, warning, evaluate's counts), and the learned selector picks."""
+    from dataclasses import replace
+
+    gated_plugin["gate"] = replace(foreign_gate(read_store(demo_store).embeddings.shape[1]), fallback=KEEP_LEARNED)
+    kept = select(demo_store, 6, selector="tiny-gated", checkpoint=demo_store)
+    learned = select(demo_store, 6, selector="tiny-gated", checkpoint=demo_store, trust_gate=False)
+    assert kept.table["Path"].tolist() == learned.table["Path"].tolist() and set(kept.table["selector"]) == {
+        "tiny-gated"
+    }
+    record = kept.record["fallback"]
+    assert record["fired"] and not record["fell_back"] and record["fallback"] == KEEP_LEARNED
+    assert any("picked all the same" in warning for warning in kept.warnings)
+    options = {"k": (5,), "episodes": 3, "pool_size": 60, "query_size": 20, "show_progress": False}
+    result = evaluate(demo_store, ["Cardiomegaly"], selectors=["random", f"tiny-gated={demo_store}"], **options)
+    assert not result.episodes.loc[result.episodes["selector"] == "tiny-gated", "fell_back"].astype(bool).any()
+    assert result.settings["fell_back"]["tiny-gated"] == {"Cardiomegaly": {"fired": 3, "fell_back": 0, "episodes": 3}}
+    assert any("pools unlike its training pools in 3/3 episodes" in warning for warning in result.warnings)
 
 
 def test_evaluate_cli_reports_fallbacks(gated_plugin, demo_store, tmp_path, cli):

@@ -32,6 +32,7 @@ from xsel.labels import available_conditions
 from xsel.progress import progress_bar
 from xsel.selectors import check_identity, create_selector, gated, parse_selector_spec, run_selector
 from xsel.store import Store, check_finite, read_store
+from xsel.trust import KEEP_LEARNED
 
 REFERENCE = "random"
 DEFAULT_SELECTORS = ("random", "kmedoids", "kcenter", "typiclust", "probcover", "oracle-balanced")
@@ -192,31 +193,46 @@ def _gated(selector, name: str, pool_embeddings: np.ndarray, seed: int, trust_ga
     """The selector that picks this episode (its trust gate's fallback when the pool is unlike its training pools),
     its name, and the columns its rows get: ``fell_back`` and ``trust_statistic`` when a gate was checked."""
     runner, run_name, verdict = gated(selector, name, pool_embeddings, seed=seed, use_gate=trust_gate)
-    columns = {} if verdict is None else {"fell_back": verdict.fired, "trust_statistic": verdict.statistic}
+    columns = {} if verdict is None else {"fell_back": verdict.fell_back, "trust_statistic": verdict.statistic}
     return runner, run_name, columns
 
 
 def _fallback_counts(table: pd.DataFrame, instances: dict) -> dict:
-    """Per gated selector and condition: in how many episodes its trust gate handed the pool to the fallback."""
+    """Per gated selector and condition: in how many episodes its trust gate fired (the pool unlike its training
+    pools) and handed the pool to the fallback (not when the fallback is the learned selector itself)."""
     if "fell_back" not in table.columns:
         return {}
     counts = {}
-    for name in instances:
+    for name, instance in instances.items():
         mine = table[(table["selector"] == name) & table["fell_back"].notna()].drop_duplicates(["condition", "episode"])
-        if len(mine):
-            grouped = mine.groupby("condition", sort=False)["fell_back"]
-            counts[name] = {c: {"fell_back": int(n.astype(bool).sum()), "episodes": len(n)} for c, n in grouped}
+        threshold = getattr(getattr(instance, "trust_gate", None), "threshold", np.inf)
+        for condition, rows in mine.groupby("condition", sort=False):
+            counts.setdefault(name, {})[condition] = {
+                "fired": int((rows["trust_statistic"].astype(float) > threshold).sum()),
+                "fell_back": int(rows["fell_back"].astype(bool).sum()),
+                "episodes": len(rows),
+            }
     return counts
 
 
 def _fallback_warnings(counts: dict, instances: dict) -> list[str]:
-    """One line per gated selector: how often its trust gate fell back, per condition."""
-    return [
-        f"trust gate of {name}: fell back to {instances[name].trust_gate.fallback} in "
-        + ", ".join(f"{n['fell_back']}/{n['episodes']} episodes of {c}" for c, n in per_condition.items())
-        + " (--no-trust-gate always runs the learned selector)"
-        for name, per_condition in counts.items()
-    ]
+    """One line per gated selector: how often its trust gate fell back (or, keeping the learned selector, fired)."""
+    lines = []
+    for name, per_condition in counts.items():
+        fallback = instances[name].trust_gate.fallback
+        if fallback == KEEP_LEARNED:
+            lines.append(
+                f"trust gate of {name}: pools unlike its training pools in "
+                + ", ".join(f"{n['fired']}/{n['episodes']} episodes of {c}" for c, n in per_condition.items())
+                + "; its fallback is the learned selector itself (chosen on another hospital), so it kept picking"
+            )
+        else:
+            lines.append(
+                f"trust gate of {name}: fell back to {fallback} in "
+                + ", ".join(f"{n['fell_back']}/{n['episodes']} episodes of {c}" for c, n in per_condition.items())
+                + " (--no-trust-gate always runs the learned selector)"
+            )
+    return lines
 
 
 def _condition_rows(

@@ -154,7 +154,7 @@ def gated(selector, name: str, embeddings: np.ndarray, *, seed: int, use_gate: b
     if gate is None or not use_gate:
         return selector, name, None
     verdict = gate.check(embeddings, seed=seed)
-    if not verdict.fired:
+    if not verdict.fell_back:
         return selector, name, verdict
     try:
         fallback = check_fallback(gate.fallback)

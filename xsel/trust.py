@@ -23,6 +23,7 @@ import numpy as np
 from xsel import plugins
 from xsel.errors import InputError
 
+KEEP_LEARNED = "learned"  # a fallback that keeps the learned selector: on another hospital's pools it beat them all
 STATISTIC = "mmd2-rbf"  # what `statistic` computes; recorded so a reader knows which numbers it compares
 MAX_REFERENCE = 500
 MAX_POOL = 2000  # a larger calibration pool is subsampled to this: the kernels stay a few MB
@@ -40,6 +41,11 @@ class TrustVerdict:
     compared: int
     message: str
 
+    @property
+    def fell_back(self) -> bool:
+        """Whether another selector picks: the gate fired and its fallback is a heuristic, not ``KEEP_LEARNED``."""
+        return self.fired and self.fallback != KEEP_LEARNED
+
     def to_record(self) -> dict:
         """JSON-able: what a certificate records under ``fallback``."""
         return {
@@ -47,6 +53,7 @@ class TrustVerdict:
             "statistic": self.statistic,
             "threshold": self.threshold,
             "fired": self.fired,
+            "fell_back": self.fell_back,
             "fallback": self.fallback,
             "compared_rows": self.compared,
             "message": self.message,
@@ -125,10 +132,17 @@ class TrustGate:
             return TrustVerdict(None, self.threshold, False, self.fallback, compared, message)
         value = self.statistic(embeddings, seed)
         fired = value > self.threshold
-        if fired:
+        differs = (
+            f"this pool differs from the selector's training pools (MMD² {value:.3g} > threshold {self.threshold:.3g})"
+        )
+        if fired and self.fallback == KEEP_LEARNED:
             message = (
-                f"this pool differs from the selector's training pools (MMD² {value:.3g} > threshold "
-                f"{self.threshold:.3g}): fell back to {self.fallback}, the heuristic that validated best; "
+                f"{differs}; the learned selector picked all the same: on another hospital's labelled pools it "
+                "validated better than every heuristic (`xsel train selector --choose-fallback`)"
+            )
+        elif fired:
+            message = (
+                f"{differs}: fell back to {self.fallback}, the heuristic that validated best; "
                 "--no-trust-gate uses the learned selector anyway"
             )
         else:
@@ -212,7 +226,10 @@ def median_bandwidth(reference: np.ndarray) -> float:
 
 
 def check_fallback(name: str) -> str:
-    """The registered name of a fallback; it must be a heuristic (no checkpoint, no classifier, no labels)."""
+    """The registered name of a fallback; it must be a heuristic (no checkpoint, no classifier, no labels), or
+    ``KEEP_LEARNED``."""
+    if name == KEEP_LEARNED:
+        return name
     entry = plugins.get("selector", name)
     takes = set(inspect.signature(entry.factory).parameters) & {"checkpoint", "model"}
     if takes or getattr(entry.factory(), "uses_labels", False):

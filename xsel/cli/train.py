@@ -77,6 +77,17 @@ def train_selector_command(
         ),
     ] = None,
     clusters: Annotated[int, typer.Option(help="--adapt: k-means clusters used as pseudo-conditions.")] = 8,
+    choose_fallback: Annotated[
+        Path | None,
+        typer.Option(
+            help="Choose this trained selector.pt's trust-gate fallback on STORE, labelled images from a hospital it "
+            "was not trained on: the heuristic or the selector itself, whichever picks best there (--conditions, "
+            "--negative)."
+        ),
+    ] = None,
+    fallback_episodes: Annotated[
+        int, typer.Option(min=1, help="--choose-fallback: paired episodes per condition.")
+    ] = 60,
     val_every: Annotated[int, typer.Option(help="Steps between validations (and checkpoints).")] = 50,
     val_episodes: Annotated[int, typer.Option(help="Fixed validation episodes per validation condition.")] = 20,
     max_minutes: Annotated[
@@ -94,7 +105,8 @@ def train_selector_command(
     """Meta-learn a selector with REINFORCE on labelling episodes of seen conditions, validated on unseen ones:
     MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time). The best
     checkpoint is RUN_DIR/selector.pt; it carries a trust gate that falls back to the best heuristic on pools
-    unlike the training ones. --adapt fits a trained selector to a site's own images, without labels.
+    unlike the training ones. --adapt fits a trained selector to a site's own images, without labels;
+    --choose-fallback picks that fallback on another hospital's labelled images instead of at home.
 
     [bold]Examples[/bold]
 
@@ -102,12 +114,34 @@ def train_selector_command(
       xsel train selector pool.h5 --model set --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/set
       xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
       xsel train selector site.h5 --adapt runs/set/selector.pt --out runs/set-site --max-minutes 3
+      xsel train selector other_hospital.h5 --choose-fallback runs/set/selector.pt --conditions Pneumonia \\
+          --out runs/set-gated
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
     from xsel.io.outputs import claim_output
     from xsel.train.selector import adapt_selector, train_selector
+    from xsel.train.selector import choose_fallback as choose_fallback_for
+    from xsel.trust import KEEP_LEARNED
 
-    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt]))
+    if adapt is not None and choose_fallback is not None:
+        raise InputError("--adapt and --choose-fallback each start from a checkpoint; use one at a time")
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback]))
+    if choose_fallback is not None:
+        if conditions is None:
+            raise InputError("--choose-fallback needs --conditions: the labelled conditions of STORE to pick on")
+        choice = choose_fallback_for(
+            choose_fallback,
+            store,
+            out,
+            conditions=split_list(conditions, "--conditions"),
+            negative=negative,
+            episodes=fallback_episodes,
+            seed=seed,
+            show_progress=not quiet,
+        )
+        kept = " (the learned selector keeps picking)" if choice.fallback == KEEP_LEARNED else ""
+        typer.echo(f"Trust gate fallback: {choice.fallback}{kept} → {choice.checkpoint}")
+        return
     if adapt is not None:
         result = adapt_selector(
             adapt,

@@ -37,10 +37,11 @@ from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
 from xsel.selectors import create_selector
 from xsel.store import Store, check_finite, read_store
-from xsel.train.checkpoints import gate_payload
+from xsel.train.checkpoints import gate_payload, save_torch_atomic
 from xsel.train.medselect import (
     SelectorConfig,
     build_policy,
+    learned_plugin,
     load_checkpoint,
     load_selector_checkpoint,
     pool_features,
@@ -48,7 +49,7 @@ from xsel.train.medselect import (
     with_model_defaults,
 )
 from xsel.train.runtime import resolve_device
-from xsel.trust import calibrate_gate
+from xsel.trust import KEEP_LEARNED, calibrate_gate
 
 BEST = "selector.pt"
 LAST = "last.pt"
@@ -373,6 +374,83 @@ def adapt_selector(
         show_progress=show_progress,
         initial_weights=payload["state_dict"],
     )
+
+
+@dataclass(frozen=True)
+class FallbackChoice:
+    """What :func:`choose_fallback` wrote and why: the chosen fallback and every candidate's mean query AUROC."""
+
+    checkpoint: Path
+    fallback: str
+    auroc: dict[str, float]
+
+
+def choose_fallback(
+    checkpoint: str | Path,
+    shifted: str | Path | Store,
+    run_dir: str | Path,
+    *,
+    conditions: list[str],
+    negative: str = "No Finding",
+    episodes: int = 60,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> FallbackChoice:
+    """Choose what a trained selector's trust gate falls back to, on labelled pools from another hospital.
+
+    Training picks the fallback on held-out patients of the training hospital, where the learned selector is at
+    home; but the gate fires on pools from elsewhere, where a heuristic that won at home may be the worse choice
+    (measured: a set selector gaining +0.04 away fell back to a heuristic gaining +0.01). Here every candidate
+    heuristic and the learned selector itself run paired episodes (the checkpoint's K, pool and query sizes and
+    classifier) on ``shifted`` — a labelled store from a hospital the selector was not trained on — and the best
+    mean query AUROC becomes the fallback; ``learned`` (:data:`xsel.trust.KEEP_LEARNED`) when the selector beat every
+    heuristic: the gate still reports an unfamiliar pool, and the selector keeps picking. Writes
+    ``RUN_DIR/selector.pt``: the same weights and gate threshold, the new fallback, and ``fallback_validation``
+    (store, conditions, every candidate's AUROC)."""
+    from xsel.evaluate import evaluate
+
+    payload, config = load_selector_checkpoint(checkpoint)
+    if payload.get("trust_gate") is None:
+        raise InputError(f"{payload['path']} carries no trust gate (trained before xsel had one); retrain it")
+    plugin = learned_plugin(payload["path"])
+    shifted = shifted if isinstance(shifted, Store) else read_store(shifted)
+    result = evaluate(
+        shifted,
+        conditions,
+        selectors=[*FALLBACK_CANDIDATES, f"{plugin}={payload['path']}"],
+        k=[config.k],
+        episodes=episodes,
+        pool_size=config.pool_size,
+        query_size=config.query_size,
+        classifier=config.classifier,
+        negative=negative,
+        seed=seed,
+        show_progress=show_progress,
+        trust_gate=False,
+    )
+    overall = result.summary[result.summary["condition"] == "all"].set_index("selector")["auroc"]
+    auroc = {name: float(overall[name]) for name in FALLBACK_CANDIDATES} | {KEEP_LEARNED: float(overall[plugin])}
+    fallback = max(auroc, key=auroc.get)
+    chosen = {key: value for key, value in payload.items() if key != "path"}
+    chosen["trust_gate"] = {**payload["trust_gate"], "fallback": fallback}
+    chosen["fallback_validation"] = {
+        "store": str(shifted.path),
+        "conditions": list(conditions),
+        "negative": negative,
+        "episodes": episodes,
+        "auroc": auroc,
+        "chosen": fallback,
+    }
+    path = Path(run_dir) / BEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(chosen, path)
+    notify(
+        f"trust gate fallback on {Path(shifted.path).name} ({', '.join(conditions)}): mean query AUROC "
+        + ", ".join(f"{name} {value:.3f}" for name, value in auroc.items())
+        + f"; falls back to {fallback}"
+        + (" (the learned selector keeps picking)" if fallback == KEEP_LEARNED else "")
+    )
+    return FallbackChoice(checkpoint=path, fallback=fallback, auroc=auroc)
 
 
 def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
