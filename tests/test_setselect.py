@@ -177,6 +177,9 @@ def test_adaptation_without_labels(trained, tmp_path):
     assert adapted.config.k == 6 and adapted.config.val_conditions == ["cluster 1", "cluster 2"]
     assert adapted.config.conditions and "cluster 1" not in adapted.config.conditions
     assert adapted.trust_gate.check(site.embeddings[:100], seed=0).fired is False, "calibrated on the site"
+    shipped, kept = load_checkpoint(checkpoint)["state_dict"], load_checkpoint(tmp_path / "selector.pt")["state_dict"]
+    unchanged = all(torch.equal(kept[key], value) for key, value in shipped.items())
+    assert unchanged == (result.best_step == 0), "the shipped weights stay unless adapted ones validate better"
     with pytest.raises(InputError, match="at least 4 clusters"):
         adapt_selector(checkpoint, site, tmp_path / "few", clusters=2, show_progress=False)
 
@@ -280,3 +283,17 @@ def test_choose_fallback_needs_conditions_and_excludes_adapt(trained, demo_store
     both = cli(*base, "--adapt", checkpoint, "--conditions", "Edema", "--out", tmp_path / "b")
     assert both.exit_code == 2 and "one at a time" in both.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("read_embedding", [True, False])
+def test_a_large_pool_runs_chunk_by_chunk_with_the_same_picks(read_embedding):
+    """Pools above CHUNK_ROWS run forward_in_chunks (statistics first, then chunk by chunk, an online softmax in the
+    attention summaries): forward's picks, and its scores up to float rounding."""
+    torch.manual_seed(0)
+    policy = SetPolicy(12, hidden=16, metadata=2, read_embedding=read_embedding).eval()
+    pool = torch.randn(1, 300, 14) * torch.rand(1, 300, 1) * 3 + 0.5
+    with torch.no_grad():
+        scores, picks = policy(pool, torch.tensor(25))
+        chunked_scores, chunked_picks = policy.forward_in_chunks(pool[0], 25, chunk=37)
+    assert chunked_picks.tolist() == picks[0].tolist()
+    assert torch.allclose(chunked_scores, scores[0], atol=1e-4, rtol=1e-4)

@@ -28,7 +28,7 @@ from torch import nn
 from xsel.errors import InputError
 from xsel.selectors import METADATA_FEATURES, PoolFeatures
 from xsel.train.checkpoints import gate_from_payload, read_checkpoint, save_torch_atomic
-from xsel.train.setselect import SetPolicy
+from xsel.train.setselect import LARGE_POOL_ROWS, SetPolicy
 
 CHECKPOINT_FORMAT = 1
 
@@ -260,5 +260,9 @@ class SetSelector(_LearnedSelector):
     def select_with_scores(self, embeddings, k, *, seed, metadata=None):
         """K sequential picks and each row's logit (at its pick, or at the last step) from one run of the policy."""
         with torch.no_grad():  # not inference_mode: TorchScript export reuses this module
-            scores, picks = self.network(self._inputs(embeddings, metadata), torch.tensor(k))
+            inputs = self._inputs(embeddings, metadata)
+            if inputs.shape[1] > LARGE_POOL_ROWS:
+                scores, picks = self.network.forward_in_chunks(inputs[0], k)
+                return picks.numpy(), scores.numpy()
+            scores, picks = self.network(inputs, torch.tensor(k))
         return picks[0].numpy(), scores[0].numpy()

@@ -291,6 +291,13 @@ def train_selector(
     else:
         training.gate = _trust_gate(training)
     random_val = _mean_val(training, None)
+    if saved is None and initial_weights is not None:  # the weights it starts from are the first candidate
+        state.best_val = _mean_val(training, training.scorer)
+        _save(training, BEST, {"step": 0, "val_auroc": state.best_val, "val_random_auroc": random_val})
+        notify(
+            f"the starting weights validate at {state.best_val:.3f} (random picks {random_val:.3f}); trained "
+            "weights replace them only where they validate better"
+        )
     started = time.perf_counter()  # --max-minutes budgets this invocation; state.seconds carries the run's total
     stopped_by = "episodes"
     with progress_bar("Training", total=training.total_steps, unit="steps", show=show_progress) as advance:
@@ -305,7 +312,7 @@ def train_selector(
                 row |= _validate_and_save(training, state, random_val, started)
             _append_metrics(run_dir / METRICS, row, config.val_conditions)
             advance(1)
-    if state.best_step == 0:  # stopped before the first validation: a checkpoint is always written
+    if state.best_step == 0 and not (run_dir / BEST).exists():  # stopped before the first validation
         state.best_val = _mean_val(training, training.scorer)
         state.best_step = state.step
         _save(training, BEST, {"step": state.step, "val_auroc": state.best_val, "val_random_auroc": random_val})
@@ -343,7 +350,9 @@ def adapt_selector(
     pseudo-condition (its images positive, every other image negative), the two largest clusters validate and the
     others with enough images for episodes train. Label columns the store may have are dropped first. The run
     starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model), and its trust gate is
-    recalibrated on the site's images, so it stays quiet there. Files as :func:`train_selector` writes them."""
+    recalibrated on the site's images, so it stays quiet there. The shipped weights are validated first and stay
+    ``selector.pt`` unless adapted weights validate better on the pseudo-tasks (``best_step`` 0: adaptation did not
+    help). Files as :func:`train_selector` writes them."""
     payload, trained = load_selector_checkpoint(checkpoint)
     site = unlabeled if isinstance(unlabeled, Store) else read_store(unlabeled)
     if site.encoder_identity != payload["encoder_identity"]:
