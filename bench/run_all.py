@@ -305,8 +305,9 @@ def million_section(args, lines: list[str]) -> None:
         "## 14. Selecting from a million images (`bench/bench_million.py`)",
         "",
         "512-d seeded mixture embeddings, one image per patient; `xsel.selection.select` in a fresh process per "
-        "measurement: seconds of the selection (store read excluded), peak resident memory of the whole process "
-        "(libraries included; torch alone is ~0.5 GiB) and its ratio to the embeddings' size. `random --exclude`: "
+        "measurement, as the CLI runs it: seconds of the selection (store read included), peak resident memory of "
+        "the whole process (libraries included; torch alone is ~0.5 GiB) and its ratio to the embeddings' size. "
+        "`random --exclude`: "
         "1,000 labelled images excluded from a store where every tenth patient has a second image.",
         "",
         *bench_million.markdown(results),

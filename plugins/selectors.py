@@ -80,8 +80,8 @@ class KCenterSelector:
 
     Exact greedy with lazy updates: a row's distance to its nearest pick only shrinks, so a stale value is an upper
     bound; each step refreshes, against the picks made since, only the rows whose bound could still be the largest
-    (a max-heap, ``REFRESH_BATCH`` rows at a time). One pass over the pool to start, then a small share of it per
-    pick instead of a whole pass. No transformed copy of the pool (:class:`~xsel.geometry.PoolDistances`)."""
+    (a max-heap, ``REFRESH_BATCH`` rows at a time). A few passes over the pool to start, then a small share of it
+    per pick instead of a whole pass. No transformed copy of the pool (:class:`~xsel.geometry.PoolDistances`)."""
 
     uses_labels = False
 
@@ -98,24 +98,26 @@ class KCenterSelector:
         k = min(k, len(pool))
         if k == 0:
             return np.zeros(0, dtype=np.int64), []
-        first = int(np.argmin(pool.to(pool.centre())[:, 0]))
-        centres = np.empty((k, embeddings.shape[1]), dtype=np.float32)
+        first = int(np.argmin(pool.squared_to(pool.centre())[:, 0]))
+        centres = np.empty((k, pool.rows.shape[1]), dtype=np.float32)
         centres[0] = pool.points(first)[0]
-        nearest = pool.to(centres[:1])[:, 0]  # squared distance to the nearest pick, exact up to `counted` picks
-        counted = np.ones(len(pool), dtype=np.int64)
+        nearest = pool.squared_to(centres[:1])[:, 0]  # squared distance to the nearest pick, exact up to picks_seen
+        if not np.isfinite(nearest).all():  # NaN never compares: the heap below would never settle
+            raise InputError("kcenter: the embeddings hold NaN or infinite values; re-embed them")
+        picks_seen = np.ones(len(pool), dtype=np.int64)
         heap = [(-distance, row) for row, distance in enumerate(nearest.tolist()) if row != first]
         heapq.heapify(heap)  # largest bound first; ties: the lowest row, as argmax breaks them
         picks, reasons = [first], ["nearest the centre of the pool"]
         while len(picks) < k:
             # the rows with the largest bounds, brought up to date together against the picks each has not seen
             batch = np.asarray([heapq.heappop(heap)[1] for _ in range(min(REFRESH_BATCH, len(heap)))])
-            stale = batch[counted[batch] < len(picks)]
+            stale = batch[picks_seen[batch] < len(picks)]
             if len(stale):
-                since = int(counted[stale].min())
-                squared = pool.to(centres[since : len(picks)], stale)
-                squared[np.arange(since, len(picks))[None, :] < counted[stale][:, None]] = np.inf  # seen already
+                since = int(picks_seen[stale].min())
+                squared = pool.squared_to(centres[since : len(picks)], stale)
+                squared[np.arange(since, len(picks))[None, :] < picks_seen[stale][:, None]] = np.inf  # seen already
                 nearest[stale] = np.minimum(nearest[stale], squared.min(axis=1))
-                counted[stale] = len(picks)
+                picks_seen[stale] = len(picks)
             entries = sorted(zip((-nearest[batch]).tolist(), batch.tolist(), strict=True))
             if not heap or entries[0] <= heap[0]:  # exact and at least every bound left: the farthest row
                 _, row = entries.pop(0)

@@ -94,7 +94,7 @@ def toy_config(**changes) -> SelectorConfig:
     return SelectorConfig(**(settings | changes))
 
 
-def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path):
+def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path, monkeypatch):
     store = toy_store()
     result = train_selector(store, tmp_path, toy_config(), show_progress=False)
     assert result.best_val_auroc > result.random_val_auroc + 0.02
@@ -102,6 +102,11 @@ def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path):
     picks = selector.select(store.embeddings[:100], 6, seed=0)
     flagged = store.embeddings[:100, 0] > 1.5
     assert flagged[picks].mean() >= 0.5 > flagged.mean(), "the learned selector prefers the flagged positives"
+    import xsel.train.medselect as medselect
+
+    whole = selector.scores(store.embeddings[:100])
+    monkeypatch.setattr(medselect, "SCORE_CHUNK", 30)  # a "long" pool: scored chunk by chunk, the same scores
+    assert np.allclose(selector.scores(store.embeddings[:100]), whole, atol=1e-5)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert {"step", "reward", "baseline", "val_auroc", "val_auroc_B"} <= set(metrics.columns)
 

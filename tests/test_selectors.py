@@ -117,10 +117,36 @@ def test_kcenter_is_the_exact_greedy_k_center(geometry):
         nearest = np.minimum(nearest, ((rows - rows[row]) ** 2).sum(axis=1))
 
 
-@pytest.mark.parametrize("name", ["kcenter", "kcenter:cosine", "random"])
+@pytest.mark.parametrize("refresh", [1, 7, 512])
+def test_kcenter_ties_and_lazy_refreshes_match_the_brute_force_greedy(monkeypatch, refresh):
+    """Integer grid points: every distance exact in float32, ties everywhere. Whatever the refresh batch, the picks
+    are the brute-force greedy's exactly (farthest from the picks so far, ties to the lowest row)."""
+    from xsel_plugins import selectors
+
+    monkeypatch.setattr(selectors, "REFRESH_BATCH", refresh)
+    grid = np.stack(np.meshgrid(np.arange(-4, 5), np.arange(-3, 4), np.arange(-1, 2)), axis=-1).reshape(-1, 3)
+    points = np.concatenate([grid, grid[::-1]]).astype(np.float32)  # each point twice; the mean is exactly 0
+    rows = points.astype(np.float64)
+    expected = [int(np.argmin((rows**2).sum(axis=1)))]
+    nearest = ((rows - rows[expected[0]]) ** 2).sum(axis=1)
+    for _ in range(39):
+        nearest[expected] = -1.0
+        expected.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, ((rows - rows[expected[-1]]) ** 2).sum(axis=1))
+    assert pick("kcenter:euclidean", points, 40).tolist() == expected
+
+
+def test_kcenter_refuses_non_finite_embeddings():
+    points = np.random.default_rng(0).normal(size=(600, 4)).astype(np.float32)
+    points[17, 2] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        pick("kcenter", points, 5)
+
+
+@pytest.mark.parametrize("name", ["kcenter", "kcenter:cosine"])
 def test_a_pool_read_whole_is_not_copied(name):
-    """What a selector that reads every row allocates beside the pool stays well under the pool's own size (a
-    million 512-d rows are 2 GB): no normalised or centred copy. The others work on samples (tested below)."""
+    """What kcenter allocates beside the pool stays well under the pool's own size (a million 512-d rows are 2 GB):
+    no normalised or centred copy. The clustering heuristics work on samples (typiclust's is tested below)."""
     import tracemalloc
 
     embeddings = np.random.default_rng(0).normal(size=(60_000, 256)).astype(np.float32)

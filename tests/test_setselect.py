@@ -182,6 +182,11 @@ def test_adaptation_without_labels(trained, tmp_path):
     assert unchanged == (result.best_step == 0), "the shipped weights stay unless adapted ones validate better"
     with pytest.raises(InputError, match="at least 4 clusters"):
         adapt_selector(checkpoint, site, tmp_path / "few", clusters=2, show_progress=False)
+    kept = adapt_selector(checkpoint, site, tmp_path / "kept", clusters=4, max_minutes=0, show_progress=False)
+    assert kept.steps == 0 and kept.best_step == 0, "no adapted weights validated: the shipped ones stay"
+    assert all(
+        torch.equal(load_checkpoint(kept.run_dir / "selector.pt")["state_dict"][k], v) for k, v in shipped.items()
+    )
 
 
 @pytest.mark.slow
@@ -283,6 +288,17 @@ def test_choose_fallback_needs_conditions_and_excludes_adapt(trained, demo_store
     both = cli(*base, "--adapt", checkpoint, "--conditions", "Edema", "--out", tmp_path / "b")
     assert both.exit_code == 2 and "one at a time" in both.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_selector_runs_a_large_pool_chunk_by_chunk_with_the_same_picks(trained, monkeypatch):
+    import xsel.train.medselect as medselect
+
+    store, checkpoint = trained
+    selector = SetSelector(checkpoint)
+    whole = selector.select_with_scores(store.embeddings[:200], 8, seed=0)
+    monkeypatch.setattr(medselect, "LARGE_POOL_ROWS", 50)
+    chunked = selector.select_with_scores(store.embeddings[:200], 8, seed=0)
+    assert chunked[0].tolist() == whole[0].tolist() and np.allclose(chunked[1], whole[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("read_embedding", [True, False])

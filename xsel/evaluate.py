@@ -110,8 +110,8 @@ def evaluate(
     """Run ``episodes`` episodes per condition for every selector and K; ``random`` is always included.
 
     ``trust_gate``: a selector carrying a trust gate (:mod:`xsel.trust`) hands each pool unlike its training pools to
-    its fallback heuristic, as ``xsel select`` would; its rows get ``fell_back`` and ``trust_statistic`` columns and a
-    warning counts the fallbacks per condition.
+    its fallback heuristic, as ``xsel select`` would; its rows get ``fell_back``, ``trust_fired`` and
+    ``trust_statistic`` columns and a warning counts the fallbacks per condition.
 
     ``protocol="archive"``: ``episodes`` archive episodes in all, scored over ``conditions`` (default:
     every label column with 2 positives and 2 negatives); ``negative`` does not apply. Selectors that use labels
@@ -191,9 +191,18 @@ def evaluate(
 
 def _gated(selector, name: str, pool_embeddings: np.ndarray, seed: int, trust_gate: bool):
     """The selector that picks this episode (its trust gate's fallback when the pool is unlike its training pools),
-    its name, and the columns its rows get: ``fell_back`` and ``trust_statistic`` when a gate was checked."""
+    its name, and the columns its rows get when a gate was checked: ``fell_back``, ``trust_fired``,
+    ``trust_statistic``."""
     runner, run_name, verdict = gated(selector, name, pool_embeddings, seed=seed, use_gate=trust_gate)
-    columns = {} if verdict is None else {"fell_back": verdict.fell_back, "trust_statistic": verdict.statistic}
+    columns = (
+        {}
+        if verdict is None
+        else {
+            "fell_back": verdict.fell_back,
+            "trust_fired": verdict.fired,
+            "trust_statistic": verdict.statistic,
+        }
+    )
     return runner, run_name, columns
 
 
@@ -203,12 +212,11 @@ def _fallback_counts(table: pd.DataFrame, instances: dict) -> dict:
     if "fell_back" not in table.columns:
         return {}
     counts = {}
-    for name, instance in instances.items():
+    for name in instances:
         mine = table[(table["selector"] == name) & table["fell_back"].notna()].drop_duplicates(["condition", "episode"])
-        threshold = getattr(getattr(instance, "trust_gate", None), "threshold", np.inf)
         for condition, rows in mine.groupby("condition", sort=False):
             counts.setdefault(name, {})[condition] = {
-                "fired": int((rows["trust_statistic"].astype(float) > threshold).sum()),
+                "fired": int(rows["trust_fired"].astype(bool).sum()),
                 "fell_back": int(rows["fell_back"].astype(bool).sum()),
                 "episodes": len(rows),
             }

@@ -96,26 +96,26 @@ class PoolDistances:
         )
         return (total / len(self.rows)).astype(np.float32)
 
-    def to(self, points: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+    def squared_to(self, points: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
         """(rows, m) float64 squared distances from the pool's rows (all, or ``indices``) to ``points`` given as
         :meth:`points` gives them."""
         points = np.atleast_2d(np.asarray(points, dtype=np.float32))
         if indices is None:
             return np.concatenate(
-                [self._to(block, slice(s, s + len(block)), points) for s, block in row_blocks(self.rows)]
+                [self._squared_to(block, slice(s, s + len(block)), points) for s, block in row_blocks(self.rows)]
                 or [np.zeros((0, len(points)))]
             )
         indices = np.asarray(indices, dtype=np.int64)
-        return self._to(self.rows[indices], indices, points)
+        return self._squared_to(self.rows[indices], indices, points)
 
-    def _to(self, block: np.ndarray, where, points: np.ndarray) -> np.ndarray:
-        products = (block @ points.T).astype(np.float64)
+    def _squared_to(self, block: np.ndarray, where, points: np.ndarray) -> np.ndarray:
         if self.geometry == "cosine":
+            products = (block @ points.T).astype(np.float64)
             return np.maximum(2.0 - 2.0 * products * self.per_row[where, None], 0.0)
-        # ‖(x − m) − p‖² = ‖x − m‖² + ‖p‖² − 2·(x·p − m·p): the raw rows, centred algebraically
-        offsets = self.mean @ points.T.astype(np.float64)
+        # ‖(x − m) − p‖² = ‖x − m‖² + ‖p‖² − 2·(x − m)·p, the block centred (at most BLOCK_BYTES, or a gathered copy)
+        products = ((block - self.mean.astype(np.float32)) @ points.T).astype(np.float64)
         squared = np.einsum("ij,ij->i", points, points, dtype=np.float64)
-        return np.maximum(self.per_row[where, None] + squared[None, :] - 2.0 * (products - offsets[None, :]), 0.0)
+        return np.maximum(self.per_row[where, None] + squared[None, :] - 2.0 * products, 0.0)
 
 
 def squared_distances(a: np.ndarray, b: np.ndarray, geometry: str = "cosine") -> np.ndarray:

@@ -44,7 +44,9 @@ class Selection:
     pool_size: int
     warnings: list[str] = field(default_factory=list)
     record: dict = field(default_factory=dict)
-    pool: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # store rows selected from
+    # the rows of ``store`` selected from; when select read the file itself, ``store`` holds the pool's rows only
+    # (cut down in place, see _only_the_pool), so index it, not a fresh read of the file, with ``pool``
+    pool: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     store: Store | None = None
 
 
@@ -197,6 +199,8 @@ def _only_the_pool(store: Store, rows: np.ndarray) -> Store:
     512-d rows are 2 GB). Only for a store ``select`` read itself: a caller's Store is never modified."""
     if len(rows) == len(store):
         return store
+    if np.any(np.diff(rows) <= 0):
+        raise ValueError("_only_the_pool needs ascending store rows")  # the in-place move relies on it
     embeddings = store.embeddings
     for start in range(0, len(rows), ROW_CHUNK):  # rows[i] ≥ i: no row is overwritten before it is moved
         block = rows[start : start + ROW_CHUNK]

@@ -148,8 +148,10 @@ def check_identity(selector, name: str, store: Store) -> None:
 def gated(selector, name: str, embeddings: np.ndarray, *, seed: int, use_gate: bool = True):
     """The selector to run on this pool: ``(selector, name, verdict)``. A selector carrying a ``trust_gate``
     (:class:`xsel.trust.TrustGate`) has it judge the pool first; when the pool lies beyond what the selector was
-    trained on, the gate's fallback heuristic picks instead. ``verdict`` is None when no gate was checked (none, or
-    ``use_gate=False``). One place for ``select``, ``evaluate`` and the site, so all three fall back alike."""
+    trained on, the gate's fallback heuristic picks instead — unless the fallback is ``learned`` (chosen on another
+    hospital, where the selector beat every heuristic): then the verdict records the unfamiliar pool and the
+    selector keeps picking. ``verdict`` is None when no gate was checked (none, or ``use_gate=False``). One place
+    for ``select``, ``evaluate`` and the site, so all three fall back alike."""
     gate = getattr(selector, "trust_gate", None)
     if gate is None or not use_gate:
         return selector, name, None

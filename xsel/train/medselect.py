@@ -133,7 +133,8 @@ class MedSelectScorer(nn.Module):
 
     def _one_direction(self, direction: int) -> nn.LSTM:
         """A one-way LSTM holding the forward (0) or backward (1) weights of ``self.lstm``."""
-        lstm = nn.LSTM(self.input_dim, self.lstm.hidden_size, batch_first=True)
+        with torch.random.fork_rng(devices=[]):  # its random initialisation must not move torch's global generator
+            lstm = nn.LSTM(self.input_dim, self.lstm.hidden_size, batch_first=True)
         suffix = "_reverse" if direction else ""
         lstm.load_state_dict({name: getattr(self.lstm, f"{name}{suffix}") for name, _ in lstm.named_parameters()})
         return lstm
@@ -239,7 +240,7 @@ class MedSelectSelector(_LearnedSelector):
         with torch.inference_mode():
             inputs = self._inputs(embeddings, metadata)
             if inputs.shape[1] > SCORE_CHUNK:
-                return self.network.forward_in_chunks(inputs[0]).numpy()
+                return self.network.forward_in_chunks(inputs[0], SCORE_CHUNK).numpy()
             return self.network(inputs)[0].numpy()
 
     def select_with_scores(self, embeddings, k, *, seed, metadata=None):

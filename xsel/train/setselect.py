@@ -275,11 +275,11 @@ class SetPolicy(nn.Module):
         geometry = torch.stack([-inverse.log(), centrality, spread, share, typicality, similarity.amax(dim=-1)], -1)
         del similarity
         features = torch.cat([_standardise(geometry[None])[0], pool[:, d:]], dim=-1)
-        projected_mean = nn.functional.linear(unit_mean, self.embedding.weight)
 
-        def context_of(s: int, e: int) -> torch.Tensor:
+        def context_of(s: int, e: int) -> torch.Tensor:  # encode()'s context, chunk by chunk (parity test: chunked)
             context = self.tokens(features[s:e])
-            if self.read_embedding:
+            if self.read_embedding:  # the projection's pool mean is the projection of the mean unit row
+                projected_mean = nn.functional.linear(unit_mean, self.embedding.weight)
                 projected = nn.functional.linear(raw[s:e], self.embedding.weight) * inverse[s:e, None]
                 context = context + (projected - projected_mean) * math.sqrt(d) + self.embedding.bias
             return context

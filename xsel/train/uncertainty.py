@@ -86,7 +86,7 @@ class _ModelSelector:
         buffer = np.empty((min(MODEL_BATCH, len(embeddings)), embeddings.shape[1]))
         with torch.no_grad():
             for start in range(0, len(embeddings), MODEL_BATCH):
-                rows = len(embeddings[start : start + MODEL_BATCH])
+                rows = min(MODEL_BATCH, len(embeddings) - start)
                 buffer[:rows] = embeddings[start : start + rows]
                 logits[start : start + rows] = head(torch.from_numpy(buffer[:rows]))[:, self.columns].numpy()
         return logits
@@ -186,7 +186,7 @@ class BoostMISSelector(_ModelSelector):
         buffer = np.empty((min(MODEL_BATCH, len(embeddings)), embeddings.shape[1]))  # reused: see logits()
         noise = np.empty_like(buffer)
         for start in range(0, len(embeddings), MODEL_BATCH):
-            rows = len(embeddings[start : start + MODEL_BATCH])
+            rows = min(MODEL_BATCH, len(embeddings) - start)
             buffer[:rows] = embeddings[start : start + rows]
             rng.standard_normal(out=noise[:rows])
             x, d = torch.from_numpy(buffer[:rows]), torch.from_numpy(noise[:rows])
@@ -214,7 +214,7 @@ class BoostMISSelector(_ModelSelector):
         mean_distance = np.empty(n)
         for start in range(0, n, 1024):
             block = np.arange(start, min(start + 1024, n))
-            squared = pool.to(targets, block)
+            squared = pool.squared_to(targets, block)
             rows, columns = np.nonzero(reference[None, :] == block[:, None])
             squared[rows, columns] = np.inf  # a row is not its own neighbour
             nearest = np.partition(squared, neighbours - 1, axis=1)[:, :neighbours]
