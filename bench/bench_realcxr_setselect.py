@@ -204,14 +204,8 @@ def main() -> None:
             if not (run_dir / "selector.pt").exists():
                 adapt_selector(learned["setselect"], stores[group], run_dir, max_minutes=args.adapt_minutes)
             for variant, gate in (("adapted", True), ("adapted raw", False)):
-                result = evaluate(
-                    stores[group],
-                    conditions,
-                    selectors=[f"setselect={run_dir / 'selector.pt'}"],
-                    negative=negative,
-                    trust_gate=gate,
-                    show_progress=False,
-                    **common,
+                result = one_set_selector(
+                    stores[group], conditions, run_dir, common, negative=negative, trust_gate=gate
                 )
                 report += rows(result, group, variant)
             save(args, learned, timings, report)
@@ -220,6 +214,12 @@ def main() -> None:
     if args.mixed:
         trained_on_every_source(args, store, test_patient, learned, common, report, timings)
     print_tables(report)
+
+
+def one_set_selector(test, conditions, run_dir: Path, common: dict, **options):
+    """The set selector of ``run_dir`` (and random, always included) on a test store."""
+    selectors = [f"setselect={run_dir / 'selector.pt'}"]
+    return evaluate(test, conditions, selectors=selectors, show_progress=False, **common, **options)
 
 
 def trained_on_every_source(args, store, test_patient, learned, common, report, timings) -> None:
@@ -239,15 +239,7 @@ def trained_on_every_source(args, store, test_patient, learned, common, report, 
             continue
         test = subset(store, source.isin(sources).to_numpy() & test_patient)
         for variant, gate in (("every source", True), ("every source raw", False)):
-            result = evaluate(
-                test,
-                None,
-                selectors=[f"setselect={run_dir / 'selector.pt'}"],
-                protocol="archive",
-                trust_gate=gate,
-                show_progress=False,
-                **common,
-            )
+            result = one_set_selector(test, None, run_dir, common, protocol="archive", trust_gate=gate)
             report += rows(result, group, variant)
         save(args, learned, timings, report)
 
@@ -278,14 +270,7 @@ def fallback_chosen_away(args, store, test_patient, learned, stores, common, rep
             )
             print(f"{group}: fallback chosen on {other}: {choice.fallback} {choice.auroc}", flush=True)
         _, conditions, negative = GROUPS[group]
-        result = evaluate(
-            stores[group],
-            conditions,
-            selectors=[f"setselect={run_dir / 'selector.pt'}"],
-            negative=negative,
-            show_progress=False,
-            **common,
-        )
+        result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative)
         report += rows(result, group, variant)
         save(args, learned, timings, report)
 

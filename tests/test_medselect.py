@@ -105,7 +105,7 @@ def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path, monkeypatch):
     import xsel.train.medselect as medselect
 
     whole = selector.scores(store.embeddings[:100])
-    monkeypatch.setattr(medselect, "SCORE_CHUNK", 30)  # a "long" pool: scored chunk by chunk, the same scores
+    monkeypatch.setattr(medselect, "LARGE_POOL_ROWS", 30)  # a "long" pool: scored chunk by chunk, the same scores
     assert np.allclose(selector.scores(store.embeddings[:100]), whole, atol=1e-5)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert {"step", "reward", "baseline", "val_auroc", "val_auroc_B"} <= set(metrics.columns)
@@ -251,7 +251,7 @@ def test_bad_input(demo_store, tmp_path, cli):
 
 @pytest.mark.parametrize("use_metadata", [False, True])
 def test_a_long_pool_is_scored_chunk_by_chunk_with_the_same_numbers(use_metadata):
-    """Pools above SCORE_CHUNK rows run each LSTM direction chunk by chunk, carrying its state: forward's scores."""
+    """Pools above LARGE_POOL_ROWS rows run each LSTM direction chunk by chunk, carrying its state: forward's scores."""
     torch.manual_seed(0)
     scorer = MedSelectScorer(16, hidden=8, use_metadata=use_metadata).eval()
     pool = torch.randn(1, 53, scorer.input_dim)

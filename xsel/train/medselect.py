@@ -65,7 +65,6 @@ class SelectorConfig:
     extra: dict = field(default_factory=dict)
 
 
-SCORE_CHUNK = 50_000  # MedSelect scores pools longer than this chunk by chunk (MedSelectScorer.forward_in_chunks)
 MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 3e-4}}
 
 
@@ -107,7 +106,7 @@ class MedSelectScorer(nn.Module):
         embeddings = pool[..., : self.embedding_dim]
         return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12) * math.sqrt(self.embedding_dim)
 
-    def forward_in_chunks(self, pool: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+    def forward_in_chunks(self, pool: torch.Tensor, chunk: int) -> torch.Tensor:
         """:meth:`forward` of one long pool ``(N, D′)`` → ``(N,)``, ``chunk`` rows at a time: each direction of the
         LSTM carries its state from chunk to chunk, so the numbers are forward's, without its (N, 8·hidden) gate
         buffers and feature copies (a million-image pool needs tens of GB in one piece)."""
@@ -186,8 +185,7 @@ def load_selector_checkpoint(path: str | Path, *, model: str | None = None) -> t
 
 def learned_plugin(checkpoint: str | Path) -> str:
     """The selector plugin that runs a checkpoint of ``xsel train selector``: medselect (LSTM) or setselect."""
-    model = load_checkpoint(checkpoint)["config"].get("model", "lstm")
-    return {"lstm": "medselect", "set": "setselect"}.get(model, "medselect")
+    return PLUGINS.get(load_checkpoint(checkpoint)["config"].get("model", "lstm"), "medselect")
 
 
 class _LearnedSelector:
@@ -239,8 +237,8 @@ class MedSelectSelector(_LearnedSelector):
         """One score per pool row (rows in the order given: xsel passes store order)."""
         with torch.inference_mode():
             inputs = self._inputs(embeddings, metadata)
-            if inputs.shape[1] > SCORE_CHUNK:
-                return self.network.forward_in_chunks(inputs[0], SCORE_CHUNK).numpy()
+            if inputs.shape[1] > LARGE_POOL_ROWS:  # chunk by chunk, each LSTM direction carrying its state
+                return self.network.forward_in_chunks(inputs[0], LARGE_POOL_ROWS).numpy()
             return self.network(inputs)[0].numpy()
 
     def select_with_scores(self, embeddings, k, *, seed, metadata=None):
@@ -267,3 +265,6 @@ class SetSelector(_LearnedSelector):
                 return picks.numpy(), scores.numpy()
             scores, picks = self.network(inputs, torch.tensor(k))
         return picks[0].numpy(), scores[0].numpy()
+
+
+PLUGINS = {selector.model: selector.plugin for selector in (MedSelectSelector, SetSelector)}  # plugin of each model

@@ -29,6 +29,7 @@ from scipy.stats import rankdata
 from xsel import plugins
 from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask
 from xsel.errors import InputError
+from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
 from xsel.io.table import file_sha256
@@ -39,9 +40,9 @@ from xsel.selectors import create_selector
 from xsel.store import Store, check_finite, read_store
 from xsel.train.checkpoints import gate_payload, save_torch_atomic
 from xsel.train.medselect import (
+    PLUGINS,
     SelectorConfig,
     build_policy,
-    learned_plugin,
     load_checkpoint,
     load_selector_checkpoint,
     pool_features,
@@ -416,12 +417,10 @@ def choose_fallback(
     heuristic: the gate still reports an unfamiliar pool, and the selector keeps picking. Writes
     ``RUN_DIR/selector.pt``: the same weights and gate threshold, the new fallback, and ``fallback_validation``
     (store, conditions, every candidate's AUROC)."""
-    from xsel.evaluate import evaluate
-
     payload, config = load_selector_checkpoint(checkpoint)
     if payload.get("trust_gate") is None:
         raise InputError(f"{payload['path']} carries no trust gate (trained before xsel had one); retrain it")
-    plugin = learned_plugin(payload["path"])
+    plugin = PLUGINS[config.model]
     shifted = shifted if isinstance(shifted, Store) else read_store(shifted)
     result = evaluate(
         shifted,

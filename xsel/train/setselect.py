@@ -33,7 +33,7 @@ ANCHORS = 32  # farthest-point anchors of the soft clustering
 TEMPERATURE = 0.05  # of the soft assignment to anchors (cosine / temperature)
 GEOMETRY_FEATURES = 6
 STEP_FEATURES = 3  # k-center gain, cluster already picked, share of K picked
-LARGE_POOL_ROWS = 50_000  # the workstation runs larger pools chunk by chunk (SetPolicy.forward_in_chunks)
+LARGE_POOL_ROWS = 50_000  # the workstation runs larger pools chunk by chunk (both learned selectors' forward_in_chunks)
 CHUNK_ROWS = 16_384  # rows per chunk there: measured faster than larger chunks at 10⁶ rows (the cache)
 
 
