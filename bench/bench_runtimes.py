@@ -4,9 +4,11 @@ multiply-add = 2), as ``run_all.py`` computes it for resnet18.
 
 Each path runs through the library call ``xsel.embed.embed`` on the same images, the exported encoder's cache
 already filled (the export is paid once per encoder, not per run). ``auto``, the default, is the onnxruntime row
-wherever onnxruntime is installed.
+wherever onnxruntime is installed. Beside it, ``forward only``: the same path's forward pass alone on the images
+decoded beforehand (batches of 32), so the table shows what the encoder itself reaches and what decoding costs on
+top of it on this machine's cores.
 
-    python bench/bench_runtimes.py [--images 64] [--repeats 1] [--encoders resnet18,pixels]
+    python bench/bench_runtimes.py [--images 256] [--repeats 1] [--encoders resnet18,pixels]
 """
 
 from __future__ import annotations
@@ -37,8 +39,42 @@ def gflops_per_image(model) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def forward_rate(encoder: str, runtime: str, precision: str, csv: Path, repeats: int) -> float:
+    """Images/s of the path's forward pass alone on decoded batches of 32 (median of ``repeats`` passes)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from xsel.encoders import create_encoder, model_identity
+    from xsel.io.images import load_image
+    from xsel.io.table import read_image_table
+    from xsel.train.inference import local_forward
+    from xsel.train.runtime import autocast_dtype
+
+    model = create_encoder(encoder, "none")
+    device = torch.device("cpu")
+    amp_dtype = autocast_dtype(precision, device)
+    forward, _ = local_forward(
+        model, model_identity(encoder, model), runtime, requested=runtime, device=device, amp_dtype=amp_dtype
+    )
+    images = np.stack(
+        [load_image(path, model.preprocessing) for path in read_image_table(csv, show_progress=False).files]
+    )
+    batches = [torch.from_numpy(images[start : start + 32]) for start in range(0, len(images), 32)]
+    forward(batches[0])  # warm-up: first-call allocations and kernel choices
+    rates = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for batch in batches:
+            forward(batch)
+        rates.append(len(images) / (time.perf_counter() - began))
+    return statistics.median(rates)
+
+
 def runtime_rows(csv: Path, folder: Path, encoders, repeats: int, matmul: dict[str, float]) -> list[dict]:
-    """One row per encoder × path: images/s (median of ``repeats``) and its share of the FLOP-bound rate."""
+    """One row per encoder × path: images/s of ``xsel embed`` and of the forward pass alone (median of
+    ``repeats``), and their shares of the FLOP-bound rate."""
     from xsel import plugins
     from xsel.embed import embed
     from xsel.encoders import create_encoder
@@ -67,28 +103,43 @@ def runtime_rows(csv: Path, folder: Path, encoders, repeats: int, matmul: dict[s
                 )
                 speeds.append(result.images_per_second)
             speed = statistics.median(speeds[-repeats:])
+            forward = forward_rate(encoder, runtime, precision, csv, repeats)
             limit = matmul[bound] / gflops if gflops > 0.01 else None  # pixels does next to no arithmetic
-            rows.append({"encoder": encoder, "path": label, "gflops": gflops, "images_per_s": speed, "limit": limit})
-            print(f"{encoder:20s} {label:11s} {speed:8.1f} images/s", flush=True)
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "path": label,
+                    "gflops": gflops,
+                    "images_per_s": speed,
+                    "forward_images_per_s": forward,
+                    "limit": limit,
+                }
+            )
+            print(f"{encoder:20s} {label:11s} {speed:8.1f} images/s, forward only {forward:8.1f}", flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> list[str]:
     lines = [
-        "| encoder | GFLOPs/image | path | images/s | share of FLOP-bound rate |",
-        "|---|---|---|---|---|",
+        "| encoder | GFLOPs/image | path | `xsel embed` images/s | share of FLOP-bound rate "
+        "| forward only images/s | its share |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        share = f"{row['images_per_s'] / row['limit']:.0%}" if row["limit"] else "— (decode-bound)"
+        shares = [
+            f"{row[key] / row['limit']:.0%}" if row["limit"] else "— (decode-bound)"
+            for key in ("images_per_s", "forward_images_per_s")
+        ]
         lines.append(
-            f"| {row['encoder']} | {row['gflops']:.2f} | {row['path']} | {row['images_per_s']:,.1f} | {share} |"
+            f"| {row['encoder']} | {row['gflops']:.2f} | {row['path']} | {row['images_per_s']:,.1f} | {shares[0]} "
+            f"| {row['forward_images_per_s']:,.1f} | {shares[1]} |"
         )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--encoders", default=",".join(ENCODERS))
     args = parser.parse_args()

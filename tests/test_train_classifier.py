@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from xsel.errors import InputError
+from xsel.labels import split_by_patient
 from xsel.store import write_store
 from xsel.train.classifier import (
     PSEUDO_RATIO,
@@ -23,7 +24,6 @@ from xsel.train.classifier import (
     label_matrix,
     pseudo_targets,
     sample_weights,
-    split_by_patient,
     train_classifier,
 )
 from xsel.train.head import label_weights, load_classifier, multilabel_loss

@@ -6,6 +6,8 @@ contract: :func:`condition_labels` returns float64 with 1.0, 0.0 or NaN (unknown
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pandas as pd
 
@@ -63,3 +65,23 @@ def patient_ids(meta: pd.DataFrame) -> np.ndarray | None:
         return None
     column = meta[PATIENT_COLUMN]
     return np.asarray([str(v) if present(v) else None for v in column], dtype=object)  # blank IDs: no patient
+
+
+def split_by_patient(patients: list[str | None], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of training and validation images; every patient (or image without one) is on one side.
+
+    Patients are ordered by a seeded CRC32 hash and the first ``round(fraction · patients)`` (at least one,
+    never all) go to validation, so the split is reproducible and independent of row order. Classifier and
+    selector training both hold out their validation patients with it.
+    """
+    if not 0 < fraction < 1:
+        raise InputError(f"--val-fraction {fraction}: use a number between 0 and 1, e.g. 0.2")
+    keys = [f"row:{i}" if patient is None else f"id:{patient}" for i, patient in enumerate(patients)]
+    unique = sorted(set(keys), key=lambda key: (zlib.crc32(f"{seed}:{key}".encode()), key))
+    if len(unique) < 2:
+        raise InputError("every image here belongs to one patient; a validation split needs at least two")
+    held_out = set(unique[: min(max(1, round(fraction * len(unique))), len(unique) - 1)])
+    val = np.asarray([i for i, key in enumerate(keys) if key in held_out], dtype=np.int64)
+    train = np.asarray([i for i, key in enumerate(keys) if key not in held_out], dtype=np.int64)
+    assert not {keys[i] for i in train} & {keys[i] for i in val}, "a patient is on both sides of the split"
+    return train, val

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +54,14 @@ from xsel.io.table import (
     write_csv_atomic,
     write_errors_csv,
 )
-from xsel.labels import FINDING_LABELS, UNCERTAIN_POLICIES, available_conditions, condition_labels, patient_ids
+from xsel.labels import (
+    FINDING_LABELS,
+    UNCERTAIN_POLICIES,
+    available_conditions,
+    condition_labels,
+    patient_ids,
+    split_by_patient,
+)
 from xsel.progress import notify, progress_bar
 from xsel.store import read_store
 from xsel.train.head import (
@@ -176,25 +182,6 @@ def label_matrix(frame: pd.DataFrame, labels: list[str], *, uncertain: str, sour
             raise InputError(f"{source}: label {label!r} has no positive image; a classifier cannot learn it")
         columns.append(array)
     return np.stack(columns, axis=1)
-
-
-def split_by_patient(patients: list[str | None], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of training and validation images; every patient (or image without one) is on one side.
-
-    Patients are ordered by a seeded CRC32 hash and the first ``round(fraction · patients)`` (at least one,
-    never all) go to validation, so the split is reproducible and independent of row order.
-    """
-    if not 0 < fraction < 1:
-        raise InputError(f"--val-fraction {fraction}: use a number between 0 and 1, e.g. 0.2")
-    keys = [f"row:{i}" if patient is None else f"id:{patient}" for i, patient in enumerate(patients)]
-    unique = sorted(set(keys), key=lambda key: (zlib.crc32(f"{seed}:{key}".encode()), key))
-    if len(unique) < 2:
-        raise InputError("all labelled images belong to one patient; a validation split needs at least two")
-    held_out = set(unique[: min(max(1, round(fraction * len(unique))), len(unique) - 1)])
-    val = np.asarray([i for i, key in enumerate(keys) if key in held_out], dtype=np.int64)
-    train = np.asarray([i for i, key in enumerate(keys) if key not in held_out], dtype=np.int64)
-    assert not {keys[i] for i in train} & {keys[i] for i in val}, "a patient is on both sides of the split"
-    return train, val
 
 
 def sample_weights(targets: np.ndarray) -> np.ndarray:

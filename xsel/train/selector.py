@@ -33,7 +33,7 @@ from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
 from xsel.io.table import file_sha256
-from xsel.labels import available_conditions, patient_ids
+from xsel.labels import available_conditions, patient_ids, split_by_patient
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
 from xsel.selectors import create_selector
@@ -201,11 +201,9 @@ def every_labelled_condition(store: Store, config: SelectorConfig) -> list[str]:
 
 
 def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of training and validation patients; a patient (or an image without one) is on one side only."""
+    """Rows of training and validation patients (:func:`xsel.labels.split_by_patient` over the store's rows)."""
     patients = patient_ids(store.meta)
-    keys = [f"row:{i}" if patients is None or patients[i] is None else patients[i] for i in range(len(store))]
-    held_out = np.asarray([(zlib.crc32(f"{seed}:{key}".encode()) % 10_000) < fraction * 10_000 for key in keys])
-    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    return split_by_patient([None] * len(store) if patients is None else list(patients), fraction, seed)
 
 
 @dataclass
