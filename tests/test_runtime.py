@@ -13,7 +13,7 @@ from tests.conftest import interrupt_embedding
 from xsel.embed import embed
 from xsel.errors import XselError
 from xsel.store import read_store
-from xsel.train import inference
+from xsel.train import export, inference
 from xsel.train.export import ATOL, RTOL
 
 pytest.importorskip("onnxruntime")
@@ -30,13 +30,13 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def exports(monkeypatch):
     """Counts the ONNX exports (each is an export plus its parity check)."""
-    real, calls = inference.export_encoder, []
+    real, calls = export.export_encoder, []
 
     def counted(*args, **kwargs):
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "export_encoder", counted)
+    monkeypatch.setattr(export, "export_encoder", counted)
     return calls
 
 
@@ -94,7 +94,7 @@ def test_auto_falls_back_when_the_export_fails_and_onnx_refuses(png_csv, tmp_pat
     def fails(*args, **kwargs):
         raise XselError("parity check failed for encoder batch 1")
 
-    monkeypatch.setattr(inference, "export_encoder", fails)
+    monkeypatch.setattr(export, "export_encoder", fails)
     auto = cli("embed", png_csv, "--out", tmp_path / "a.h5", "--encoder", "pixels", "-q")
     assert auto.exit_code == 0, auto.output
     assert "the ONNX encoder is not usable (parity check failed" in auto.stderr and "with torch" in auto.stdout

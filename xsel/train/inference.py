@@ -28,7 +28,6 @@ from xsel.io.atomic import write_atomic, write_text_atomic
 from xsel.io.images import decode_or_error
 from xsel.io.table import file_sha256
 from xsel.progress import notify, progress_bar
-from xsel.train.export import ATOL, OPSET, RTOL, export_encoder
 
 RUNTIMES = ("auto", "torch", "onnx")
 CACHE_MODEL, CACHE_RECORD = "encoder.onnx", "encoder.json"
@@ -129,6 +128,8 @@ def _cache_problem(folder: Path, identity: dict, device: str) -> str | None:
         return f"its record is unreadable ({type(error).__name__})"
     if not isinstance(record, dict):
         return "its record is not a JSON object"
+    from xsel.train.export import OPSET  # onnx loads on the onnx path only
+
     expected = {"identity": identity, "xsel_version": __version__, "opset": OPSET, "device": device}
     for key, value in expected.items():
         if record.get(key) != value:
@@ -145,6 +146,8 @@ def cached_onnx_session(model, identity: dict, device: str):
     """An onnxruntime session of ``model``'s encoder from the cache, exporting it (with its parity check) when the
     cache has no trusted copy. Writers use a temporary file and a rename, so concurrent runs never see a partial
     file; a record that does not match its file is never trusted."""
+    from xsel.train.export import ATOL, OPSET, RTOL, export_encoder  # onnx loads on the onnx path only
+
     folder = encoder_cache_dir(identity)
     problem = _cache_problem(folder, identity, device)
     if problem is None:
