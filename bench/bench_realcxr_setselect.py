@@ -7,7 +7,9 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
 - NIH, unseen conditions (home); Kermany children's pneumonias and the COVID sources (away, never trained on);
 - the archive protocol (a random draw of the store, K picks labelled for every condition) on NIH and on all sources;
 - learned selectors with the trust gate (as shipped) and without it (the raw policy); with ``--adapt``, the set
-  selector adapted without labels to each away store (``xsel train selector --unlabeled``).
+  selector adapted without labels to each away store (``xsel train selector --unlabeled``);
+- with ``--last-step``, the set selector's last training step against the shipped best-validation step (raw);
+  with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target).
 
 Prints Markdown tables (Δ AUROC vs random with paired 95% CIs) and writes ``--json``.
 
@@ -23,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from bench_realcxr_medselect import NIH, UNSEEN_KERMANY, UNSEEN_NIH, test_patients, training_config
 from benchlib import REALCXR, subset
 
@@ -142,6 +145,8 @@ def main() -> None:
     )
     parser.add_argument("--fallback-episodes", type=int, default=60, help="--choose-fallback: episodes per condition")
     parser.add_argument("--mixed", action="store_true", help="also train a set selector on every source's patients")
+    parser.add_argument("--last-step", action="store_true", help="also run the set selector's last training step")
+    parser.add_argument("--stretch", action="store_true", help="also compare K=20 with all pool labels at home")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
@@ -213,6 +218,17 @@ def main() -> None:
         fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings)
     if args.mixed:
         trained_on_every_source(args, store, test_patient, learned, common, report, timings)
+    variants = {row["variant"] for row in report}
+    if args.last_step and "last step raw" not in variants:
+        run_dir = last_step_checkpoint(runs / "set")
+        for group in GROUPS:
+            _, conditions, negative = GROUPS[group]
+            result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative, trust_gate=False)
+            report += rows(result, group, "last step raw")
+        save(args, learned, timings, report)
+    if args.stretch and "vs all pool labels" not in variants:
+        report += all_pool_labels(stores["NIH unseen"], learned["setselect"], common)
+        save(args, learned, timings, report)
     print_tables(report)
 
 
@@ -273,6 +289,44 @@ def fallback_chosen_away(args, store, test_patient, learned, stores, common, rep
         result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative)
         report += rows(result, group, variant)
         save(args, learned, timings, report)
+
+
+def last_step_checkpoint(run_dir: Path) -> Path:
+    """The run's last weights as a selector checkpoint in ``RUN/last-step``: the shipped file's entries (gate,
+    settings) with ``last.pt``'s weights and step, and the last validation AUROC of ``metrics.csv``."""
+    import torch
+
+    from xsel.train.checkpoints import save_torch_atomic
+
+    shipped = torch.load(run_dir / "selector.pt", weights_only=True, map_location="cpu")
+    last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
+    validated = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["val_auroc"]).iloc[-1]
+    payload = shipped | {
+        "state_dict": last["state_dict"],
+        "step": last["step"],
+        "val_auroc": float(validated["val_auroc"]),
+    }
+    save_torch_atomic(payload, run_dir / "last-step" / "selector.pt")
+    print(f"set selector: last step {last['step']} (shipped step {shipped['step']})", flush=True)
+    return run_dir / "last-step"
+
+
+def all_pool_labels(test, checkpoint: str, common: dict) -> list[dict]:
+    """Issue 16's stretch target: the set selector's K picks (gate on) and random K against all the pool's labels
+    (random with K = pool size), paired on the same NIH-unseen episodes."""
+    _, conditions, negative = GROUPS["NIH unseen"]
+    settings = common | {"k": [common["k"][0], common["pool_size"]]}
+    result = evaluate(
+        test, conditions, selectors=[f"setselect={checkpoint}"], negative=negative, show_progress=False, **settings
+    )
+    table, k = result.episodes, common["k"][0]
+    whole_pool = table[(table["selector"] == REFERENCE) & (table["k"] == common["pool_size"])].assign(k=k)
+    picked = table[table["k"] == k].replace({"selector": {REFERENCE: f"random K={k}"}})
+    return rows(
+        replace(result, summary=summarize(pd.concat([whole_pool, picked])), settings={}),
+        "NIH unseen",
+        "vs all pool labels",
+    )
 
 
 def save(args, learned: dict, timings, report: list[dict]) -> None:
