@@ -56,6 +56,7 @@ def auroc(embeddings: np.ndarray, table, identity: dict, selectors: dict, condit
     ``selectors`` maps a label to an ``evaluate`` selector spec. The trust gate is off: a gate that hands
     the pool to a heuristic would compare the heuristic twice."""
     from xsel.evaluate import evaluate
+    from xsel.selectors import parse_selector_spec
     from xsel.store import Store
 
     meta = table.frame.drop(columns=["Path"])
@@ -73,10 +74,8 @@ def auroc(embeddings: np.ndarray, table, identity: dict, selectors: dict, condit
         trust_gate=False,  # the learned selector's own picks, as the export check compares them
     )
     rows = result.episodes.sort_values("episode")
-    return {
-        label: rows.loc[rows["selector"] == spec.partition("=")[0], "auroc"].to_numpy()
-        for label, spec in selectors.items()
-    }
+    labels = {label: parse_selector_spec(spec)[0] for label, spec in selectors.items()}  # as evaluate names them
+    return {label: rows.loc[rows["selector"] == name, "auroc"].to_numpy() for label, name in labels.items()}
 
 
 def paired(fp32: np.ndarray, int8: np.ndarray) -> dict:
@@ -169,6 +168,8 @@ def measure(
             },
         }
         results["speedup"] = results["images_per_s"]["int8"] / results["images_per_s"]["fp32"]
+        if episodes == 0:
+            return results
         entry = manifest["encoder"]
         identity = encoder_identity(entry["name"], entry["weights_sha256"], entry["preprocessing"])
         try:
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--condition", default="COVID-19")
-    parser.add_argument("--episodes", type=int, default=60)
+    parser.add_argument("--episodes", type=int, default=60, help="AUROC episodes (0: speed and agreement only)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = measure(

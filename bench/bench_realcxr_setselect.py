@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--fallback-episodes", type=int, default=60, help="--choose-fallback: episodes per condition")
     parser.add_argument("--mixed", action="store_true", help="also train a set selector on every source's patients")
     parser.add_argument("--last-step", action="store_true", help="also run the set selector's last training step")
-    parser.add_argument("--stretch", action="store_true", help="also compare K=20 with all pool labels at home")
+    parser.add_argument("--stretch", action="store_true", help="also compare K picks with all pool labels at home")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
@@ -292,19 +292,21 @@ def fallback_chosen_away(args, store, test_patient, learned, stores, common, rep
 
 
 def last_step_checkpoint(run_dir: Path) -> Path:
-    """The run's last weights as a selector checkpoint in ``RUN/last-step``: the shipped file's entries (gate,
-    settings) with ``last.pt``'s weights and step, and the last validation AUROC of ``metrics.csv``."""
+    """The run's last validated weights (``last.pt``, written at each validation) as a selector checkpoint in
+    ``RUN/last-step``: the shipped file's entries (gate, settings) with those weights, their step and their
+    validation AUROC from ``metrics.csv``."""
     import torch
 
     from xsel.train.checkpoints import save_torch_atomic
 
     shipped = torch.load(run_dir / "selector.pt", weights_only=True, map_location="cpu")
     last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
-    validated = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["val_auroc"]).iloc[-1]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    validated = metrics.loc[metrics["step"] == last["step"], "val_auroc"].dropna().iloc[0]
     payload = shipped | {
         "state_dict": last["state_dict"],
         "step": last["step"],
-        "val_auroc": float(validated["val_auroc"]),
+        "val_auroc": float(validated),
     }
     save_torch_atomic(payload, run_dir / "last-step" / "selector.pt")
     print(f"set selector: last step {last['step']} (shipped step {shipped['step']})", flush=True)
@@ -313,7 +315,8 @@ def last_step_checkpoint(run_dir: Path) -> Path:
 
 def all_pool_labels(test, checkpoint: str, common: dict) -> list[dict]:
     """Issue 16's stretch target: the set selector's K picks (gate on) and random K against all the pool's labels
-    (random with K = pool size), paired on the same NIH-unseen episodes."""
+    (random with K = pool size; the set selector's rows at that K are left out), paired on the same NIH-unseen
+    episodes."""
     _, conditions, negative = GROUPS["NIH unseen"]
     settings = common | {"k": [common["k"][0], common["pool_size"]]}
     result = evaluate(

@@ -147,6 +147,12 @@ def test_resume_refuses_another_store_and_needs_a_run_to_resume(tmp_path):
         train_selector(toy_store(n=300), tmp_path / "run", None, resume=True, show_progress=False)
     with pytest.raises(InputError, match="nothing to resume"):
         train_selector(toy_store(), tmp_path / "empty", {"k": 5}, resume=True, show_progress=False)
+    moved = toy_store()  # the same rows, other patients: another training/validation split
+    moved.meta["PatientID"] = [f"q{i}" for i in range(len(moved))]
+    with pytest.raises(InputError, match="another split of the patients"):
+        train_selector(moved, tmp_path / "run", None, resume=True, show_progress=False)
+    with pytest.raises(InputError, match="val_fraction 1"):
+        train_selector(toy_store(), tmp_path / "whole", toy_config(val_fraction=1.0), show_progress=False)
 
 
 def test_a_checkpoint_is_written_even_when_the_budget_ends_first(tmp_path):

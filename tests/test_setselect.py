@@ -178,7 +178,7 @@ def test_adaptation_without_labels(trained, tmp_path):
     rng = np.random.default_rng(0)
     pools = [site.embeddings[rng.choice(len(site), 100, replace=False)] for _ in range(20)]
     assert all(SetSelector(checkpoint).trust_gate.check(pool, seed=0).fired for pool in pools), "shifted site"
-    # recalibrated on the site: quiet on most site pools (its threshold comes from 20 pools of an 80-image
+    # recalibrated on the site: quiet on most site pools (its threshold comes from 20 pools of a 120-image
     # validation split here, so a few random site pools still exceed it)
     assert sum(adapted.trust_gate.check(pool, seed=0).fired for pool in pools) < 10, "calibrated on the site"
     shipped, kept = load_checkpoint(checkpoint)["state_dict"], load_checkpoint(tmp_path / "selector.pt")["state_dict"]

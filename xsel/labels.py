@@ -79,7 +79,9 @@ def split_by_patient(patients: list[str | None], fraction: float, seed: int) -> 
     keys = [f"row:{i}" if patient is None else f"id:{patient}" for i, patient in enumerate(patients)]
     unique = sorted(set(keys), key=lambda key: (zlib.crc32(f"{seed}:{key}".encode()), key))
     if len(unique) < 2:
-        raise InputError("every image here belongs to one patient; a validation split needs at least two")
+        raise InputError(
+            f"the {len(keys)} images belong to one patient; a validation split needs images of at least two patients"
+        )
     held_out = set(unique[: min(max(1, round(fraction * len(unique))), len(unique) - 1)])
     val = np.asarray([i for i, key in enumerate(keys) if key in held_out], dtype=np.int64)
     train = np.asarray([i for i, key in enumerate(keys) if key not in held_out], dtype=np.int64)

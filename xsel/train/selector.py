@@ -17,6 +17,7 @@ Everything random derives from (seed, step), so ``resume`` continues exactly as 
 from __future__ import annotations
 
 import csv
+import hashlib
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -200,6 +201,11 @@ def every_labelled_condition(store: Store, config: SelectorConfig) -> list[str]:
     return kept
 
 
+def _split_digest(train_rows: np.ndarray) -> str:
+    """What a resumed run must find again: the rows it trains on (validation is the rest)."""
+    return hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()
+
+
 def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of training and validation patients (:func:`xsel.labels.split_by_patient` over the store's rows)."""
     patients = patient_ids(store.meta)
@@ -277,6 +283,11 @@ def train_selector(
         ages = ages[np.isfinite(ages)]
         config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
     training = _start(store, config, run_dir, resolve_device(device))
+    if saved is not None and saved.get("split_sha256") != _split_digest(training.train_rows):
+        raise InputError(
+            f"{run_dir / LAST} was trained with another split of the patients into training and validation (a run "
+            "started by an earlier xsel, or a changed PatientID column); start a new run"
+        )
     state = RunState()
     if saved is None and initial_weights is not None:  # adaptation starts from a trained selector
         training.scorer.load_state_dict(initial_weights)
@@ -522,6 +533,8 @@ def _check_config(config: SelectorConfig) -> None:
         raise InputError("--learning-rate must be positive and --seed 0 or more")
     if not 0 <= config.balanced <= 1:
         raise InputError(f"--balanced {config.balanced}: choose the share of balanced training steps in [0, 1]")
+    if not 0 < config.val_fraction < 1:
+        raise InputError(f"val_fraction {config.val_fraction}: hold out a share of patients between 0 and 1, e.g. 0.2")
 
 
 def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.device) -> _Training:
@@ -614,6 +627,7 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
             "best_step": state.best_step,
             "seconds": state.seconds + time.perf_counter() - started,
             "store_rows": training.store_rows,
+            "split_sha256": _split_digest(training.train_rows),
             "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(),
         },
