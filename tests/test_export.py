@@ -382,19 +382,9 @@ def test_site_selection_with_constraints_certificate_and_report_verifies(trained
 def test_int8_bundle_checks_its_learned_selector(trained, demo_store, tmp_path):
     csv = demo_store.parent / "labels.csv"
     out = tmp_path / "int8"
-    # the wiring is under test (the learned selector is the one checked, its bundle runs at a site), not how well
-    # the pixels encoder survives int8: the bar is set below the default 95%
-    manifest = export_bundle(
-        out,
-        encoder="pixels",
-        selector=trained[0],
-        quantize="int8",
-        calibration=csv,
-        calibration_images=60,
-        min_agreement=0.8,
-    )
-    agreement = manifest["quantization"]["agreement"]
-    assert agreement["selector"] == "medselect" and agreement["required"] == 0.8
-    assert agreement["picks_unchanged"] >= 0.8
+    # the default 200 calibration images: on 60, one of the toy selector's 20 picks moves (90% < the 95% required)
+    manifest = export_bundle(out, encoder="pixels", selector=trained[0], quantize="int8", calibration=csv)
+    assert manifest["quantization"]["agreement"]["selector"] == "medselect"
+    assert manifest["quantization"]["agreement"]["picks_unchanged"] >= 0.95
     site = site_select(csv, out, 12, out=tmp_path / "s.csv", show_progress=False)
     assert len(site.table) == 12 and site.record["selector_source"]["bundle"] == str(out)

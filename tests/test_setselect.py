@@ -175,12 +175,11 @@ def test_adaptation_without_labels(trained, tmp_path):
     adapted = SetSelector(tmp_path / "selector.pt")
     assert adapted.config.k == 6 and adapted.config.val_conditions == ["cluster 1", "cluster 2"]
     assert adapted.config.conditions and "cluster 1" not in adapted.config.conditions
+    assert adapted.trust_gate.check(site.embeddings[:100], seed=0).fired is False, "calibrated on the site"
     rng = np.random.default_rng(0)
     pools = [site.embeddings[rng.choice(len(site), 100, replace=False)] for _ in range(20)]
     assert all(SetSelector(checkpoint).trust_gate.check(pool, seed=0).fired for pool in pools), "shifted site"
-    # recalibrated on the site: quiet on most site pools (its threshold comes from 20 pools of a 120-image
-    # validation split here, so a few random site pools still exceed it)
-    assert sum(adapted.trust_gate.check(pool, seed=0).fired for pool in pools) < 10, "calibrated on the site"
+    assert sum(adapted.trust_gate.check(pool, seed=0).fired for pool in pools) <= 2, "quiet on random site pools"
     shipped, kept = load_checkpoint(checkpoint)["state_dict"], load_checkpoint(tmp_path / "selector.pt")["state_dict"]
     unchanged = all(torch.equal(kept[key], value) for key, value in shipped.items())
     assert unchanged == (result.best_step == 0), "the shipped weights stay unless adapted ones validate better"

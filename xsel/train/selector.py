@@ -58,6 +58,7 @@ LAST = "last.pt"
 METRICS = "metrics.csv"
 RESUMABLE = ("max_minutes",)  # a time budget does not change what is learned
 FALLBACK_CANDIDATES = ("random", "kcenter", "typiclust", "kmedoids", "probcover")  # the trust gate's fallbacks
+GATE_DRAWS = 100  # random pools of the validation patients' images the trust gate's threshold is calibrated on
 GATE_ENTRIES = ("trust_gate", "trust_reference", "heuristics_val")
 
 
@@ -668,8 +669,10 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 
 def _trust_gate(training: _Training) -> dict:
     """The checkpoint entries of the run's trust gate: its reference is a sample of the training patients' images,
-    its threshold the 99th percentile over the validation pools (held-out patients, the training hospital), its
-    fallback the heuristic with the best validation AUROC (``heuristics_val``, every candidate's score)."""
+    its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
+    pools and ``GATE_DRAWS`` seeded random draws of the validation patients' images, as ``select`` draws a pool (a
+    few dozen episode pools alone put the threshold at their maximum, below what a random draw often reaches) —
+    its fallback the heuristic with the best validation AUROC (``heuristics_val``, every candidate's score)."""
     config, val = training.config, training.val
     scores = {name: [] for name in FALLBACK_CANDIDATES}
     held_out = []
@@ -682,6 +685,12 @@ def _trust_gate(training: _Training) -> dict:
             scores[name].append(float(val.rewards(episodes, picks).mean()))
     means = {name: float(np.mean(values)) for name, values in scores.items()}
     fallback = max(means, key=means.get)
+    validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
+    size = min(min(map(len, held_out)), len(validation_rows))
+    rng = np.random.default_rng([config.seed, GATE_DRAWS])
+    held_out += [
+        val.store.embeddings[np.sort(rng.choice(validation_rows, size, replace=False))] for _ in range(GATE_DRAWS)
+    ]
     gate = calibrate_gate(val.store.embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed)
     notify(
         "trust gate: validation AUROC "
