@@ -102,6 +102,42 @@ def test_resume_after_an_interruption_is_identical(tmp_path, monkeypatch):
     assert straight["trust_gate"] == resumed["trust_gate"]
 
 
+def test_averaged_weights_are_shipped_leave_training_unchanged_and_resume_exactly(tmp_path, monkeypatch):
+    import xsel.train.selector as module
+
+    store = toy_store()
+    plain = set_config(episodes=16 * 6, val_every=3)
+    averaged = set_config(episodes=16 * 6, val_every=3, average_steps=4)
+    train_selector(store, tmp_path / "plain", plain, show_progress=False)
+    train_selector(store, tmp_path / "straight", averaged, show_progress=False)
+    original = module._append_metrics
+
+    def crash_after_four(path, row, conditions):
+        original(path, row, conditions)
+        if row["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_append_metrics", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train_selector(store, tmp_path / "resumed", averaged, show_progress=False)
+    monkeypatch.setattr(module, "_append_metrics", original)
+    train_selector(store, tmp_path / "resumed", None, resume=True, show_progress=False)
+    last = {name: load_checkpoint(tmp_path / name / "last.pt") for name in ("plain", "straight", "resumed")}
+    trained = last["plain"]["state_dict"]
+    assert "averaged" not in last["plain"]
+    assert all(torch.equal(trained[key], last["straight"]["state_dict"][key]) for key in trained), "same training"
+    mean = {key.removeprefix("module."): value for key, value in last["straight"]["averaged"].items()}
+    resumed = {key.removeprefix("module."): value for key, value in last["resumed"]["averaged"].items()}
+    assert all(torch.equal(mean[key], resumed[key]) for key in mean)
+    assert int(mean["n_averaged"]) == 6
+    assert any(not torch.allclose(trained[key], mean[key]) for key in trained), "the average is not the last step"
+    shipped = load_checkpoint(tmp_path / "straight" / "selector.pt")
+    assert shipped["step"] == 6, "seeded: the last validation is the best here"
+    assert all(torch.equal(shipped["state_dict"][key], mean[key]) for key in trained), "selector.pt is the average"
+    with pytest.raises(InputError, match="--average-steps"):
+        train_selector(store, tmp_path / "bad", set_config(average_steps=-1), show_progress=False)
+
+
 def test_the_checkpoint_names_its_plugin(trained):
     _, checkpoint = trained
     with pytest.raises(InputError, match=f"run it as setselect .*setselect={checkpoint}"):

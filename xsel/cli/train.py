@@ -62,6 +62,14 @@ def train_selector_command(
     balanced: Annotated[
         float, typer.Option(help="Share of steps whose pools are half positive (else natural prevalence).")
     ] = 0.0,
+    average_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Validate and ship a moving average of the weights over about this many steps (0: the weights "
+            "of the best step).",
+        ),
+    ] = 0,
     read_embedding: Annotated[
         bool,
         typer.Option(
@@ -160,6 +168,7 @@ def train_selector_command(
         "model": model,
         "samples": samples,
         "balanced": balanced,
+        "average_steps": average_steps,
         "read_embedding": read_embedding,
         "negative": negative,
         "uncertain": uncertain,

@@ -55,6 +55,7 @@ class SelectorConfig:
     balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
     read_embedding: bool = True  # set model: read the embedding itself besides the pool-relative features
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
+    average_steps: int = 0  # weights averaged (EMA) over about this many recent steps are validated and shipped; 0: off
     val_every: int = 50  # training steps between validations
     val_episodes: int = 20  # fixed validation episodes per validation condition
     val_fraction: float = 0.2  # share of patients held out for validation

@@ -8,8 +8,11 @@ probability of the ordered sample. The set policy (``model="set"``) samples ``sa
 one pick at a time, and each sequence's baseline is the mean reward of the others (leave-one-out).
 ``balanced`` is the share of steps whose pools are half positive instead of at natural prevalence.
 Validation runs a fixed set of episodes of the unseen validation conditions on held-out patients with the
-deterministic picks; the best checkpoint is kept. A validation condition too scarce for full-size episodes
-is validated on smaller ones (with a warning), or left out when even those cannot be drawn.
+deterministic picks; the best checkpoint is kept. With ``average_steps`` the weights validated and shipped are an
+exponential moving average of the trained ones over about that many steps: one step's policy swings between
+hospitals by more than selectors differ, and validation alone cannot say which step is good where. A validation
+condition too scarce for full-size episodes is validated on smaller ones (with a warning), or left out when even
+those cannot be drawn.
 
 Everything random derives from (seed, step), so ``resume`` continues exactly as an uninterrupted run.
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import rankdata
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from xsel import plugins
 from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask
@@ -239,7 +243,15 @@ class _Training:
     total_steps: int
     store_rows: int  # with the identity, what a resumed run must find again
     train_rows: np.ndarray
+    averaged: AveragedModel | None  # the moving average of the scorer's weights (``average_steps``), else None
     gate: dict = field(default_factory=dict)  # the trust gate's checkpoint entries, saved with every checkpoint
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """What validation scores and ``selector.pt`` ships: the averaged weights once averaging has begun."""
+        if self.averaged is not None and int(self.averaged.n_averaged) > 0:
+            return self.averaged.module
+        return self.scorer
 
 
 def train_selector(
@@ -296,6 +308,8 @@ def train_selector(
         training.scorer.load_state_dict(saved["state_dict"])
         training.optimizer.load_state_dict(saved["optimizer"])
         training.scheduler.load_state_dict(saved["scheduler"])
+        if training.averaged is not None:
+            training.averaged.load_state_dict(saved["averaged"])
         state = RunState(saved["step"], saved["best_val"], saved["best_step"], saved["seconds"])
         _truncate_metrics(run_dir / METRICS, state.step)  # rows logged after the last checkpoint are redone
         training.gate = {key: saved[key] for key in GATE_ENTRIES if key in saved}
@@ -324,7 +338,7 @@ def train_selector(
             _append_metrics(run_dir / METRICS, row, config.val_conditions)
             advance(1)
     if state.best_step == 0 and not (run_dir / BEST).exists():  # stopped before the first validation
-        state.best_val = _mean_val(training, training.scorer)
+        state.best_val = _mean_val(training, training.policy)
         state.best_step = state.step
         _save(training, BEST, {"step": state.step, "val_auroc": state.best_val, "val_random_auroc": random_val})
     return TrainResult(
@@ -527,6 +541,8 @@ def _check_config(config: SelectorConfig) -> None:
         ("--val-episodes", config.val_episodes),
         ("--samples", config.samples),
     )
+    if config.average_steps < 0:
+        raise InputError(f"--average-steps {config.average_steps}: use 0 (off) or the steps to average over, e.g. 1000")
     for name, value in checks:
         if value < 1:
             raise InputError(f"{name} {value}: use at least 1")
@@ -554,6 +570,10 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, int(total_steps * config.decay_at)), gamma=0.1
     )
+    averaged = None
+    if config.average_steps:
+        decay = 1 - 1 / config.average_steps
+        averaged = AveragedModel(scorer, multi_avg_fn=get_ema_multi_avg_fn(decay))
     run_dir.mkdir(parents=True, exist_ok=True)
     return _Training(
         config,
@@ -568,6 +588,7 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
         total_steps,
         len(store),
         train_rows,
+        averaged,
     )
 
 
@@ -601,6 +622,8 @@ def _train_step(training: _Training, step: int) -> dict:
     torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
     training.optimizer.step()
     training.scheduler.step()
+    if training.averaged is not None:
+        training.averaged.update_parameters(scorer)
     return {
         "step": step + 1,
         "episodes": (step + 1) * config.batch_size,
@@ -614,7 +637,7 @@ def _train_step(training: _Training, step: int) -> dict:
 
 def _validate_and_save(training: _Training, state: RunState, random_val: float, started: float) -> dict:
     """Validate, keep the best checkpoint, write ``last.pt``; returns the validation columns of the metrics row."""
-    per_condition = _validate(training.val, training.scorer, training.config, training.device)
+    per_condition = _validate(training.val, training.policy, training.config, training.device)
     mean = float(np.mean(list(per_condition.values())))
     if mean > state.best_val:
         state.best_val, state.best_step = mean, state.step
@@ -631,7 +654,9 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
             "split_sha256": _split_digest(training.train_rows),
             "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(),
-        },
+        }
+        | ({"averaged": _on_cpu(training.averaged.state_dict())} if training.averaged is not None else {}),
+        module=training.scorer,  # the trained weights, from which a resumed run goes on
     )
     return {f"val_auroc_{c}": v for c, v in per_condition.items()} | {"val_auroc": mean, "val_random_auroc": random_val}
 
@@ -641,15 +666,21 @@ def _mean_val(training: _Training, scorer: torch.nn.Module | None) -> float:
     return float(np.mean(list(_validate(training.val, scorer, training.config, training.device).values())))
 
 
-def _save(training: _Training, name: str, extra: dict) -> None:
+def _save(training: _Training, name: str, extra: dict, *, module: torch.nn.Module | None = None) -> None:
+    """A checkpoint of ``module`` (default: the policy validation scores) with the run's settings and gate."""
+    module = training.policy if module is None else module
     save_checkpoint(
         training.run_dir / name,
-        scorer=training.scorer.cpu(),
+        scorer=module.cpu(),
         config=training.config,
         identity=training.identity,
         extra=training.gate | extra,
     )
-    training.scorer.to(training.device)
+    module.to(training.device)
+
+
+def _on_cpu(state: dict) -> dict:
+    return {key: value.detach().cpu() for key, value in state.items()}
 
 
 def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[str, float]:

@@ -1,0 +1,129 @@
+"""How much the set selector's behaviour per hospital depends on the training step, with and without weight averaging.
+
+One set selector trains on NIH as ``bench_realcxr_setselect.py`` trains it (same split, settings and seed), in
+``--chunks`` equal parts of ``--minutes`` (a resumed run continues exactly as an uninterrupted one). After each part
+the last validated step is kept twice: its trained weights (raw) and their moving average over ``--average-steps``
+steps (what ``xsel train selector --average-steps`` validates and ships). Every kept checkpoint, and the run's
+shipped ``selector.pt``, then picks on the held-out patients of NIH (unseen conditions), Kermany and the COVID
+sources, gate off, on the same paired episodes as kcenter. The summary gives, per hospital, the spread of Δ AUROC vs
+random over the kept steps: the smaller it is, the less a site's result depends on when training stopped.
+
+    python bench/bench_selector_stability.py --name moco-resnet18 --cache /work/benchdata [--chunks 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_realcxr_medselect import NIH, test_patients, training_config
+from bench_realcxr_setselect import GROUPS, rows
+from benchlib import REALCXR, subset
+
+from xsel.embed import embed
+from xsel.evaluate import evaluate
+from xsel.store import read_store
+from xsel.train.checkpoints import save_torch_atomic
+from xsel.train.selector import train_selector
+
+
+def snapshot(run_dir: Path, chunk: int) -> dict[str, Path]:
+    """The last validated step's raw and averaged weights as two selector checkpoints (the shipped file's entries)."""
+    shipped = torch.load(run_dir / "selector.pt", weights_only=True, map_location="cpu")
+    last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
+    averaged = {k.removeprefix("module."): v for k, v in last["averaged"].items() if k != "n_averaged"}
+    kept = {}
+    for kind, weights in (("raw", last["state_dict"]), ("averaged", averaged)):
+        path = run_dir / "snapshots" / f"{chunk}-{kind}" / "selector.pt"
+        save_torch_atomic(shipped | {"state_dict": weights, "step": last["step"]}, path)
+        kept[kind] = path
+    print(f"part {chunk}: step {last['step']}", flush=True)
+    return kept | {"step": last["step"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="encoder weights, e.g. RUN/encoder.pt of `xsel train encoder`")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--name", help="name of this encoder's store (default: --encoder)")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--average-steps", type=int, default=1000)
+    parser.add_argument("--episodes", type=int, default=120, help="test episodes per condition")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--pool-size", type=int, default=100)
+    parser.add_argument("--query-size", type=int, default=40)
+    parser.add_argument("--balanced", type=float, default=0.25)
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
+    parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    name = args.name or args.encoder
+    path = args.cache / f"realcxr-{name}.h5"
+    if not path.exists():
+        options = {"weights": args.weights, "image_size": args.image_size}
+        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
+    store = read_store(path)
+    test_patient = test_patients(store)
+    source = store.meta["Source"]
+    run_dir = args.runs / name / f"set-average{args.average_steps}"
+    config = training_config(
+        args,
+        episodes=1_000_000,
+        model="set",
+        balanced=args.balanced,
+        average_steps=args.average_steps,
+        max_minutes=args.minutes / args.chunks,
+    )
+    train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
+    kept = []
+    for chunk in range(1, args.chunks + 1):
+        if not (run_dir / "snapshots" / f"{chunk}-averaged").exists():
+            resume = (run_dir / "last.pt").exists()
+            train_selector(train_store, run_dir, None if resume else config, resume=resume, show_progress=False)
+        kept.append(snapshot(run_dir, chunk))
+    common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
+    report = []
+    for group, (sources, conditions, negative) in GROUPS.items():
+        test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        options = {"negative": negative, "trust_gate": False, "show_progress": False, **common}
+        report += rows(evaluate(test, conditions, selectors=["kcenter"], **options), group, "heuristic")
+        checkpoints = [("shipped", run_dir / "selector.pt")]
+        checkpoints += [(f"{kind} step {k['step']}", k[kind]) for k in kept for kind in ("raw", "averaged")]
+        for variant, checkpoint in checkpoints:
+            result = evaluate(test, conditions, selectors=[f"setselect={checkpoint}"], **options)
+            report += [r for r in rows(result, group, variant) if r["selector"] != "random"]
+        print(f"{group}: done", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args), "rows": report}, indent=2, default=str))
+    print_tables(report, list(GROUPS))
+
+
+def print_tables(report: list[dict], groups: list[str]) -> None:
+    """Each kept step's Δ AUROC vs random per hospital, then the spread over the kept steps, raw vs averaged."""
+    cell = {(r["variant"], r["group"]): r for r in report if r["selector"] != "random"}
+    variants = list(dict.fromkeys(r["variant"] for r in report if r["selector"] != "random"))
+    print("\n| set selector | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups))
+    for variant in variants:
+        label = "kcenter" if variant == "heuristic" else variant
+        shown = []
+        for group in groups:
+            r = cell[(variant, group)]
+            shown.append(f"{r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]")
+        print(f"| {label} | " + " | ".join(shown) + " |")
+    print("\n| over the kept steps | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups))
+    for kind in ("raw", "averaged"):
+        shown = []
+        for group in groups:
+            values = np.array([cell[(v, group)]["diff"] for v in variants if v.startswith(kind)])
+            shown.append(f"mean {values.mean():+.3f}, SD {values.std(ddof=1):.3f}, range {np.ptp(values):.3f}")
+        print(f"| {kind} | " + " | ".join(shown) + " |")
+
+
+if __name__ == "__main__":
+    main()
