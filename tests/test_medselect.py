@@ -208,7 +208,7 @@ def test_cli_train_select_and_evaluate(demo_store, tmp_path, cli):
         "-q",
     )
     assert result.exit_code == 0, result.output
-    assert "Best validation AUROC" in result.stdout and (run / "selector.pt").is_file()
+    assert "Best step" in result.stdout and "validation AUROC" in result.stdout and (run / "selector.pt").is_file()
     # nanoGPT-style resume: the run folder is enough; a setting typed again must match what was saved
     resumed = cli("train", "selector", demo_store, "--out", run, "--resume", "--episodes", "80", "-q")
     assert resumed.exit_code == 2 and "--episodes 64 → 80" in resumed.stderr, resumed.output

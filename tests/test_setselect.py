@@ -106,7 +106,7 @@ def test_averaged_weights_are_shipped_leave_training_unchanged_and_resume_exactl
     import xsel.train.selector as module
 
     store = toy_store()
-    plain = set_config(episodes=16 * 6, val_every=3)
+    plain = set_config(episodes=16 * 6, val_every=3, average_steps=0)
     averaged = set_config(episodes=16 * 6, val_every=3, average_steps=4)
     train_selector(store, tmp_path / "plain", plain, show_progress=False)
     train_selector(store, tmp_path / "straight", averaged, show_progress=False)
@@ -176,7 +176,9 @@ def test_a_scarce_validation_condition_trains_with_a_warning(tmp_path, capsys):
     rare[validation[store.meta["A"].to_numpy()[validation] == 1][:6]] = 1  # a handful of validation positives
     store.meta["Rare"] = rare
     result = train_selector(store, tmp_path, config, show_progress=False)
-    assert result.steps == 2 and "Rare" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert result.steps == 2 and "Rare" in err
+    assert "AUROC on 2 conditions of the validation patients" in err, "the seen condition referees the fallback too"
     with pytest.raises(InputError, match="no validation condition"):
         store.meta["None"] = 0.0
         train_selector(store, tmp_path / "none", set_config(val_conditions=["None"]), show_progress=False)

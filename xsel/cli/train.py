@@ -63,13 +63,13 @@ def train_selector_command(
         float, typer.Option(help="Share of steps whose pools are half positive (else natural prevalence).")
     ] = 0.0,
     average_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="Validate and ship a moving average of the weights over about this many steps (0: the weights "
-            "of the best step).",
+            help="Ship the weights averaged over this many recent steps, kept at every validation; 0: the "
+            "best-validated step [default: set 1000, lstm 0].",
         ),
-    ] = 0,
+    ] = None,
     read_embedding: Annotated[
         bool,
         typer.Option(
@@ -168,7 +168,7 @@ def train_selector_command(
         "model": model,
         "samples": samples,
         "balanced": balanced,
-        "average_steps": average_steps,
+        **({"average_steps": average_steps} if average_steps is not None else {}),
         "read_embedding": read_embedding,
         "negative": negative,
         "uncertain": uncertain,
@@ -197,9 +197,10 @@ def train_selector_command(
 
 
 def _report_selector_training(result) -> None:
+    kept = "Weights averaged up to" if result.averaged else "Best"
     typer.echo(
         f"Trained {result.steps} steps ({result.episodes} episodes) in {result.seconds / 60:.1f} min, stopped by "
-        f"{result.stopped_by}. Best validation AUROC {result.best_val_auroc:.3f} at step {result.best_step} "
+        f"{result.stopped_by}. {kept} step {result.best_step}: validation AUROC {result.best_val_auroc:.3f} "
         f"(random picks: {result.random_val_auroc:.3f}) → {result.run_dir / 'selector.pt'}"
     )
 

@@ -55,7 +55,9 @@ class SelectorConfig:
     balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
     read_embedding: bool = True  # set model: read the embedding itself besides the pool-relative features
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
-    average_steps: int = 0  # weights averaged (EMA) over about this many recent steps are validated and shipped; 0: off
+    average_steps: int | None = (
+        None  # ship weights averaged over this many recent steps; 0: the best step; None: model's
+    )
     val_every: int = 50  # training steps between validations
     val_episodes: int = 20  # fixed validation episodes per validation condition
     val_fraction: float = 0.2  # share of patients held out for validation
@@ -66,16 +68,22 @@ class SelectorConfig:
     extra: dict = field(default_factory=dict)
 
 
-MODEL_DEFAULTS = {"lstm": {"hidden": 256, "learning_rate": 1e-4}, "set": {"hidden": 64, "learning_rate": 3e-4}}
+MODEL_DEFAULTS = {
+    "lstm": {"hidden": 256, "learning_rate": 1e-4, "average_steps": 0},
+    "set": {"hidden": 64, "learning_rate": 3e-4, "average_steps": 1000},  # BENCHMARKS.md §13: stable across steps
+}
 
 
 def with_model_defaults(config: SelectorConfig) -> SelectorConfig:
-    """The config with its model's hidden width and learning rate wherever they were left at 0."""
+    """The config with its model's hidden width and learning rate wherever they were left at 0, and its weight
+    averaging where that was left at None."""
     if config.model not in MODEL_DEFAULTS:
         raise InputError(f"--model {config.model}: choose {' or '.join(MODEL_DEFAULTS)}")
     defaults = MODEL_DEFAULTS[config.model]
     config.hidden = config.hidden or defaults["hidden"]
     config.learning_rate = config.learning_rate or defaults["learning_rate"]
+    if config.average_steps is None:
+        config.average_steps = defaults["average_steps"]
     return config
 
 

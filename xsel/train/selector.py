@@ -8,9 +8,11 @@ probability of the ordered sample. The set policy (``model="set"``) samples ``sa
 one pick at a time, and each sequence's baseline is the mean reward of the others (leave-one-out).
 ``balanced`` is the share of steps whose pools are half positive instead of at natural prevalence.
 Validation runs a fixed set of episodes of the unseen validation conditions on held-out patients with the
-deterministic picks; the best checkpoint is kept. With ``average_steps`` the weights validated and shipped are an
-exponential moving average of the trained ones over about that many steps: one step's policy swings between
-hospitals by more than selectors differ, and validation alone cannot say which step is good where. A validation
+deterministic picks; the best checkpoint is kept. With ``average_steps`` (the set model's default) the weights
+validated and shipped are instead a moving average of the trained ones over that many recent steps (fewer early
+on: half the steps so far), kept at every validation: one step's policy swings between hospitals by more than
+selectors differ, the average does not, and two scarce validation conditions cannot say which step is good where
+(measured in BENCHMARKS.md §13: the best-validated step was among the worst at home). A validation
 condition too scarce for full-size episodes is validated on smaller ones (with a warning), or left out when even
 those cannot be drawn.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from xsel import plugins
 from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask
@@ -73,9 +75,10 @@ class TrainResult:
     run_dir: Path
     steps: int
     episodes: int
-    best_val_auroc: float
+    best_val_auroc: float  # with weight averaging: the shipped (last validated) average's
     best_step: int
     random_val_auroc: float
+    averaged: bool  # selector.pt holds the weights averaged up to best_step, not the best-validated step
     seconds: float
     stopped_by: str
 
@@ -348,6 +351,7 @@ def train_selector(
         best_val_auroc=float(state.best_val),
         best_step=state.best_step,
         random_val_auroc=random_val,
+        averaged=training.averaged is not None,
         seconds=state.seconds + time.perf_counter() - started,
         stopped_by=stopped_by,
     )
@@ -396,6 +400,7 @@ def adapt_selector(
             "episodes": episodes,
             "max_minutes": max_minutes,
             "seed": seed,
+            "average_steps": 0,  # adapted weights replace the shipped ones only where they validate better
             "extra": {"adapted_from": file_sha256(checkpoint), "clusters": clusters},
         }
     )
@@ -541,7 +546,7 @@ def _check_config(config: SelectorConfig) -> None:
         ("--val-episodes", config.val_episodes),
         ("--samples", config.samples),
     )
-    if config.average_steps < 0:
+    if config.average_steps < 0:  # None was filled by with_model_defaults
         raise InputError(f"--average-steps {config.average_steps}: use 0 (off) or the steps to average over, e.g. 1000")
     for name, value in checks:
         if value < 1:
@@ -570,10 +575,9 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, int(total_steps * config.decay_at)), gamma=0.1
     )
-    averaged = None
-    if config.average_steps:
-        decay = 1 - 1 / config.average_steps
-        averaged = AveragedModel(scorer, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    averaged = (
+        AveragedModel(scorer, multi_avg_fn=_recent_average(config.average_steps)) if config.average_steps else None
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     return _Training(
         config,
@@ -639,7 +643,7 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
     """Validate, keep the best checkpoint, write ``last.pt``; returns the validation columns of the metrics row."""
     per_condition = _validate(training.val, training.policy, training.config, training.device)
     mean = float(np.mean(list(per_condition.values())))
-    if mean > state.best_val:
+    if training.averaged is not None or mean > state.best_val:  # an average is shipped as it stands
         state.best_val, state.best_step = mean, state.step
         _save(training, BEST, {"step": state.step, "val_auroc": mean, "val_random_auroc": random_val})
     _save(
@@ -679,6 +683,19 @@ def _save(training: _Training, name: str, extra: dict, *, module: torch.nn.Modul
     module.to(training.device)
 
 
+def _recent_average(horizon: int):
+    """AveragedModel's update: an exponential moving average over the last ``horizon`` steps, or over the later
+    half of the steps so far while there are fewer than 2 × ``horizon`` (a short run's average does not carry its
+    initial weights)."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        weight = 1.0 / min(horizon, max(1.0, (int(num_averaged) + 1) / 2))
+        for mean, value in zip(averaged, current, strict=True):
+            mean.lerp_(value, weight)
+
+    return update
+
+
 def _on_cpu(state: dict) -> dict:
     return {key: value.detach().cpu() for key, value in state.items()}
 
@@ -703,20 +720,28 @@ def _trust_gate(training: _Training) -> dict:
     its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
     pools and ``GATE_DRAWS`` seeded random draws of the validation patients' images, as ``select`` draws a pool (a
     few dozen episode pools alone put the threshold at their maximum, below what a random draw often reaches) —
-    its fallback the heuristic with the best validation AUROC (``heuristics_val``, every candidate's score)."""
+    its fallback the heuristic with the best mean AUROC on the validation patients' episodes of every condition
+    the run names, seen and unseen (``heuristics_val``): a heuristic learns nothing, so the seen conditions judge
+    it as fairly as the unseen ones, and two scarce validation conditions alone chose on noise (measured: the
+    heuristic they ranked last was the best on every test hospital)."""
     config, val = training.config, training.val
+    validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
+    referee = _Episodes(
+        val.store, config, [*config.conditions, *config.val_conditions], validation_rows, validation=True
+    )
     scores = {name: [] for name in FALLBACK_CANDIDATES}
+    for task in referee.tasks:
+        episodes, _, _, _ = referee.batch(task, list(range(config.val_episodes)), config.seed + 1)
+        for name in FALLBACK_CANDIDATES:
+            heuristic = create_selector(name)
+            picks = np.stack([heuristic.select(val.store.embeddings[e.pool], config.k, seed=e.seed) for e in episodes])
+            scores[name].append(float(referee.rewards(episodes, picks).mean()))
+    means = {name: float(np.mean(values)) for name, values in scores.items()}
+    fallback = max(means, key=means.get)
     held_out = []
     for task in val.tasks:
         episodes, _, _, _ = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
         held_out += [val.store.embeddings[episode.pool] for episode in episodes]
-        for name in FALLBACK_CANDIDATES:
-            heuristic = create_selector(name)
-            picks = np.stack([heuristic.select(val.store.embeddings[e.pool], config.k, seed=e.seed) for e in episodes])
-            scores[name].append(float(val.rewards(episodes, picks).mean()))
-    means = {name: float(np.mean(values)) for name, values in scores.items()}
-    fallback = max(means, key=means.get)
-    validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
     size = min(min(map(len, held_out)), len(validation_rows))
     rng = np.random.default_rng([config.seed, GATE_DRAWS])
     held_out += [
@@ -724,7 +749,7 @@ def _trust_gate(training: _Training) -> dict:
     ]
     gate = calibrate_gate(val.store.embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed)
     notify(
-        "trust gate: validation AUROC "
+        f"trust gate: AUROC on {len(referee.tasks)} conditions of the validation patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
         + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
     )
