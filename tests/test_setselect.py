@@ -178,7 +178,7 @@ def test_a_scarce_validation_condition_trains_with_a_warning(tmp_path, capsys):
     result = train_selector(store, tmp_path, config, show_progress=False)
     err = capsys.readouterr().err
     assert result.steps == 2 and "Rare" in err
-    assert "AUROC on 2 conditions of the validation patients" in err, "the seen condition referees the fallback too"
+    assert "AUROC on 2 conditions of the store's patients" in err, "the seen condition referees the fallback too"
     with pytest.raises(InputError, match="no validation condition"):
         store.meta["None"] = 0.0
         train_selector(store, tmp_path / "none", set_config(val_conditions=["None"]), show_progress=False)

@@ -720,15 +720,14 @@ def _trust_gate(training: _Training) -> dict:
     its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
     pools and ``GATE_DRAWS`` seeded random draws of the validation patients' images, as ``select`` draws a pool (a
     few dozen episode pools alone put the threshold at their maximum, below what a random draw often reaches) —
-    its fallback the heuristic with the best mean AUROC on the validation patients' episodes of every condition
-    the run names, seen and unseen (``heuristics_val``): a heuristic learns nothing, so the seen conditions judge
-    it as fairly as the unseen ones, and two scarce validation conditions alone chose on noise (measured: the
-    heuristic they ranked last was the best on every test hospital)."""
+    its fallback the heuristic with the best mean AUROC on episodes of every condition the run names, seen and
+    unseen, drawn from every patient of the store (``heuristics_val``): a heuristic learns nothing, so neither the
+    training patients nor the seen conditions favour it, and the validation patients alone are a small population
+    whose pools shrink and reuse the same few images (BENCHMARKS.md §13)."""
     config, val = training.config, training.val
     validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
-    referee = _Episodes(
-        val.store, config, [*config.conditions, *config.val_conditions], validation_rows, validation=True
-    )
+    every_row = np.arange(len(val.store))
+    referee = _Episodes(val.store, config, [*config.conditions, *config.val_conditions], every_row, validation=True)
     scores = {name: [] for name in FALLBACK_CANDIDATES}
     for task in referee.tasks:
         episodes, _, _, _ = referee.batch(task, list(range(config.val_episodes)), config.seed + 1)
@@ -749,7 +748,7 @@ def _trust_gate(training: _Training) -> dict:
     ]
     gate = calibrate_gate(val.store.embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed)
     notify(
-        f"trust gate: AUROC on {len(referee.tasks)} conditions of the validation patients "
+        f"trust gate: heuristics' AUROC on {len(referee.tasks)} conditions of the store's patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
         + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
     )
