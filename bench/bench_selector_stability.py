@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=100)
     parser.add_argument("--query-size", type=int, default=40)
     parser.add_argument("--balanced", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0, help="the training run's seed (episodes, sampling, init)")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
@@ -71,7 +72,7 @@ def main() -> None:
     store = read_store(path)
     test_patient = test_patients(store)
     source = store.meta["Source"]
-    run_dir = args.runs / name / f"set-average{args.average_steps}"
+    run_dir = args.runs / name / f"set-average{args.average_steps}-seed{args.seed}"
     config = training_config(
         args,
         episodes=1_000_000,
@@ -79,6 +80,7 @@ def main() -> None:
         balanced=args.balanced,
         average_steps=args.average_steps,
         max_minutes=args.minutes / args.chunks,
+        seed=args.seed,
     )
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
     kept = []
