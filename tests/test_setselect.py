@@ -138,6 +138,24 @@ def test_averaged_weights_are_shipped_leave_training_unchanged_and_resume_exactl
         train_selector(store, tmp_path / "bad", set_config(average_steps=-1), show_progress=False)
 
 
+def test_the_average_covers_the_later_half_of_a_short_run_and_the_last_steps_of_a_long_one():
+    from torch.optim.swa_utils import AveragedModel
+
+    from xsel.train.selector import _recent_average
+
+    weight = torch.nn.Linear(1, 1, bias=False)
+    averaged = AveragedModel(weight, multi_avg_fn=_recent_average(10))
+    expected = None
+    for step in range(1, 61):  # the weight at step t is t
+        weight.weight.data.fill_(float(step))
+        averaged.update_parameters(weight)
+        window = min(10, max(1.0, step / 2))
+        expected = float(step) if expected is None else expected + (step - expected) / window
+        assert abs(averaged.module.weight.item() - expected) < 1e-4 * step
+    # an exponential average over the last 10 of a linear ramp lags it by about 9 steps, not by the whole run's 30
+    assert 49 < averaged.module.weight.item() < 52
+
+
 def test_the_checkpoint_names_its_plugin(trained):
     _, checkpoint = trained
     with pytest.raises(InputError, match=f"run it as setselect .*setselect={checkpoint}"):
