@@ -8,7 +8,8 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
 - the archive protocol (a random draw of the store, K picks labelled for every condition) on NIH and on all sources;
 - learned selectors with the trust gate (as shipped) and without it (the raw policy); with ``--adapt``, the set
   selector adapted without labels to each away store (``xsel train selector --unlabeled``);
-- with ``--last-step``, the set selector's last training step against the shipped best-validation step (raw);
+- with ``--last-step``, the set selector's last trained weights against the shipped ones (its best-validated
+  step, or its average when the run averages weights), raw;
   with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target).
 
 Prints Markdown tables (Δ AUROC vs random with paired 95% CIs) and writes ``--json``.
@@ -51,8 +52,9 @@ def train(store, run_dir: Path, model: str, args) -> dict:
         began = time.perf_counter()
         result = train_selector(store, run_dir, config, show_progress=False)
         print(
-            f"{model}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min, best val "
-            f"{result.best_val_auroc:.3f} at step {result.best_step} (random {result.random_val_auroc:.3f})",
+            f"{model}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min, "
+            f"{'average' if result.averaged else 'best'} validated {result.best_val_auroc:.3f} at step "
+            f"{result.best_step} (random {result.random_val_auroc:.3f})",
             flush=True,
         )
     return {"checkpoint": str(run_dir / "selector.pt")}
@@ -292,9 +294,10 @@ def fallback_chosen_away(args, store, test_patient, learned, stores, common, rep
 
 
 def last_step_checkpoint(run_dir: Path) -> Path:
-    """The run's last validated weights (``last.pt``, written at each validation) as a selector checkpoint in
-    ``RUN/last-step``: the shipped file's entries (gate, settings) with those weights, their step and their
-    validation AUROC from ``metrics.csv``."""
+    """The run's last trained weights (``last.pt``, written at each validation) as a selector checkpoint in
+    ``RUN/last-step``: the shipped file's entries (gate, settings) with those weights, their step and — in a run
+    that does not average weights — their validation AUROC from ``metrics.csv`` (a run that averages validated the
+    average, not them: no AUROC is claimed)."""
     import torch
 
     from xsel.train.checkpoints import save_torch_atomic
@@ -303,11 +306,10 @@ def last_step_checkpoint(run_dir: Path) -> Path:
     last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     validated = metrics.loc[metrics["step"] == last["step"], "val_auroc"].dropna().iloc[0]
-    payload = shipped | {
-        "state_dict": last["state_dict"],
-        "step": last["step"],
-        "val_auroc": float(validated),
-    }
+    payload = {key: value for key, value in shipped.items() if key != "val_auroc"}
+    payload |= {"state_dict": last["state_dict"], "step": last["step"]}
+    if "averaged" not in last:
+        payload["val_auroc"] = float(validated)
     save_torch_atomic(payload, run_dir / "last-step" / "selector.pt")
     print(f"set selector: last step {last['step']} (shipped step {shipped['step']})", flush=True)
     return run_dir / "last-step"

@@ -30,14 +30,19 @@ from xsel.train.checkpoints import save_torch_atomic
 from xsel.train.selector import train_selector
 
 
-def snapshot(run_dir: Path, chunk: int) -> dict[str, Path]:
-    """The last validated step's raw and averaged weights as two selector checkpoints (the shipped file's entries)."""
+def snapshot(run_dir: Path, chunk: int) -> dict:
+    """The last validated step's raw and averaged weights as two selector checkpoints (the shipped file's entries),
+    taken once, right after the part is trained; a rerun reads them back."""
+    folder = run_dir / "snapshots"
+    if (folder / f"{chunk}-averaged" / "selector.pt").exists():
+        kept = {kind: folder / f"{chunk}-{kind}" / "selector.pt" for kind in ("raw", "averaged")}
+        return kept | {"step": torch.load(kept["raw"], weights_only=True, map_location="cpu")["step"]}
     shipped = torch.load(run_dir / "selector.pt", weights_only=True, map_location="cpu")
     last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
     averaged = {k.removeprefix("module."): v for k, v in last["averaged"].items() if k != "n_averaged"}
     kept = {}
     for kind, weights in (("raw", last["state_dict"]), ("averaged", averaged)):
-        path = run_dir / "snapshots" / f"{chunk}-{kind}" / "selector.pt"
+        path = folder / f"{chunk}-{kind}" / "selector.pt"
         save_torch_atomic(shipped | {"state_dict": weights, "step": last["step"]}, path)
         kept[kind] = path
     print(f"part {chunk}: step {last['step']}", flush=True)
@@ -63,6 +68,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.average_steps < 1 or args.chunks < 2:
+        parser.error("--average-steps must be at least 1 (weights averaged) and --chunks at least 2 (a spread)")
     args.cache.mkdir(parents=True, exist_ok=True)
     name = args.name or args.encoder
     path = args.cache / f"realcxr-{name}.h5"

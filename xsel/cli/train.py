@@ -66,8 +66,8 @@ def train_selector_command(
         int | None,
         typer.Option(
             min=0,
-            help="Ship the weights averaged over this many recent steps, kept at every validation; 0: the "
-            "best-validated step [default: set 1000, lstm 0].",
+            help="Ship a moving average of the weights with a time constant of this many steps, kept at every "
+            "validation; 0: the best-validated step [default: set 1000, lstm 0].",
         ),
     ] = None,
     read_embedding: Annotated[
@@ -99,7 +99,7 @@ def train_selector_command(
     val_every: Annotated[int, typer.Option(help="Steps between validations (and checkpoints).")] = 50,
     val_episodes: Annotated[int, typer.Option(help="Fixed validation episodes per validation condition.")] = 20,
     max_minutes: Annotated[
-        float, typer.Option(help="Stop after this many minutes, keeping the best checkpoint.")
+        float, typer.Option(help="Stop after this many minutes, keeping what was validated last or best.")
     ] = 10.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of episodes, sampling and initialisation.")] = 0,
     device: Annotated[
@@ -111,10 +111,11 @@ def train_selector_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Meta-learn a selector with REINFORCE on labelling episodes of seen conditions, validated on unseen ones:
-    MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time). The best
-    checkpoint is RUN_DIR/selector.pt; it carries a trust gate that falls back to the best heuristic on pools
-    unlike the training ones. --adapt fits a trained selector to a site's own images, without labels;
-    --choose-fallback picks that fallback on another hospital's labelled images instead of at home.
+    MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time).
+    RUN_DIR/selector.pt holds the best-validated step (lstm) or the weights averaged over the run (set); it
+    carries a trust gate that falls back to the best heuristic on pools unlike the training ones. --adapt fits a
+    trained selector to a site's own images, without labels; --choose-fallback picks that fallback on another
+    hospital's labelled images instead of at home.
 
     [bold]Examples[/bold]
 

@@ -8,13 +8,13 @@ probability of the ordered sample. The set policy (``model="set"``) samples ``sa
 one pick at a time, and each sequence's baseline is the mean reward of the others (leave-one-out).
 ``balanced`` is the share of steps whose pools are half positive instead of at natural prevalence.
 Validation runs a fixed set of episodes of the unseen validation conditions on held-out patients with the
-deterministic picks; the best checkpoint is kept. With ``average_steps`` (the set model's default) the weights
-validated and shipped are instead a moving average of the trained ones over that many recent steps (fewer early
-on: half the steps so far), kept at every validation: one step's policy swings between hospitals by more than
-selectors differ, the average does not, and two scarce validation conditions cannot say which step is good where
-(measured in BENCHMARKS.md §13: the best-validated step was among the worst at home). A validation
-condition too scarce for full-size episodes is validated on smaller ones (with a warning), or left out when even
-those cannot be drawn.
+deterministic picks; the best checkpoint is kept. With ``average_steps`` N (the set model's default) the weights
+validated and shipped are instead a moving average of the trained ones (time constant N steps; early in a run
+each step weighs in proportion to its index), kept at every validation: one step's policy swings between
+hospitals by more than selectors differ, the average does not, and two scarce validation conditions cannot say
+which step is good where (measured in BENCHMARKS.md §13: the best-validated step was among the worst at home).
+A validation condition too scarce for full-size episodes is validated on smaller ones (with a warning), or left
+out when even those cannot be drawn.
 
 Everything random derives from (seed, step), so ``resume`` continues exactly as an uninterrupted run.
 """
@@ -269,9 +269,10 @@ def train_selector(
 ) -> TrainResult:
     """Train a selector on ``config.conditions``, validate on ``config.val_conditions``; files in ``run_dir``.
 
-    Writes ``selector.pt`` (best validation), ``last.pt`` (for ``resume``) and ``metrics.csv``. With ``resume``
-    the run goes on with the settings saved in ``last.pt``; ``config`` may then be None, or the settings asked for
-    again (a dict of some, or a whole config): changing one other than ``max_minutes`` is refused.
+    Writes ``selector.pt`` (the best-validated step, or the last validated average with ``average_steps``),
+    ``last.pt`` (for ``resume``) and ``metrics.csv``. With ``resume`` the run goes on with the settings saved in
+    ``last.pt``; ``config`` may then be None, or the settings asked for again (a dict of some, or a whole config):
+    changing one other than ``max_minutes`` is refused.
     """
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
@@ -524,7 +525,8 @@ def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_di
     requested = asdict(config) if isinstance(config, SelectorConfig) else dict(config or {})
     if isinstance(config, SelectorConfig) and config.use_metadata:  # set from the store when the run began
         requested = {key: value for key, value in requested.items() if key not in ("age_mean", "age_std")}
-    settings = resumed_settings(saved["config"], requested, where=run_dir / LAST, may_change=RESUMABLE)
+    saved_config = {"average_steps": 0} | saved["config"]  # a run saved before xsel averaged weights did not
+    settings = resumed_settings(saved_config, requested, where=run_dir / LAST, may_change=RESUMABLE)
     known = set(SelectorConfig.__dataclass_fields__)
     return SelectorConfig(**{key: value for key, value in settings.items() if key in known})
 
@@ -640,7 +642,8 @@ def _train_step(training: _Training, step: int) -> dict:
 
 
 def _validate_and_save(training: _Training, state: RunState, random_val: float, started: float) -> dict:
-    """Validate, keep the best checkpoint, write ``last.pt``; returns the validation columns of the metrics row."""
+    """Validate, keep the best checkpoint (or the average as it stands), write ``last.pt``; returns the validation
+    columns of the metrics row."""
     per_condition = _validate(training.val, training.policy, training.config, training.device)
     mean = float(np.mean(list(per_condition.values())))
     if training.averaged is not None or mean > state.best_val:  # an average is shipped as it stands
@@ -684,9 +687,10 @@ def _save(training: _Training, name: str, extra: dict, *, module: torch.nn.Modul
 
 
 def _recent_average(horizon: int):
-    """AveragedModel's update: an exponential moving average over the last ``horizon`` steps, or over the later
-    half of the steps so far while there are fewer than 2 × ``horizon`` (a short run's average does not carry its
-    initial weights)."""
+    """AveragedModel's update: an exponential moving average with a time constant of ``horizon`` steps (the last
+    ``horizon`` carry 63% of it); while a run has fewer than 2 × ``horizon`` steps, each step weighs in proportion
+    to its index instead (the later half carries 75%, the initial weights nothing), so a short run's average is
+    of its trained weights."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         weight = 1.0 / min(horizon, max(1.0, (int(num_averaged) + 1) / 2))
