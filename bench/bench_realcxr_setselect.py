@@ -153,13 +153,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    args.cache.mkdir(parents=True, exist_ok=True)
     name = args.name or args.encoder
-    path = args.cache / f"realcxr-{name}.h5"
-    if not path.exists():
-        options = {"weights": args.weights, "image_size": args.image_size}
-        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
-    store = read_store(path)
+    store = pack_store(args)
     test_patient = test_patients(store)
     source = store.meta["Source"]
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
@@ -232,6 +227,17 @@ def main() -> None:
         report += all_pool_labels(stores["NIH unseen"], learned["setselect"], common)
         save(args, learned, timings, report)
     print_tables(report)
+
+
+def pack_store(args):
+    """The realcxr pack embedded with ``--encoder`` (``--weights``, ``--image-size``), cached in ``--cache`` as
+    ``realcxr-NAME.h5`` (NAME: ``--name`` or the encoder)."""
+    args.cache.mkdir(parents=True, exist_ok=True)
+    path = args.cache / f"realcxr-{args.name or args.encoder}.h5"
+    if not path.exists():
+        options = {"weights": args.weights, "image_size": args.image_size}
+        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
+    return read_store(path)
 
 
 def one_set_selector(test, conditions, run_dir: Path, common: dict, **options):

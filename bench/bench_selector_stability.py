@@ -20,12 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_realcxr_medselect import NIH, test_patients, training_config
-from bench_realcxr_setselect import GROUPS, rows
-from benchlib import REALCXR, subset
+from bench_realcxr_setselect import GROUPS, pack_store, rows
+from benchlib import subset
 
-from xsel.embed import embed
 from xsel.evaluate import evaluate
-from xsel.store import read_store
 from xsel.train.checkpoints import save_torch_atomic
 from xsel.train.selector import train_selector
 
@@ -70,13 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.average_steps < 1 or args.chunks < 2:
         parser.error("--average-steps must be at least 1 (weights averaged) and --chunks at least 2 (a spread)")
-    args.cache.mkdir(parents=True, exist_ok=True)
     name = args.name or args.encoder
-    path = args.cache / f"realcxr-{name}.h5"
-    if not path.exists():
-        options = {"weights": args.weights, "image_size": args.image_size}
-        embed(REALCXR / "labels.csv", path, encoder=args.encoder, show_progress=False, **options)
-    store = read_store(path)
+    store = pack_store(args)
     test_patient = test_patients(store)
     source = store.meta["Source"]
     run_dir = args.runs / name / f"set-average{args.average_steps}-seed{args.seed}"

@@ -111,23 +111,27 @@ def test_learns_the_known_best_picks_on_a_toy_problem(tmp_path, monkeypatch):
     assert {"step", "reward", "baseline", "val_auroc", "val_auroc_B"} <= set(metrics.columns)
 
 
+def train_until_interrupted(store, run_dir, config, monkeypatch, *, step: int) -> None:
+    """Start a selector run and stop it as Ctrl-C would, once step ``step`` is logged (after its last checkpoint)."""
+    import xsel.train.selector as module
+
+    original = module._append_metrics
+
+    def interrupt(path, row, conditions):
+        original(path, row, conditions)
+        if row["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_append_metrics", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_selector(store, run_dir, config, show_progress=False)
+    monkeypatch.setattr(module, "_append_metrics", original)
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     store, config = toy_store(), toy_config(episodes=16 * 10, val_every=5)
     train_selector(store, tmp_path / "straight", config, show_progress=False)
-    import xsel.train.selector as module
-
-    original, calls = module._append_metrics, []
-
-    def crash_after_seven(path, row, conditions):
-        original(path, row, conditions)
-        calls.append(row["step"])
-        if row["step"] == 7:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "_append_metrics", crash_after_seven)
-    with pytest.raises(KeyboardInterrupt):
-        train_selector(store, tmp_path / "resumed", config, show_progress=False)
-    monkeypatch.setattr(module, "_append_metrics", original)
+    train_until_interrupted(store, tmp_path / "resumed", config, monkeypatch, step=7)
     with pytest.raises(InputError, match="pass --resume"):
         train_selector(store, tmp_path / "resumed", config, show_progress=False)
     with pytest.raises(InputError, match=r"--k 6 → 5"):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.test_medselect import toy_config, toy_store
+from tests.test_medselect import toy_config, toy_store, train_until_interrupted
 from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.selection import select
@@ -80,21 +80,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_after_an_interruption_is_identical(tmp_path, monkeypatch):
-    import xsel.train.selector as module
-
     store, config = toy_store(), set_config(episodes=16 * 6, val_every=3)
     train_selector(store, tmp_path / "straight", config, show_progress=False)
-    original = module._append_metrics
-
-    def crash_after_four(path, row, conditions):
-        original(path, row, conditions)
-        if row["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "_append_metrics", crash_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        train_selector(store, tmp_path / "resumed", config, show_progress=False)
-    monkeypatch.setattr(module, "_append_metrics", original)
+    train_until_interrupted(store, tmp_path / "resumed", config, monkeypatch, step=4)
     train_selector(store, tmp_path / "resumed", None, resume=True, show_progress=False)
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
@@ -103,24 +91,12 @@ def test_resume_after_an_interruption_is_identical(tmp_path, monkeypatch):
 
 
 def test_averaged_weights_are_shipped_leave_training_unchanged_and_resume_exactly(tmp_path, monkeypatch):
-    import xsel.train.selector as module
-
     store = toy_store()
     plain = set_config(episodes=16 * 6, val_every=3, average_steps=0)
     averaged = set_config(episodes=16 * 6, val_every=3, average_steps=4)
     train_selector(store, tmp_path / "plain", plain, show_progress=False)
     train_selector(store, tmp_path / "straight", averaged, show_progress=False)
-    original = module._append_metrics
-
-    def crash_after_four(path, row, conditions):
-        original(path, row, conditions)
-        if row["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "_append_metrics", crash_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        train_selector(store, tmp_path / "resumed", averaged, show_progress=False)
-    monkeypatch.setattr(module, "_append_metrics", original)
+    train_until_interrupted(store, tmp_path / "resumed", averaged, monkeypatch, step=4)
     train_selector(store, tmp_path / "resumed", None, resume=True, show_progress=False)
     last = {name: load_checkpoint(tmp_path / name / "last.pt") for name in ("plain", "straight", "resumed")}
     trained = last["plain"]["state_dict"]
@@ -154,27 +130,15 @@ def test_an_average_ships_as_it_stands_and_a_step_only_when_it_validates_best(tm
 
 
 def test_a_run_saved_before_weight_averaging_resumes_without_it(tmp_path, monkeypatch):
-    import xsel.train.medselect as medselect
-    import xsel.train.selector as module
     from xsel.train.checkpoints import save_torch_atomic
 
     store, config = toy_store(), set_config(episodes=16 * 6, val_every=3, average_steps=0)
-    original = module._append_metrics
-
-    def crash_after_four(path, row, conditions):
-        original(path, row, conditions)
-        if row["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "_append_metrics", crash_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        train_selector(store, tmp_path, config, show_progress=False)
-    monkeypatch.setattr(module, "_append_metrics", original)
+    train_until_interrupted(store, tmp_path, config, monkeypatch, step=4)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     del saved["config"]["average_steps"]  # as an earlier xsel wrote it
     save_torch_atomic(saved, tmp_path / "last.pt")
     result = train_selector(store, tmp_path, None, resume=True, show_progress=False)
-    last = medselect.load_checkpoint(tmp_path / "last.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
     assert result.steps == 6 and not result.averaged and "averaged" not in last
     assert last["config"]["average_steps"] == 0
 
