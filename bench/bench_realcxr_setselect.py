@@ -10,7 +10,9 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
   selector adapted without labels to each away store (``xsel train selector --unlabeled``);
 - with ``--last-step``, the set selector's last trained weights against the shipped ones (its best-validated
   step, or its average when the run averages weights), raw;
-  with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target).
+  with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target);
+- with ``--leave-one-out``, for each away hospital a set selector trained on every other source's training patients
+  and tested on that hospital, raw and gated.
 
 Prints Markdown tables (Δ AUROC vs random with paired 95% CIs) and writes ``--json``.
 
@@ -147,6 +149,11 @@ def main() -> None:
     )
     parser.add_argument("--fallback-episodes", type=int, default=60, help="--choose-fallback: episodes per condition")
     parser.add_argument("--mixed", action="store_true", help="also train a set selector on every source's patients")
+    parser.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="also train a set selector on every source but one away hospital and test it there",
+    )
     parser.add_argument("--last-step", action="store_true", help="also run the set selector's last training step")
     parser.add_argument("--stretch", action="store_true", help="also compare K picks with all pool labels at home")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
@@ -215,6 +222,8 @@ def main() -> None:
         fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings)
     if args.mixed:
         trained_on_every_source(args, store, test_patient, learned, common, report, timings)
+    if args.leave_one_out:
+        trained_without_the_site(args, store, test_patient, learned, stores, common, report, timings)
     variants = {row["variant"] for row in report}
     if args.last_step and "last step raw" not in variants:
         run_dir = last_step_checkpoint(runs / "set")
@@ -264,6 +273,33 @@ def trained_on_every_source(args, store, test_patient, learned, common, report, 
         test = subset(store, source.isin(sources).to_numpy() & test_patient)
         for variant, gate in (("every source", True), ("every source raw", False)):
             result = one_set_selector(test, None, run_dir, common, protocol="archive", trust_gate=gate)
+            report += rows(result, group, variant)
+        save(args, learned, timings, report)
+
+
+def trained_without_the_site(args, store, test_patient, learned, stores, common, report, timings) -> None:
+    """For each away hospital, a set selector trained on the training patients of every other source (``--conditions
+    all``, NIH's validation conditions) and tested on that hospital's test patients, raw and gated: does training on
+    more than one hospital make a policy that pays at a hospital it never saw?"""
+    from xsel.train.selector import ALL_CONDITIONS
+
+    source = store.meta["Source"]
+    for group in ("Kermany", "COVID sources"):
+        if any(r["group"] == group and r["variant"].startswith("without this site") for r in report):
+            continue
+        sources, conditions, negative = GROUPS[group]
+        run_dir = args.runs / (args.name or args.encoder) / f"set-without-{group.split()[0].lower()}"
+        if not (run_dir / "selector.pt").exists():
+            config = training_config(
+                args, episodes=1_000_000, model="set", balanced=args.balanced, conditions=[ALL_CONDITIONS]
+            )
+            began = time.perf_counter()
+            result = train_selector(
+                subset(store, ~source.isin(sources).to_numpy() & ~test_patient), run_dir, config, show_progress=False
+            )
+            print(f"without {group}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min", flush=True)
+        for variant, gate in (("without this site", True), ("without this site raw", False)):
+            result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative, trust_gate=gate)
             report += rows(result, group, variant)
         save(args, learned, timings, report)
 

@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--query-size", type=int, default=40)
     parser.add_argument("--balanced", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0, help="the training run's seed (episodes, sampling, init)")
+    parser.add_argument(
+        "--no-read-embedding", action="store_true", help="a policy of the pool-relative features alone (geometry)"
+    )
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
@@ -73,6 +76,8 @@ def main() -> None:
     test_patient = test_patients(store)
     source = store.meta["Source"]
     run_dir = args.runs / name / f"set-average{args.average_steps}-seed{args.seed}"
+    if args.no_read_embedding:
+        run_dir = run_dir.with_name(run_dir.name + "-geometry")
     config = training_config(
         args,
         episodes=1_000_000,
@@ -81,6 +86,7 @@ def main() -> None:
         average_steps=args.average_steps,
         max_minutes=args.minutes / args.chunks,
         seed=args.seed,
+        read_embedding=not args.no_read_embedding,
     )
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
     kept = []

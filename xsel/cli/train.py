@@ -81,7 +81,8 @@ def train_selector_command(
         Path | None,
         typer.Option(
             help="Adapt this trained selector.pt to STORE without labels: pseudo-tasks from k-means clusters of "
-            "STORE's images (conditions and sizes come from the checkpoint)."
+            "STORE's images (conditions and sizes come from the checkpoint). Measured on the realcxr pack, it did "
+            "not help at other hospitals: cluster tasks reward what heuristics do (BENCHMARKS.md section 13)."
         ),
     ] = None,
     clusters: Annotated[int, typer.Option(help="--adapt: k-means clusters used as pseudo-conditions.")] = 8,
