@@ -7,6 +7,8 @@ steps (what ``xsel train selector --average-steps`` validates and ships). Every 
 shipped ``selector.pt``, then picks on the held-out patients of NIH (unseen conditions), Kermany and the COVID
 sources, gate off, on the same paired episodes as kcenter. The summary gives, per hospital, the spread of Δ AUROC vs
 random over the kept steps: the smaller it is, the less a site's result depends on when training stopped.
+Variants of the same run: ``--no-read-embedding`` (a policy of the pool geometry alone), ``--also-train-on`` (more
+seen NIH conditions).
 
     python bench/bench_selector_stability.py --name moco-resnet18 --cache /work/benchdata [--chunks 5]
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_realcxr_medselect import NIH, test_patients, training_config
+from bench_realcxr_medselect import NIH, SEEN, test_patients, training_config
 from bench_realcxr_setselect import GROUPS, pack_store, rows
 from benchlib import subset
 
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument(
         "--no-read-embedding", action="store_true", help="a policy of the pool-relative features alone (geometry)"
     )
+    parser.add_argument(
+        "--also-train-on", default="", help="NIH conditions to train on beside the seen five (comma-separated)"
+    )
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
@@ -78,6 +83,9 @@ def main() -> None:
     run_dir = args.runs / name / f"set-average{args.average_steps}-seed{args.seed}"
     if args.no_read_embedding:
         run_dir = run_dir.with_name(run_dir.name + "-geometry")
+    extra = [name for name in args.also_train_on.split(",") if name]
+    if extra:
+        run_dir = run_dir.with_name(run_dir.name + "-plus-" + "-".join(extra))
     config = training_config(
         args,
         episodes=1_000_000,
@@ -87,6 +95,7 @@ def main() -> None:
         max_minutes=args.minutes / args.chunks,
         seed=args.seed,
         read_embedding=not args.no_read_embedding,
+        conditions=[*SEEN, *extra],
     )
     train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
     kept = []
