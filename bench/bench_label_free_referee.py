@@ -1,6 +1,6 @@
 """Can a site tell, without labels, whether a learned selector will pay on its images?
 
-Site adaptation (``xsel train selector --unlabeled``) trains on pseudo-tasks, and a label-free trust gate would
+Site adaptation (``xsel train selector --adapt``) trains on pseudo-tasks, and a label-free trust gate would
 have to referee with them: k-means clusters of the site's embeddings as pseudo-conditions, or the attributes every
 DICOM header carries (sex, age over 60, AP vs PA view). Here each candidate referee ranks random, the heuristics and
 the learned selectors on the held-out test patients of each group of ``bench_realcxr_setselect.py`` (home: NIH

@@ -7,7 +7,7 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
 - NIH, unseen conditions (home); Kermany children's pneumonias and the COVID sources (away, never trained on);
 - the archive protocol (a random draw of the store, K picks labelled for every condition) on NIH and on all sources;
 - learned selectors with the trust gate (as shipped) and without it (the raw policy); with ``--adapt``, the set
-  selector adapted without labels to each away store (``xsel train selector --unlabeled``);
+  selector adapted without labels to each away store (``xsel train selector --adapt``);
 - with ``--last-step``, the set selector's last trained weights against the shipped ones (its best-validated
   step, or its average when the run averages weights), raw;
   with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target);
@@ -47,14 +47,15 @@ ARCHIVES = {"archive NIH": NIH, "archive all": (*NIH, "kermany", *COVID)}
 HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 
-def train(store, run_dir: Path, model: str, args) -> dict:
-    """Train one selector (or reuse a finished run); returns its checkpoint."""
-    config = training_config(args, episodes=1_000_000, model=model, balanced=args.balanced if model == "set" else 0.0)
+def train(store, run_dir: Path, model: str, args, **changes) -> dict:
+    """Train one selector (or reuse a finished run), ``changes`` to the training settings; returns its checkpoint."""
+    balanced = args.balanced if model == "set" else 0.0
+    config = training_config(args, episodes=1_000_000, model=model, balanced=balanced, **changes)
     if not (run_dir / "selector.pt").exists():
         began = time.perf_counter()
         result = train_selector(store, run_dir, config, show_progress=False)
         print(
-            f"{model}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min, "
+            f"{run_dir.name}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min, "
             f"{'average' if result.averaged else 'best'} validated {result.best_val_auroc:.3f} at step "
             f"{result.best_step} (random {result.random_val_auroc:.3f})",
             flush=True,
@@ -261,11 +262,7 @@ def trained_on_every_source(args, store, test_patient, learned, common, report, 
     from xsel.train.selector import ALL_CONDITIONS
 
     run_dir = args.runs / (args.name or args.encoder) / "set-every-source"
-    if not (run_dir / "selector.pt").exists():
-        config = training_config(
-            args, episodes=1_000_000, model="set", balanced=args.balanced, conditions=[ALL_CONDITIONS]
-        )
-        train_selector(subset(store, ~test_patient), run_dir, config, show_progress=False)
+    train(subset(store, ~test_patient), run_dir, "set", args, conditions=[ALL_CONDITIONS])
     source = store.meta["Source"]
     for group, sources in ARCHIVES.items():
         if any(r["group"] == group and r["variant"].startswith("every source") for r in report):
@@ -289,15 +286,8 @@ def trained_without_the_site(args, store, test_patient, learned, stores, common,
             continue
         sources, conditions, negative = GROUPS[group]
         run_dir = args.runs / (args.name or args.encoder) / f"set-without-{group.split()[0].lower()}"
-        if not (run_dir / "selector.pt").exists():
-            config = training_config(
-                args, episodes=1_000_000, model="set", balanced=args.balanced, conditions=[ALL_CONDITIONS]
-            )
-            began = time.perf_counter()
-            result = train_selector(
-                subset(store, ~source.isin(sources).to_numpy() & ~test_patient), run_dir, config, show_progress=False
-            )
-            print(f"without {group}: {result.steps} steps in {(time.perf_counter() - began) / 60:.1f} min", flush=True)
+        others = subset(store, ~source.isin(sources).to_numpy() & ~test_patient)
+        train(others, run_dir, "set", args, conditions=[ALL_CONDITIONS])
         for variant, gate in (("without this site", True), ("without this site raw", False)):
             result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative, trust_gate=gate)
             report += rows(result, group, variant)
