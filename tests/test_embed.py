@@ -18,6 +18,8 @@ import torch
 from tests.conftest import interrupt_embedding, write_png_folder
 from xsel.embed import embed
 from xsel.encoders import create_encoder
+from xsel.errors import XselError
+from xsel.io.decoding import BatchDecoder
 from xsel.io.images import load_image
 from xsel.store import errors_path, read_store
 
@@ -70,6 +72,45 @@ def test_bad_images_are_skipped_and_listed(tmp_path):
     errors = pd.read_csv(errors_path(tmp_path / "s.h5"))
     assert errors["Path"].tolist() == ["img/0002.png", "img/0004.png"]
     assert "cannot decode" in errors["error"][0] and "not found" in errors["error"][1]
+
+
+@pytest.mark.parametrize("workers, overlap", [(0, False), (2, False), (2, True)])
+def test_batch_decoder_yields_the_asked_rows_in_order_and_failures_apart(tmp_path, workers, overlap):
+    csv = write_png_folder(tmp_path, 9, size=24)
+    files = [tmp_path / path for path in pd.read_csv(csv)["Path"]]
+    files[3].write_bytes(b"broken")
+    files[7].unlink()
+    preprocessing = {"image_size": 16, "channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]}
+    rows_asked = [0, 2, 3, 4, 5, 7, 8]  # row 1 and 6 are not asked for (a resumed run)
+    decoder = BatchDecoder(preprocessing, batch_size=3, workers=workers, overlap=overlap)
+    with decoder:
+        folder = decoder._folder
+        seen, errors = [], []
+        for rows, pixels, failed in decoder.batches(files, rows_asked):
+            assert pixels.shape == (len(rows), 3, 16, 16)
+            for row, array in zip(rows.tolist(), pixels, strict=True):  # read before the next batch is asked for
+                assert np.array_equal(array, load_image(files[row], preprocessing))
+            seen.extend(rows.tolist())
+            errors.extend(failed)
+    assert seen == [0, 2, 4, 5, 8]
+    assert [row for row, _ in errors] == [3, 7]
+    assert "cannot decode" in errors[0][1] and "not found" in errors[1][1]
+    assert not folder.exists()  # the shared buffers go with the decoder
+
+
+def test_a_decode_worker_that_dies_is_one_clear_error(tmp_path, monkeypatch):
+    import xsel.io.decoding as decoding
+
+    csv = write_png_folder(tmp_path, 6)
+    files = [tmp_path / path for path in pd.read_csv(csv)["Path"]]
+    real = decoding.decode_or_error
+    monkeypatch.setattr(  # the forked workers inherit it
+        decoding, "decode_or_error", lambda path, pre: os._exit(9) if path.endswith("0004.png") else real(path, pre)
+    )
+    preprocessing = {"image_size": 8, "channels": 1, "mean": [0.0], "std": [1.0]}
+    decoder = BatchDecoder(preprocessing, batch_size=3, workers=2)
+    with pytest.raises(XselError, match="decode worker process ended unexpectedly.*--workers 0"), decoder:
+        list(decoder.batches(files, range(6)))
 
 
 def test_cli_summary_and_errors_file(tmp_path, cli):
@@ -287,6 +328,18 @@ def test_onnx_runtime_matches_torch(png_csv, tmp_path, encoder, options):
     assert a.paths == b.paths and np.allclose(a.embeddings, b.embeddings, atol=1e-4)
     assert a.attrs["weights_sha256"] == b.attrs["weights_sha256"], "same encoder identity"
     assert not (tmp_path / "o.h5.partial").exists()
+
+
+def test_the_onnx_encoder_sleeps_while_the_decoders_work():
+    """Its idle threads would spin on the cores the decode workers need between its batches."""
+    from xsel.encoders import model_identity
+    from xsel.train.inference import cached_onnx_session
+
+    model = create_encoder("pixels")
+    session = cached_onnx_session(model, model_identity("pixels", model), "cpu")  # exported, then from the cache
+    again = cached_onnx_session(model, model_identity("pixels", model), "cpu")
+    for made in (session, again):
+        assert made.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_onnx_runtime_refuses_bf16(png_csv, tmp_path, cli):

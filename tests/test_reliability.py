@@ -503,7 +503,7 @@ def kill_and_watch_workers(code: str, args: list, within: float) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_kill_9_of_a_site_selection_takes_its_decode_workers_along(work, tmp_path):
-    code = SLOW_DECODE.format(module="xsel.bundle", function="decode_or_error")
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
     args = [
         "select",
         work.csv,
@@ -521,13 +521,30 @@ def test_kill_9_of_a_site_selection_takes_its_decode_workers_along(work, tmp_pat
     kill_and_watch_workers(code, args, within=3)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_kill_9_of_an_embedding_takes_its_dataloader_workers_along(work, tmp_path):
-    """PyTorch's DataLoader workers watch their parent every 5 s (torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL)."""
-    code = SLOW_DECODE.format(module="xsel.train.inference", function="decode_or_error")
+def test_kill_9_of_an_embedding_takes_its_decode_workers_along(work, tmp_path):
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
     args = ["embed", work.csv, "--out", tmp_path / "s.h5", "--encoder", "pixels", "--workers", "2", "--batch-size", "2"]
-    kill_and_watch_workers(code, args, within=10)
+    kill_and_watch_workers(code, args, within=3)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_ctrl_c_of_an_embedding_with_decode_workers_is_one_line_and_exit_130(work, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, decode workers included."""
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
+    args = ["embed", work.csv, "--out", tmp_path / "s.h5", "--encoder", "pixels", "--workers", "2", "--batch-size", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while not children(process.pid) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # decoding under way
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
+    assert not (tmp_path / "s.h5").exists()
 
 
 # 9 ── progress saved every few seconds ───────────────────────────────────────────────────────────────────────────

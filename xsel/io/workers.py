@@ -2,9 +2,9 @@
 
 A decode worker of a ``ProcessPoolExecutor`` outlives a parent killed with SIGKILL — no cleanup runs — and keeps
 its memory until someone finds it. :func:`die_with_parent`, run first in each worker (the executor's
-``initializer``: the site's decoders, scan), ends it when its parent goes: on Linux at once, by the kernel's
-parent-death signal; everywhere within a second, by a watchdog thread that notices the new parent. (``xsel embed``'s
-DataLoader workers end through PyTorch's own watchdog.)
+``initializer``: the decoders of ``xsel embed`` and the site runtime, scan), ends it when its parent goes: on Linux
+at once, by the kernel's parent-death signal; everywhere within a second, by a watchdog thread that notices the new
+parent.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from xsel import plots
 from xsel.encoders import create_encoder, model_identity
 from xsel.errors import InputError
+from xsel.io.images import decode_or_error
 from xsel.io.table import (
     PATH_COLUMN,
     check_unique_paths,
@@ -74,7 +75,6 @@ from xsel.train.head import (
     multilabel_loss,
     save_classifier,
 )
-from xsel.train.inference import ImageDataset, collate_decoded
 from xsel.train.runtime import autocast_dtype, one_cycle, resolve_device
 
 METRICS = "metrics.csv"
@@ -704,6 +704,30 @@ def augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     contrast = (1 + uniform[:, 4, None, None, None] * AUGMENT_INTENSITY).to(images.device, images.dtype)
     brightness = (uniform[:, 5, None, None, None] * AUGMENT_INTENSITY).to(images.device, images.dtype)
     return moved * contrast + brightness
+
+
+class ImageDataset:
+    """Decodes and preprocesses images in DataLoader workers (training reads its batches in a seeded order);
+    failures travel as messages, not exceptions."""
+
+    def __init__(self, files: list[Path], rows: list[int], preprocessing: dict):
+        self.files, self.rows, self.preprocessing = files, rows, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int):
+        row = self.rows[position]
+        return (row, *decode_or_error(self.files[row], self.preprocessing))
+
+
+def collate_decoded(items):
+    """(row, array | None, error | None) items → (rows, stacked batch of the decoded ones, failures)."""
+    good = [(row, array) for row, array, error in items if error is None]
+    rows = np.asarray([row for row, _ in good], dtype=np.int64)
+    batch = torch.from_numpy(np.stack([array for _, array in good])) if good else None
+    errors = [(row, error) for row, _, error in items if error is not None]
+    return rows, batch, errors
 
 
 def _loader(files: list[Path], rows: np.ndarray, preprocessing: dict, config: ClassifierConfig) -> DataLoader:

@@ -1,8 +1,7 @@
-"""The PyTorch side of ``xsel embed``: build the encoder, decode in DataLoader workers, run batches.
+"""The PyTorch side of ``xsel embed``: pick the runtime, build the forward pass, run it over decoded batches.
 
 ``xsel.embed`` owns the job (the image table, crash-safe shards, resume, the store) and calls :func:`pick_runtime`,
-:func:`local_forward` and :func:`embed_rows_local` here; the Ray engine reuses :func:`run_encoder`, classifier
-fine-tuning reuses :func:`collate_decoded`.
+:func:`local_forward` and :func:`embed_rows_local` here; the Ray engine reuses :func:`run_encoder`.
 
 The onnxruntime encoder is exported and checked against PyTorch once per encoder identity and kept in a user cache
 folder (:func:`encoder_cache_dir`); a cached file is used only when its SHA-256, identity, xsel version and device
@@ -19,41 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from xsel import __version__
 from xsel.bundle import make_session
 from xsel.errors import InputError, XselError
 from xsel.io.atomic import write_atomic, write_text_atomic
-from xsel.io.images import decode_or_error
+from xsel.io.decoding import BatchDecoder
 from xsel.io.table import file_sha256
 from xsel.progress import notify, progress_bar
 
 RUNTIMES = ("auto", "torch", "onnx")
 CACHE_MODEL, CACHE_RECORD = "encoder.onnx", "encoder.json"
-
-
-class ImageDataset:
-    """Decodes and preprocesses images in DataLoader workers; failures travel as messages, not exceptions."""
-
-    def __init__(self, files: list[Path], rows: list[int], preprocessing: dict):
-        self.files, self.rows, self.preprocessing = files, rows, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int):
-        row = self.rows[position]
-        return (row, *decode_or_error(self.files[row], self.preprocessing))
-
-
-def collate_decoded(items):
-    """(row, array | None, error | None) items → (rows, stacked batch of the decoded ones, failures)."""
-    good = [(row, array) for row, array, error in items if error is None]
-    rows = np.asarray([row for row, _ in good], dtype=np.int64)
-    batch = torch.from_numpy(np.stack([array for _, array in good])) if good else None
-    errors = [(row, error) for row, _, error in items if error is not None]
-    return rows, batch, errors
 
 
 def run_encoder(model, batch, device, amp_dtype) -> np.ndarray:
@@ -151,14 +126,14 @@ def cached_onnx_session(model, identity: dict, device: str):
     folder = encoder_cache_dir(identity)
     problem = _cache_problem(folder, identity, device)
     if problem is None:
-        return make_session(folder / CACHE_MODEL, device)
+        return make_session(folder / CACHE_MODEL, device, spinning=False)  # it alternates with decoding
     if folder.exists():
         notify(f"the cached ONNX encoder in {folder} is not used ({problem}); exporting it again")
     made = {}
 
     def export(temporary: Path) -> None:
         made["checks"] = export_encoder(model, temporary, device=device)  # its notices are silenced there
-        made["session"] = make_session(temporary, device)  # loaded before the rename: this run's checked bytes
+        made["session"] = make_session(temporary, device, spinning=False)  # this run's checked bytes
         made["sha256"] = file_sha256(temporary)
 
     write_atomic(folder / CACHE_MODEL, export)
@@ -176,17 +151,10 @@ def cached_onnx_session(model, identity: dict, device: str):
 
 
 def embed_rows_local(forward, preprocessing, files, todo_rows, writer, batch_size, workers, device, show_progress):
-    """Decode in DataLoader worker processes, run ``forward`` here, hand results to the shard writer."""
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)  # decoding is the bottleneck once the model is fast
-    loader = DataLoader(
-        ImageDataset(files, todo_rows, preprocessing),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-    )
-    with progress_bar("Embedding", total=len(todo_rows), show=show_progress) as advance:
-        for rows, batch, errors in loader:
-            output = forward(batch) if batch is not None else None
+    """Decode in worker processes (:class:`~xsel.io.decoding.BatchDecoder`: between forward passes on a CPU, beside
+    them on an accelerator), run ``forward`` here, hand results to the shard writer."""
+    decoder = BatchDecoder(preprocessing, batch_size, workers, overlap=device.type != "cpu")
+    with decoder, progress_bar("Embedding", total=len(todo_rows), show=show_progress) as advance:
+        for rows, pixels, errors in decoder.batches(files, todo_rows):
+            output = forward(torch.from_numpy(pixels)) if len(rows) else None
             advance(writer.add(rows, output, errors))

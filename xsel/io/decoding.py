@@ -1,0 +1,133 @@
+"""Decoding for an encoder: worker processes fill a shared batch buffer, one batch at a time.
+
+On a CPU the encoder's forward pass runs on every core (PyTorch's and onnxruntime's thread pools). Decoders working
+beside it take a core from one of its threads, and each parallel step of the model then waits for the thread that
+lost its core: on two cores EfficientNet-Lite0 (many small steps) embedded at 60% of its forward-only rate that way.
+So on a CPU the workers decode a batch with every core, then the caller encodes it with every core
+(``overlap=False``); on an accelerator the next batch is decoded while the current one is encoded (``overlap=True``,
+two buffers). Pixels travel through a memory-mapped file in a temporary folder (RAM-backed ``/dev/shm`` where there
+is one), not through pickles; only failures travel back as messages. Used by ``xsel embed`` and the site runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from xsel.errors import XselError
+from xsel.io.images import decode_or_error
+from xsel.io.workers import die_with_parent
+
+_worker: dict = {}  # in a worker process: the preprocessing and the opened buffers
+
+
+def default_workers() -> int:
+    """One decode process per core (at most 8): decoding a batch is the only work while they run."""
+    return min(8, os.cpu_count() or 1)
+
+
+def _open_buffers(specs: list[tuple[str, tuple[int, ...]]]) -> list[np.ndarray]:
+    return [np.memmap(path, dtype=np.float32, mode="r+", shape=shape) for path, shape in specs]
+
+
+def _start_worker(parent: int, preprocessing: dict, specs: list[tuple[str, tuple[int, ...]]]) -> None:
+    die_with_parent(parent)
+    _worker["preprocessing"], _worker["buffers"] = preprocessing, _open_buffers(specs)
+
+
+def _decode_into(buffer: np.ndarray, preprocessing: dict, jobs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Decode each (slot, path) into ``buffer[slot]``; returns the (slot, message) of the images that failed."""
+    failed = []
+    for slot, path in jobs:
+        array, error = decode_or_error(path, preprocessing)
+        if error is None:
+            buffer[slot] = array
+        else:
+            failed.append((slot, error))
+    return failed
+
+
+def _decode_in_worker(buffer_index: int, jobs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    return _decode_into(_worker["buffers"][buffer_index], _worker["preprocessing"], jobs)
+
+
+class BatchDecoder:
+    """Decodes the images of ``files`` named by ``rows``, ``batch_size`` at a time, with ``workers`` processes
+    (0: in this process). Use as a context manager; :meth:`batches` yields each batch's pixels."""
+
+    def __init__(self, preprocessing: dict, batch_size: int, workers: int | None = None, *, overlap: bool = False):
+        self.preprocessing, self.batch_size, self.overlap = preprocessing, batch_size, overlap
+        self.workers = default_workers() if workers is None else workers
+        size, channels = int(preprocessing["image_size"]), int(preprocessing["channels"])
+        self.shape = (batch_size, channels, size, size)
+        self._folder: Path | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._buffers: list[np.ndarray] = []
+
+    def __enter__(self) -> BatchDecoder:
+        shm = Path("/dev/shm")
+        where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        self._folder = Path(tempfile.mkdtemp(prefix="xsel-decode-", dir=where))
+        specs = []
+        for index in range(2 if self.overlap else 1):
+            path = self._folder / f"batch{index}.f32"
+            np.memmap(path, dtype=np.float32, mode="w+", shape=self.shape).flush()  # sized once, shared by all
+            specs.append((str(path), self.shape))
+        self._buffers = _open_buffers(specs)
+        if self.workers > 0:
+            self._pool = ProcessPoolExecutor(
+                self.workers, initializer=_start_worker, initargs=(os.getpid(), self.preprocessing, specs)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._buffers = []
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def batches(
+        self, files: Sequence[str | Path], rows: Sequence[int]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """(rows decoded, their pixels ``(n, channels, size, size)``, (row, message) of the failures) per batch, in
+        row order. The pixels live in a shared buffer: use them before asking for the next batch."""
+        chunks = [list(rows[start : start + self.batch_size]) for start in range(0, len(rows), self.batch_size)]
+        pending = self._submit(files, chunks[0], 0) if chunks else None
+        for index in range(len(chunks)):
+            current = pending
+            following = index + 1 < len(chunks)
+            if self.overlap and following:  # into the other buffer, while the caller encodes this one
+                pending = self._submit(files, chunks[index + 1], (index + 1) % len(self._buffers))
+            yield self._collect(*current)
+            if not self.overlap and following:
+                pending = self._submit(files, chunks[index + 1], 0)
+
+    def _submit(self, files, chunk: list[int], buffer_index: int):
+        jobs = [(slot, str(files[row])) for slot, row in enumerate(chunk)]
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(_decode_into(self._buffers[buffer_index], self.preprocessing, jobs))
+            return chunk, buffer_index, [done]
+        pieces = np.array_split(np.arange(len(jobs)), min(len(jobs), 2 * self.workers))  # evens out slow files
+        futures = [self._pool.submit(_decode_in_worker, buffer_index, [jobs[i] for i in piece]) for piece in pieces]
+        return chunk, buffer_index, futures
+
+    def _collect(self, chunk: list[int], buffer_index: int, futures: list[Future]):
+        try:
+            failed = dict(slot_error for future in futures for slot_error in future.result())
+        except BrokenProcessPool as error:
+            raise XselError(
+                f"a decode worker process ended unexpectedly ({error}); --workers 0 decodes without worker processes"
+            ) from None
+        good = [slot for slot in range(len(chunk)) if slot not in failed]
+        buffer = np.asarray(self._buffers[buffer_index])
+        pixels = buffer[: len(chunk)] if len(good) == len(chunk) else buffer[good]
+        rows = np.asarray([chunk[slot] for slot in good], dtype=np.int64)
+        return rows, pixels, [(chunk[slot], message) for slot, message in sorted(failed.items())]
