@@ -8,7 +8,8 @@ shipped ``selector.pt``, then picks on the held-out patients of NIH (unseen cond
 sources, gate off, on the same paired episodes as kcenter. The summary gives, per hospital, the spread of Δ AUROC vs
 random over the kept steps: the smaller it is, the less a site's result depends on when training stopped.
 Variants of the same run: ``--no-read-embedding`` (a policy of the pool geometry alone), ``--also-train-on`` (more
-seen NIH conditions).
+seen conditions), ``--with-sources`` (other hospitals' training patients too: does a policy trained on more
+hospitals' conditions pay at home on NIH's unseen ones?).
 
     python bench/bench_selector_stability.py --name moco-resnet18 --cache /work/benchdata [--chunks 5]
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_realcxr_medselect import NIH, SEEN, test_patients, training_config
-from bench_realcxr_setselect import GROUPS, pack_store, rows
+from bench_realcxr_setselect import GROUPS, pack_store, rows, set_vs_lstm
 from benchlib import subset
 
 from xsel.evaluate import evaluate
@@ -68,7 +69,16 @@ def main() -> None:
         "--no-read-embedding", action="store_true", help="a policy of the pool-relative features alone (geometry)"
     )
     parser.add_argument(
-        "--also-train-on", default="", help="NIH conditions to train on beside the seen five (comma-separated)"
+        "--also-train-on", default="", help="conditions to train on beside the seen five NIH ones (comma-separated)"
+    )
+    parser.add_argument(
+        "--with-sources",
+        default="",
+        help="other sources whose training patients join NIH's (comma-separated, e.g. kermany,ieee8023); name their "
+        "conditions in --also-train-on; their hospitals' test groups are then seen, not away",
+    )
+    parser.add_argument(
+        "--lstm", type=Path, help="a MedSelect LSTM checkpoint: also the paired shipped set selector − LSTM difference"
     )
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
@@ -86,6 +96,9 @@ def main() -> None:
     extra = [name for name in args.also_train_on.split(",") if name]
     if extra:
         run_dir = run_dir.with_name(run_dir.name + "-plus-" + "-".join(extra))
+    sources = [name for name in args.with_sources.split(",") if name]
+    if sources:
+        run_dir = run_dir.with_name(run_dir.name + "-with-" + "-".join(sources))
     config = training_config(
         args,
         episodes=1_000_000,
@@ -97,7 +110,7 @@ def main() -> None:
         read_embedding=not args.no_read_embedding,
         conditions=[*SEEN, *extra],
     )
-    train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
+    train_store = subset(store, source.isin([*NIH, *sources]).to_numpy() & ~test_patient)
     kept = []
     for chunk in range(1, args.chunks + 1):
         if not (run_dir / "snapshots" / f"{chunk}-averaged").exists():
@@ -115,6 +128,11 @@ def main() -> None:
         for variant, checkpoint in checkpoints:
             result = evaluate(test, conditions, selectors=[f"setselect={checkpoint}"], **options)
             report += [r for r in rows(result, group, variant) if r["selector"] != "random"]
+        if args.lstm:
+            selectors = [f"setselect={run_dir / 'selector.pt'}", f"medselect={args.lstm}"]
+            result = evaluate(test, conditions, selectors=selectors, **options)
+            report += [r for r in rows(result, group, "LSTM") if r["selector"] == "medselect"]
+            report += [r for r in rows(set_vs_lstm(result), group, "shipped − LSTM") if r["selector"] != "random"]
         print(f"{group}: done", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args), "rows": report}, indent=2, default=str))
