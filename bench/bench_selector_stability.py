@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_realcxr_medselect import NIH, SEEN, test_patients, training_config
-from bench_realcxr_setselect import GROUPS, pack_store, rows, set_vs_lstm
+from bench_realcxr_setselect import GROUPS, pack_store, rows, set_vs_lstm, train
 from benchlib import subset
 
 from xsel.evaluate import evaluate
@@ -80,6 +80,11 @@ def main() -> None:
     parser.add_argument(
         "--lstm", type=Path, help="a MedSelect LSTM checkpoint: also the paired shipped set selector − LSTM difference"
     )
+    parser.add_argument(
+        "--train-lstm",
+        action="store_true",
+        help="train the LSTM on the same patients and conditions (--minutes, its own defaults) and compare with it",
+    )
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
@@ -117,6 +122,9 @@ def main() -> None:
             resume = (run_dir / "last.pt").exists()
             train_selector(train_store, run_dir, None if resume else config, resume=resume, show_progress=False)
         kept.append(snapshot(run_dir, chunk))
+    if args.train_lstm:
+        lstm_dir = run_dir.with_name(run_dir.name + "-lstm")
+        args.lstm = Path(train(train_store, lstm_dir, "lstm", args, conditions=config.conditions)["checkpoint"])
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     report = []
     for group, (sources, conditions, negative) in GROUPS.items():
