@@ -98,6 +98,32 @@ def test_batch_decoder_yields_the_asked_rows_in_order_and_failures_apart(tmp_pat
     assert not folder.exists()  # the shared buffers go with the decoder
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="space is reserved with posix_fallocate")
+def test_a_full_shared_memory_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    """A container's /dev/shm is often 64 MiB; a write past a full tmpfs would kill the process, not raise."""
+    import errno
+
+    import xsel.io.decoding as decoding
+
+    shm, real = tmp_path / "shm", os.posix_fallocate
+    shm.mkdir()
+
+    def full_in_shm(fd, offset, size):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(shm)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, size)
+
+    monkeypatch.setattr(decoding, "SHARED_MEMORY", shm)
+    monkeypatch.setattr(os, "posix_fallocate", full_in_shm)
+    csv = write_png_folder(tmp_path / "data", 4)
+    files = [tmp_path / "data" / path for path in pd.read_csv(csv)["Path"]]
+    preprocessing = {"image_size": 8, "channels": 1, "mean": [0.0], "std": [1.0]}
+    with BatchDecoder(preprocessing, batch_size=4, workers=0, overlap=True) as decoder:
+        assert decoder._folder.parent != shm and not any(shm.iterdir())  # nothing left in the full one
+        rows, pixels, _ = next(decoder.batches(files, range(4)))
+        assert np.array_equal(pixels[2], load_image(files[2], preprocessing))
+
+
 def test_a_decode_worker_that_dies_is_one_clear_error(tmp_path, monkeypatch):
     import xsel.io.decoding as decoding
 

@@ -2,11 +2,11 @@
 
 On a CPU the encoder's forward pass runs on every core (PyTorch's and onnxruntime's thread pools). Decoders working
 beside it take a core from one of its threads, and each parallel step of the model then waits for the thread that
-lost its core: on two cores EfficientNet-Lite0 (many small steps) embedded at 60% of its forward-only rate that way.
+lost its core: on two cores EfficientNet-Lite0 (many small steps) embedded at 57% of its forward-only rate that way.
 So on a CPU the workers decode a batch with every core, then the caller encodes it with every core
 (``overlap=False``); on an accelerator the next batch is decoded while the current one is encoded (``overlap=True``,
-two buffers). Pixels travel through a memory-mapped file in a temporary folder (RAM-backed ``/dev/shm`` where there
-is one), not through pickles; only failures travel back as messages. Used by ``xsel embed`` and the site runtime.
+two buffers). Pixels travel through a memory-mapped file in a temporary folder (RAM-backed ``/dev/shm`` where it has
+room), not through pickles; only failures travel back as messages. Used by ``xsel embed`` and the site runtime.
 """
 
 from __future__ import annotations
@@ -58,6 +58,49 @@ def _decode_in_worker(buffer_index: int, jobs: list[tuple[int, str]]) -> list[tu
     return _decode_into(_worker["buffers"][buffer_index], _worker["preprocessing"], jobs)
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Create ``path`` with ``size`` bytes of space actually allocated (not a sparse file), or raise OSError."""
+    with open(path, "wb") as handle:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle.fileno(), 0, size)
+        else:  # macOS, Windows: no /dev/shm here, the temporary folder's file system backs the pages
+            handle.truncate(size)
+
+
+def _reserved_folder(where: Path | None, count: int, size: int) -> Path:
+    """A new folder in ``where`` (None: the temporary folder) with ``count`` files of ``size`` bytes reserved, or
+    OSError with nothing left behind."""
+    folder = Path(tempfile.mkdtemp(prefix="xsel-decode-", dir=where))
+    try:
+        for index in range(count):
+            _reserve(folder / f"batch{index}.f32", size)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _buffer_folder(count: int, size: int) -> Path:
+    """The folder of the ``count`` buffer files (``batch0.f32``, …) of ``size`` bytes: RAM-backed /dev/shm when it
+    has room — a container's is often 64 MiB, and writing past a full tmpfs kills the process (SIGBUS) instead of
+    raising — else the temporary folder (the page cache keeps it in memory too)."""
+    if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK):
+        try:
+            return _reserved_folder(SHARED_MEMORY, count, size)
+        except OSError:
+            pass  # too small: the temporary folder below
+    try:
+        return _reserved_folder(None, count, size)
+    except OSError as error:
+        raise XselError(
+            f"no room for {count * size / 2**20:.0f} MiB of decode buffers in {tempfile.gettempdir()} ({error}); "
+            "free some space or lower --batch-size"
+        ) from None
+
+
 class BatchDecoder:
     """Decodes the images of ``files`` named by ``rows``, ``batch_size`` at a time, with ``workers`` processes
     (0: in this process). Use as a context manager; :meth:`batches` yields each batch's pixels."""
@@ -72,14 +115,9 @@ class BatchDecoder:
         self._buffers: list[np.ndarray] = []
 
     def __enter__(self) -> BatchDecoder:
-        shm = Path("/dev/shm")
-        where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self._folder = Path(tempfile.mkdtemp(prefix="xsel-decode-", dir=where))
-        specs = []
-        for index in range(2 if self.overlap else 1):
-            path = self._folder / f"batch{index}.f32"
-            np.memmap(path, dtype=np.float32, mode="w+", shape=self.shape).flush()  # sized once, shared by all
-            specs.append((str(path), self.shape))
+        count = 2 if self.overlap else 1
+        self._folder = _buffer_folder(count, int(np.prod(self.shape)) * 4)
+        specs = [(str(self._folder / f"batch{index}.f32"), self.shape) for index in range(count)]
         self._buffers = _open_buffers(specs)
         if self.workers > 0:
             self._pool = ProcessPoolExecutor(
