@@ -547,6 +547,18 @@ def test_ctrl_c_of_an_embedding_with_decode_workers_is_one_line_and_exit_130(wor
     assert not (tmp_path / "s.h5").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--batch-size", "0", "--batch-size 0: use 1 or more"), ("--workers", "-1", "--workers -1: use 0")],
+)
+def test_a_site_selection_refuses_decode_options_it_cannot_use(work, tmp_path, cli, option, value, message):
+    out, store = tmp_path / "o.csv", tmp_path / "site.h5"
+    args = ["select", work.csv, "--bundle", work.bundle, "--selector", "random", "--k", "2", "--out", out]
+    result = cli(*args, "--store", store, option, value)
+    assert result.exit_code == 2 and message in one_line_error(result), result.stderr
+    assert not out.exists() and not store.exists() and list(tmp_path.iterdir()) == []
+
+
 # 9 ── progress saved every few seconds ───────────────────────────────────────────────────────────────────────────
 
 

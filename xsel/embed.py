@@ -29,6 +29,7 @@ from xsel import __version__
 from xsel.errors import InputError, XselError
 from xsel.identity import describe_identity, identity_of
 from xsel.io.atomic import write_text_atomic
+from xsel.io.decoding import check_decoding
 from xsel.io.outputs import claim_output, writing
 from xsel.io.table import PATH_COLUMN, read_image_table, write_errors_csv
 from xsel.progress import notify
@@ -190,16 +191,13 @@ def embed(
     (and every ``chunk_rows`` rows), which bounds what a kill can lose.
     """
     out = Path(out)
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: use 1 or more")
+    check_decoding(batch_size, workers)  # before any output exists
     if engine not in ("local", "ray"):
         raise InputError(f"--engine {engine}: choose local or ray")
     if runtime not in ("auto", "torch", "onnx"):
         raise InputError(f"--runtime {runtime}: choose auto, torch or onnx")
     if runtime == "onnx" and (engine != "local" or precision not in ("auto", "fp32")):
         raise InputError("--runtime onnx runs locally in fp32: leave out --engine ray and --precision")
-    if workers is not None and workers < 0:
-        raise InputError(f"--workers {workers}: use 0 (decode in this process) or more")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows {chunk_rows}: use 1 or more")
     if out.exists() and not overwrite and not resume:

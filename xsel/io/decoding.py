@@ -21,25 +21,28 @@ from pathlib import Path
 
 import numpy as np
 
-from xsel.errors import XselError
+from xsel.errors import InputError, XselError
 from xsel.io.images import decode_or_error
 from xsel.io.workers import die_with_parent
 
 _worker: dict = {}  # in a worker process: the preprocessing and the opened buffers
 
 
-def default_workers() -> int:
-    """One decode process per core (at most 8): decoding a batch is the only work while they run."""
-    return min(8, os.cpu_count() or 1)
+def check_decoding(batch_size: int, workers: int | None) -> None:
+    """Refuse a batch size or worker count the decoder cannot use, naming the option."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: use 1 or more")
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers {workers}: use 0 (decode in this process) or more")
 
 
-def _open_buffers(specs: list[tuple[str, tuple[int, ...]]]) -> list[np.ndarray]:
-    return [np.memmap(path, dtype=np.float32, mode="r+", shape=shape) for path, shape in specs]
+def _open_buffers(paths: list[str], shape: tuple[int, ...]) -> list[np.ndarray]:
+    return [np.memmap(path, dtype=np.float32, mode="r+", shape=shape) for path in paths]
 
 
-def _start_worker(parent: int, preprocessing: dict, specs: list[tuple[str, tuple[int, ...]]]) -> None:
+def _start_worker(parent: int, preprocessing: dict, paths: list[str], shape: tuple[int, ...]) -> None:
     die_with_parent(parent)
-    _worker["preprocessing"], _worker["buffers"] = preprocessing, _open_buffers(specs)
+    _worker["preprocessing"], _worker["buffers"] = preprocessing, _open_buffers(paths, shape)
 
 
 def _decode_into(buffer: np.ndarray, preprocessing: dict, jobs: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -106,8 +109,9 @@ class BatchDecoder:
     (0: in this process). Use as a context manager; :meth:`batches` yields each batch's pixels."""
 
     def __init__(self, preprocessing: dict, batch_size: int, workers: int | None = None, *, overlap: bool = False):
+        check_decoding(batch_size, workers)
         self.preprocessing, self.batch_size, self.overlap = preprocessing, batch_size, overlap
-        self.workers = default_workers() if workers is None else workers
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers  # one per core: nothing else runs
         size, channels = int(preprocessing["image_size"]), int(preprocessing["channels"])
         self.shape = (batch_size, channels, size, size)
         self._folder: Path | None = None
@@ -117,11 +121,11 @@ class BatchDecoder:
     def __enter__(self) -> BatchDecoder:
         count = 2 if self.overlap else 1
         self._folder = _buffer_folder(count, int(np.prod(self.shape)) * 4)
-        specs = [(str(self._folder / f"batch{index}.f32"), self.shape) for index in range(count)]
-        self._buffers = _open_buffers(specs)
+        paths = [str(self._folder / f"batch{index}.f32") for index in range(count)]
+        self._buffers = _open_buffers(paths, self.shape)
         if self.workers > 0:
             self._pool = ProcessPoolExecutor(
-                self.workers, initializer=_start_worker, initargs=(os.getpid(), self.preprocessing, specs)
+                self.workers, initializer=_start_worker, initargs=(os.getpid(), self.preprocessing, paths, self.shape)
             )
         return self
 
