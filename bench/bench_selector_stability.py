@@ -9,7 +9,8 @@ sources, gate off, on the same paired episodes as kcenter. The summary gives, pe
 random over the kept steps: the smaller it is, the less a site's result depends on when training stopped.
 Variants of the same run: ``--no-read-embedding`` (a policy of the pool geometry alone), ``--also-train-on`` (more
 seen conditions), ``--with-sources`` (other hospitals' training patients too: does a policy trained on more
-hospitals' conditions pay at home on NIH's unseen ones?).
+hospitals' conditions pay at home on NIH's unseen ones?), ``--episodes-within-sources`` (with those, each condition's
+episodes stay within the sources that label it).
 
     python bench/bench_selector_stability.py --name moco-resnet18 --cache /work/benchdata [--chunks 5]
 """
@@ -78,6 +79,11 @@ def main() -> None:
         "conditions in --also-train-on; their hospitals' test groups are then seen, not away",
     )
     parser.add_argument(
+        "--episodes-within-sources",
+        action="store_true",
+        help="keep each condition's training episodes within the sources that label it (--episodes-within Source)",
+    )
+    parser.add_argument(
         "--lstm", type=Path, help="a MedSelect LSTM checkpoint: also the paired shipped set selector − LSTM difference"
     )
     parser.add_argument(
@@ -104,6 +110,9 @@ def main() -> None:
     sources = [name for name in args.with_sources.split(",") if name]
     if sources:
         run_dir = run_dir.with_name(run_dir.name + "-with-" + "-".join(sources))
+    within = "Source" if args.episodes_within_sources else ""
+    if within:
+        run_dir = run_dir.with_name(run_dir.name + "-within")
     config = training_config(
         args,
         episodes=1_000_000,
@@ -114,6 +123,7 @@ def main() -> None:
         seed=args.seed,
         read_embedding=not args.no_read_embedding,
         conditions=[*SEEN, *extra],
+        episodes_within=within,
     )
     train_store = subset(store, source.isin([*NIH, *sources]).to_numpy() & ~test_patient)
     kept = []
@@ -124,7 +134,8 @@ def main() -> None:
         kept.append(snapshot(run_dir, chunk))
     if args.train_lstm:
         lstm_dir = run_dir.with_name(run_dir.name + "-lstm")
-        args.lstm = Path(train(train_store, lstm_dir, "lstm", args, conditions=config.conditions)["checkpoint"])
+        trained = train(train_store, lstm_dir, "lstm", args, conditions=config.conditions, episodes_within=within)
+        args.lstm = Path(trained["checkpoint"])
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     report = []
     for group, (sources, conditions, negative) in GROUPS.items():

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_embed import naive_loop
-from bench_runtimes import ENCODERS, markdown, runtime_rows
+from bench_runtimes import ARCHIVE_FACTOR, ENCODERS, markdown, runtime_rows
 from bench_selectors import time_selectors
 from benchlib import has_realcxr, image_csv
 
@@ -115,7 +115,9 @@ def embed_section(args, lines: list[str]) -> None:
         matmul = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
         limits = {key: matmul[torch.bfloat16 if key == "bf16" else torch.float32] / gflops_per_image for key in runs}
         rates = {"fp32": matmul[torch.float32], "bf16": matmul[torch.bfloat16]}
-        encoder_rows = runtime_rows(csv, folder, ENCODERS, args.repeats, rates)
+        (folder / "archive").mkdir()
+        archive_csv = image_csv(ARCHIVE_FACTOR * args.images, folder / "archive")
+        encoder_rows = runtime_rows(csv, folder, ENCODERS, args.repeats, rates, archive_csv)
 
         # where the time goes (single process, per image)
         began = time.perf_counter()
@@ -163,7 +165,8 @@ def embed_section(args, lines: list[str]) -> None:
         "",
         f"Every built-in encoder through `xsel embed` ({args.images} images, median of {args.repeats}; `auto`, the "
         "default, runs the onnxruntime row when onnxruntime is installed; the share uses the matmul rate of the "
-        "path's precision, see section 2):",
+        f"path's precision, see section 2; the archive rate is the images added ÷ the seconds added from "
+        f"{args.images} to {ARCHIVE_FACTOR * args.images} images, runs alternated):",
         "",
         *markdown(encoder_rows),
         "",

@@ -323,6 +323,25 @@ def test_conditions_all_trains_on_every_labelled_column(tmp_path, capsys):
     assert "leaves out Rare" in capsys.readouterr().err
 
 
+def test_episodes_stay_within_the_hospitals_that_label_a_condition(tmp_path):
+    from xsel.train.selector import episode_task
+
+    store = toy_store()
+    north = np.arange(len(store)) < 250
+    store.meta["Source"] = np.where(north, "north", "south")
+    store.meta["C"] = np.where(north, store.meta["A"], 0.0)  # only the north labels C; south's normals carry 0
+    rows = np.arange(len(store))
+    mixed = episode_task(store, set_config(), "C", rows, min_query_per_class=5).episode(0, 0)
+    kept = episode_task(store, set_config(episodes_within="Source"), "C", rows, min_query_per_class=5).episode(0, 0)
+    assert not north[mixed.pool].all(), "without the option, south's normals join C's episodes"
+    assert north[kept.pool].all() and north[kept.query].all()
+    config = set_config(conditions=["C"], episodes_within="Source", episodes=16 * 2, val_every=2)
+    train_selector(store, tmp_path / "run", config, show_progress=False)
+    assert load_checkpoint(tmp_path / "run" / "selector.pt")["config"]["episodes_within"] == "Source"
+    with pytest.raises(InputError, match="--episodes-within Ward: .* no such column"):
+        train_selector(store, tmp_path / "ward", set_config(episodes_within="Ward"), show_progress=False)
+
+
 def test_the_fallback_is_chosen_on_another_store_and_the_weights_stay(trained, tmp_path):
     from xsel.train.selector import FALLBACK_CANDIDATES, choose_fallback
     from xsel.trust import KEEP_LEARNED

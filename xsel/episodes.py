@@ -31,6 +31,15 @@ ARCHIVE = "archive"  # the protocol's name, and the condition of its rows in an 
 MIN_ARCHIVE_PER_CLASS = 2  # archive episodes label by default the columns with this many positives and negatives
 
 
+def rows_of_labelling_groups(store: Store, condition: str, rows: np.ndarray, column: str, *, uncertain: str):
+    """``rows`` whose ``column`` value (a hospital, e.g. ``Source``) has a positive for ``condition`` somewhere in
+    the store. Where one source labels a condition, every other source's normals carry 0 for it too; episodes
+    drawn across sources would reward telling hospitals apart instead of finding the condition."""
+    positive = condition_labels(store.meta, condition, uncertain=uncertain) == 1
+    groups = store.meta[column].to_numpy()
+    return rows[np.isin(groups[rows], groups[positive])]
+
+
 @dataclass(frozen=True)
 class Episode:
     """One labeling task. ``pool``/``query`` are store rows; labels are 0/1 int8 aligned with them."""

@@ -62,6 +62,14 @@ def train_selector_command(
     balanced: Annotated[
         float, typer.Option(help="Share of steps whose pools are half positive (else natural prevalence).")
     ] = 0.0,
+    episodes_within: Annotated[
+        str | None,
+        typer.Option(
+            help="Column naming each image's hospital (e.g. Source): a condition's episodes draw only from the "
+            "hospitals with positives for it, so a condition one hospital labels is not learnt as 'this hospital' "
+            "against the others' normals."
+        ),
+    ] = None,
     average_steps: Annotated[
         int | None,
         typer.Option(
@@ -122,6 +130,8 @@ def train_selector_command(
 
       xsel train selector pool.h5 --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/sel
       xsel train selector pool.h5 --model set --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/set
+      xsel train selector pool.h5 --model set --conditions all --val-conditions Edema --episodes-within Source \\
+          --out runs/set-hospitals                                    # every hospital's labels, kept apart
       xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
       xsel train selector site.h5 --adapt runs/set/selector.pt --out runs/set-site --max-minutes 3
       xsel train selector other_hospital.h5 --choose-fallback runs/set/selector.pt --conditions Pneumonia \\
@@ -170,6 +180,7 @@ def train_selector_command(
         "model": model,
         "samples": samples,
         "balanced": balanced,
+        "episodes_within": episodes_within or "",
         **({"average_steps": average_steps} if average_steps is not None else {}),
         "read_embedding": read_embedding,
         "negative": negative,

@@ -53,6 +53,7 @@ class SelectorConfig:
     learning_rate: float = 0.0  # 0: the model's default
     samples: int = 4  # set model: sequences sampled per episode; each one's baseline is the others' mean reward
     balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
+    episodes_within: str = ""  # a column (e.g. Source): a condition's episodes stay within values that label it
     read_embedding: bool = True  # set model: read the embedding itself besides the pool-relative features
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
     average_steps: int | None = (

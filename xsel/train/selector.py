@@ -34,7 +34,7 @@ from scipy.stats import rankdata
 from torch.optim.swa_utils import AveragedModel
 
 from xsel import plugins
-from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask
+from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask, rows_of_labelling_groups
 from xsel.errors import InputError
 from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
@@ -171,7 +171,10 @@ class _Episodes:
 def episode_task(
     store: Store, config: SelectorConfig, condition: str, rows: np.ndarray, *, min_query_per_class: int
 ) -> EpisodeTask:
-    """The episodes of one condition among ``rows``, sized as the config asks."""
+    """The episodes of one condition among ``rows`` (those of the sources that label it, with
+    ``episodes_within``), sized as the config asks."""
+    if config.episodes_within:
+        rows = rows_of_labelling_groups(store, condition, rows, config.episodes_within, uncertain=config.uncertain)
     return EpisodeTask(
         store,
         condition,
@@ -292,6 +295,11 @@ def train_selector(
             f"{describe_identity(store.encoder_identity)}: resume on the same store, or start a new run"
         )
     config = _run_config(config, saved, run_dir)
+    if config.episodes_within and config.episodes_within not in store.meta.columns:
+        raise InputError(
+            f"--episodes-within {config.episodes_within}: {store.path} has no such column; name the column of "
+            "each image's hospital (e.g. Source)"
+        )
     if saved is None and config.conditions == [ALL_CONDITIONS]:
         config.conditions = every_labelled_condition(store, config)
     _check_config(config)
@@ -402,6 +410,7 @@ def adapt_selector(
             "max_minutes": max_minutes,
             "seed": seed,
             "average_steps": 0,  # adapted weights replace the shipped ones only where they validate better
+            "episodes_within": "",  # pseudo-tasks come from one site
             "extra": {"adapted_from": file_sha256(checkpoint), "clusters": clusters},
         }
     )
@@ -525,7 +534,8 @@ def _run_config(config: SelectorConfig | dict | None, saved: dict | None, run_di
     requested = asdict(config) if isinstance(config, SelectorConfig) else dict(config or {})
     if isinstance(config, SelectorConfig) and config.use_metadata:  # set from the store when the run began
         requested = {key: value for key, value in requested.items() if key not in ("age_mean", "age_std")}
-    saved_config = {"average_steps": 0} | saved["config"]  # a run saved before xsel averaged weights did not
+    # a run saved before xsel averaged weights (or kept episodes within sources) did neither
+    saved_config = {"average_steps": 0, "episodes_within": ""} | saved["config"]
     settings = resumed_settings(saved_config, requested, where=run_dir / LAST, may_change=RESUMABLE)
     known = set(SelectorConfig.__dataclass_fields__)
     return SelectorConfig(**{key: value for key, value in settings.items() if key in known})
