@@ -277,3 +277,28 @@ def test_cli_archive(demo_store, tmp_path, cli):
     assert json.loads((tmp_path / "summary.json").read_text())["settings"]["protocol"] == "archive"
     assert "probe_auroc" in pd.read_csv(tmp_path / "episodes.csv").columns
     assert "probe AUROC" in (tmp_path / "report.html").read_text()
+
+
+def test_episodes_within_keep_a_condition_to_the_hospitals_that_label_it():
+    import re
+
+    from tests.test_medselect import toy_store
+    from xsel.errors import InputError
+
+    store = toy_store()
+    north = np.arange(len(store)) < 150
+    store.meta["Source"] = np.where(north, "north", "south")
+    store.meta["C"] = np.where(north, store.meta["A"], 0.0)  # only the north labels C; south's normals carry 0
+    options = dict(selectors=["kcenter"], episodes=3, pool_size=1000, query_size=20, show_progress=False)
+    mixed = evaluate(store, ["C"], **options)
+    kept = evaluate(store, ["C"], episodes_within="Source", **options)
+
+    def pool(result) -> int:
+        return int(re.search(r"a pool of (\d+)", " ".join(result.warnings))[1])
+
+    assert pool(kept) <= 150 - 20 < pool(mixed), "the south's normals are left out of C's episodes"
+    assert kept.settings["episodes_within"] == "Source" and mixed.settings["episodes_within"] is None
+    with pytest.raises(InputError, match="--episodes-within Ward: .* no such column"):
+        evaluate(store, ["C"], episodes_within="Ward", **options)
+    with pytest.raises(InputError, match="archive pools"):
+        evaluate(store, protocol="archive", episodes_within="Source", **options)

@@ -31,12 +31,25 @@ ARCHIVE = "archive"  # the protocol's name, and the condition of its rows in an 
 MIN_ARCHIVE_PER_CLASS = 2  # archive episodes label by default the columns with this many positives and negatives
 
 
-def rows_of_labelling_groups(store: Store, condition: str, rows: np.ndarray, column: str, *, uncertain: str):
-    """``rows`` whose ``column`` value (a hospital, e.g. ``Source``) has a positive for ``condition`` somewhere in
-    the store. Where one source labels a condition, every other source's normals carry 0 for it too; episodes
-    drawn across sources would reward telling hospitals apart instead of finding the condition."""
+def check_episodes_within(store: Store, column: str) -> None:
+    """Refuse an ``--episodes-within`` column the store does not have, before any episode is drawn."""
+    if column and column not in store.meta.columns:
+        raise InputError(
+            f"--episodes-within {column}: {store.path} has no such column; name the column of each image's hospital "
+            "(e.g. Source)"
+        )
+
+
+def rows_of_labelling_groups(
+    store: Store, condition: str, column: str, *, uncertain: str, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """``rows`` (default: every row) whose ``column`` value (a hospital, e.g. ``Source``) has a positive for
+    ``condition`` somewhere in the store. Where one source labels a condition, every other source's normals carry 0
+    for it too; episodes drawn across sources would reward telling hospitals apart instead of finding the
+    condition."""
     positive = condition_labels(store.meta, condition, uncertain=uncertain) == 1
     groups = store.meta[column].to_numpy()
+    rows = np.arange(len(store)) if rows is None else np.asarray(rows)
     return rows[np.isin(groups[rows], groups[positive])]
 
 

@@ -23,7 +23,15 @@ import numpy as np
 import pandas as pd
 
 from xsel import plugins
-from xsel.episodes import ARCHIVE, NEGATIVE_DEFAULT, ArchiveEpisode, ArchiveTask, EpisodeTask
+from xsel.episodes import (
+    ARCHIVE,
+    NEGATIVE_DEFAULT,
+    ArchiveEpisode,
+    ArchiveTask,
+    EpisodeTask,
+    check_episodes_within,
+    rows_of_labelling_groups,
+)
 from xsel.errors import InputError
 from xsel.geometry import unit_rows
 from xsel.io.atomic import write_text_atomic
@@ -104,6 +112,7 @@ def evaluate(
     uncertain: str = "positive",
     seed: int = 0,
     allow_same_patient: bool = False,
+    episodes_within: str = "",
     show_progress: bool = True,
     trust_gate: bool = True,
 ) -> Evaluation:
@@ -112,6 +121,9 @@ def evaluate(
     ``trust_gate``: a selector carrying a trust gate (:mod:`xsel.trust`) hands each pool unlike its training pools to
     its fallback heuristic, as ``xsel select`` would; its rows get ``fell_back``, ``trust_fired`` and
     ``trust_statistic`` columns and a warning counts the fallbacks per condition.
+
+    ``episodes_within``: a column naming each image's hospital (e.g. ``Source``); a condition's episodes then draw
+    only from the hospitals with positives for it, not from every hospital's normals.
 
     ``protocol="archive"``: ``episodes`` archive episodes in all, scored over ``conditions`` (default:
     every label column with 2 positives and 2 negatives); ``negative`` does not apply. Selectors that use labels
@@ -128,6 +140,9 @@ def evaluate(
         raise InputError(f"--k {','.join(map(str, k))}: every K must be at least 1")
     if episodes < 1:
         raise InputError(f"--episodes {episodes}: run at least 1")
+    check_episodes_within(store, episodes_within)
+    if episodes_within and protocol == ARCHIVE:
+        raise InputError("--episodes-within applies to conditions' episodes; archive pools draw from every hospital")
     instances = _create_selectors(list(selectors), store)
     names = list(instances)
     classifier_factory = plugins.get("classifier", classifier).factory
@@ -156,6 +171,9 @@ def evaluate(
                 query_size=query_size,
                 k=max(k),
                 allow_same_patient=allow_same_patient,
+                rows=rows_of_labelling_groups(store, condition, episodes_within, uncertain=uncertain)
+                if episodes_within
+                else None,
             )
             for condition in conditions
         ]
@@ -179,6 +197,7 @@ def evaluate(
         "uncertain": uncertain,
         "seed": seed,
         "allow_same_patient": allow_same_patient,
+        "episodes_within": episodes_within or None,
         "bootstrap_samples": BOOTSTRAP_SAMPLES,
         "trust_gate": trust_gate,
     }

@@ -194,6 +194,13 @@ def evaluate_command(
     ] = "positive",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the episodes and selectors.")] = 0,
     allow_same_patient: Annotated[bool, typer.Option(help="Allow several images of one PatientID.")] = False,
+    episodes_within: Annotated[
+        str | None,
+        typer.Option(
+            help="Column naming each image's hospital (e.g. Source): a condition's episodes draw only from the "
+            "hospitals with positives for it, not from every hospital's normals (a store of several hospitals)."
+        ),
+    ] = None,
     trust_gate: Annotated[
         bool | None,
         typer.Option(
@@ -221,6 +228,7 @@ def evaluate_command(
       xsel evaluate pool.h5 --conditions Edema --selectors typiclust,medselect=runs/sel/selector.pt --out vs/
       xsel evaluate pool.h5 --conditions Effusion,Edema --rounds 3 --k 20 --pool-size 300 --out al/
       xsel evaluate pool.h5 --protocol archive --selectors typiclust,kcenter --out archive/
+      xsel evaluate hospitals.h5 --conditions COVID-19,Effusion --episodes-within Source --out by-hospital/
 
     With [bold]--rounds R[/bold] the folder gets rounds.csv (episode, condition, strategy, round, labelled,
     auroc, …), rounds_summary.csv/json (paired Δ vs random per labelled count) and rounds.png.
@@ -258,8 +266,9 @@ def evaluate_command(
             )
         if classifier is not None:
             raise InputError("--classifier applies without --rounds; --rounds scores the query with a linear probe")
-        if trust_gate is not None:
-            raise InputError("--trust-gate applies to selector comparisons, not to --rounds")
+        if trust_gate is not None or episodes_within is not None:
+            option = "--trust-gate" if trust_gate is not None else "--episodes-within"
+            raise InputError(f"{option} applies to selector comparisons, not to --rounds")
         if len(parse_budgets(k)) > 1:
             raise InputError(f"--k {k}: with --rounds give one K, the labels added per round")
         from xsel.train.active_learning import simulate, write_rounds_report
@@ -284,7 +293,7 @@ def evaluate_command(
             protocol=protocol,
             k=parse_budgets(k),
             **shared,
-            **_given(classifier=classifier, trust_gate=trust_gate),
+            **_given(classifier=classifier, trust_gate=trust_gate, episodes_within=episodes_within),
         )
         write, show = write_report, print_summary
     for warning in result.warnings:

@@ -34,7 +34,13 @@ from scipy.stats import rankdata
 from torch.optim.swa_utils import AveragedModel
 
 from xsel import plugins
-from xsel.episodes import MIN_QUERY_PER_CLASS, VALIDATION_QUERY_PER_CLASS, EpisodeTask, rows_of_labelling_groups
+from xsel.episodes import (
+    MIN_QUERY_PER_CLASS,
+    VALIDATION_QUERY_PER_CLASS,
+    EpisodeTask,
+    check_episodes_within,
+    rows_of_labelling_groups,
+)
 from xsel.errors import InputError
 from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
@@ -174,7 +180,7 @@ def episode_task(
     """The episodes of one condition among ``rows`` (those of the sources that label it, with
     ``episodes_within``), sized as the config asks."""
     if config.episodes_within:
-        rows = rows_of_labelling_groups(store, condition, rows, config.episodes_within, uncertain=config.uncertain)
+        rows = rows_of_labelling_groups(store, condition, config.episodes_within, uncertain=config.uncertain, rows=rows)
     return EpisodeTask(
         store,
         condition,
@@ -295,11 +301,7 @@ def train_selector(
             f"{describe_identity(store.encoder_identity)}: resume on the same store, or start a new run"
         )
     config = _run_config(config, saved, run_dir)
-    if config.episodes_within and config.episodes_within not in store.meta.columns:
-        raise InputError(
-            f"--episodes-within {config.episodes_within}: {store.path} has no such column; name the column of "
-            "each image's hospital (e.g. Source)"
-        )
+    check_episodes_within(store, config.episodes_within)
     if saved is None and config.conditions == [ALL_CONDITIONS]:
         config.conditions = every_labelled_condition(store, config)
     _check_config(config)
