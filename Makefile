@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)  ## speed benchmarks → BENCHMARKS.md (about 25 minutes: the million-image selection is a third of it)
+bench: $(STAMP)  ## speed benchmarks → BENCHMARKS.md (about 30 minutes: the million-image selection is a third of it)
 	$(BIN)/python bench/run_all.py
 
 labelstudio-check: $(STAMP)  ## installs Label Studio into .venv-ls (~2.5 min once), imports an export into it

@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=100)
     parser.add_argument("--query-size", type=int, default=40)
     parser.add_argument("--balanced", type=float, default=0.25)
-    parser.add_argument("--seed", type=int, default=0, help="the training run's seed (episodes, sampling, init)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the training runs' seed (episodes, sampling, init; the LSTM's too)"
+    )
     parser.add_argument(
         "--no-read-embedding", action="store_true", help="a policy of the pool-relative features alone (geometry)"
     )
@@ -134,7 +136,9 @@ def main() -> None:
         kept.append(snapshot(run_dir, chunk))
     if args.train_lstm:
         lstm_dir = run_dir.with_name(run_dir.name + "-lstm")
-        trained = train(train_store, lstm_dir, "lstm", args, conditions=config.conditions, episodes_within=within)
+        trained = train(
+            train_store, lstm_dir, "lstm", args, conditions=config.conditions, episodes_within=within, seed=args.seed
+        )
         args.lstm = Path(trained["checkpoint"])
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     report = []
