@@ -450,11 +450,13 @@ def test_a_bundle_whose_encoder_was_swapped_and_rehashed_is_refused(work, tmp_pa
 # 8 ── workers die with their parent ──────────────────────────────────────────────────────────────────────────────
 
 SLOW_DECODE = """
-import sys, time
+import os, sys, time
 import {module} as module
 real = module.{function}
 def slow(*args):
-    time.sleep(0.2)
+    if os.environ.get("DECODING_MARKER"):  # tells a test that decoding is under way
+        open(os.environ["DECODING_MARKER"], "a").close()
+    time.sleep({delay})
     return real(*args)
 module.{function} = slow
 sys.argv = ["xsel", *sys.argv[1:]]
@@ -464,13 +466,15 @@ main()
 
 
 def children(pid: int) -> list[int]:
+    """The live Python child processes of ``pid`` (its decode workers), not programs it runs (ldconfig, …)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            same_program = (entry / "exe").resolve() == Path(f"/proc/{pid}/exe").resolve()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and same_program:
             found.append(int(entry.name))
     return found
 
@@ -503,7 +507,7 @@ def kill_and_watch_workers(code: str, args: list, within: float) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_kill_9_of_a_site_selection_takes_its_decode_workers_along(work, tmp_path):
-    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error", delay=0.2)
     args = [
         "select",
         work.csv,
@@ -523,7 +527,7 @@ def test_kill_9_of_a_site_selection_takes_its_decode_workers_along(work, tmp_pat
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_kill_9_of_an_embedding_takes_its_decode_workers_along(work, tmp_path):
-    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error", delay=0.2)
     args = ["embed", work.csv, "--out", tmp_path / "s.h5", "--encoder", "pixels", "--workers", "2", "--batch-size", "2"]
     kill_and_watch_workers(code, args, within=3)
 
@@ -531,15 +535,21 @@ def test_kill_9_of_an_embedding_takes_its_decode_workers_along(work, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_ctrl_c_of_an_embedding_with_decode_workers_is_one_line_and_exit_130(work, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group, decode workers included."""
-    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error")
+    code = SLOW_DECODE.format(module="xsel.io.decoding", function="decode_or_error", delay=0.5)  # 5 s
     args = ["embed", work.csv, "--out", tmp_path / "s.h5", "--encoder", "pixels", "--workers", "2", "--batch-size", "2"]
+    marker = tmp_path / "decoding"
     process = subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)], stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", code, *map(str, args)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "DECODING_MARKER": str(marker)},
     )
     deadline = time.time() + 120
-    while not children(process.pid) and time.time() < deadline and process.poll() is None:
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.5)  # decoding under way
+    time.sleep(0.3)  # every worker busy decoding
+    assert children(process.pid) and process.poll() is None, "the command finished before it could be interrupted"
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
