@@ -450,7 +450,8 @@ def test_a_bundle_whose_encoder_was_swapped_and_rehashed_is_refused(work, tmp_pa
 # 8 ── workers die with their parent ──────────────────────────────────────────────────────────────────────────────
 
 SLOW_DECODE = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, also under nohup or `cmd &`
 import {module} as module
 real = module.{function}
 def slow(*args):
