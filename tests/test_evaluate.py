@@ -302,3 +302,10 @@ def test_episodes_within_keep_a_condition_to_the_hospitals_that_label_it():
         evaluate(store, ["C"], episodes_within="Ward", **options)
     with pytest.raises(InputError, match="archive pools"):
         evaluate(store, protocol="archive", episodes_within="Source", **options)
+
+
+def test_evaluate_with_a_missing_hospital_column_is_exit_2_and_writes_nothing(demo_store, tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli("evaluate", demo_store, "--conditions", "Edema", "--episodes-within", "Ward", "--out", out)
+    assert result.exit_code == 2 and "--episodes-within Ward" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()

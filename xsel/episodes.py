@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xsel.constraints import one_per_unit
+from xsel.constraints import one_per_unit, stratum_values
 from xsel.errors import InputError
 from xsel.labels import available_conditions, condition_labels, patient_ids
 from xsel.store import Store
@@ -46,9 +46,9 @@ def rows_of_labelling_groups(
     """``rows`` (default: every row) whose ``column`` value (a hospital, e.g. ``Source``) has a positive for
     ``condition`` somewhere in the store. Where one source labels a condition, every other source's normals carry 0
     for it too; episodes drawn across sources would reward telling hospitals apart instead of finding the
-    condition."""
+    condition. Blank values form one group, as for ``select --balance`` strata."""
     positive = condition_labels(store.meta, condition, uncertain=uncertain) == 1
-    groups = store.meta[column].to_numpy()
+    groups = stratum_values(store.meta, column).to_numpy()
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
     return rows[np.isin(groups[rows], groups[positive])]
 
