@@ -95,6 +95,9 @@ def write_site_folder(folder: Path) -> dict[str, str]:
         StudyInstanceUID=study1,
         SeriesInstanceUID=uid("series1"),
         StudyDate="20240105",
+        SpecificCharacterSet="ISO_IR 100",
+        InstitutionName="Hôpital Nord",
+        Manufacturer="ACME Medical",
         **CHEST,
     )
     add(
@@ -133,6 +136,7 @@ def write_site_folder(folder: Path) -> dict[str, str]:
         PatientAge="006M",
         SeriesDescription="CHEST AP PORTABLE",
         Modality="CR",
+        InstitutionName="Children's Hospital",
         StudyInstanceUID=study3,
     )
     add(

@@ -37,9 +37,11 @@ def test_tags_land_in_the_standard_columns(site):
     assert (pa.PatientID, pa.Sex, pa.Age, pa.View, pa.Modality, pa.BodyPart) == ("p1", "M", 65, "PA", "DX", "CHEST")
     assert (pa.StudyInstanceUID, pa.SeriesInstanceUID) == (header.StudyInstanceUID, header.SeriesInstanceUID)
     assert pa.SOPInstanceUID == header.SOPInstanceUID and pa.StudyDate == "2024-01-05"
+    assert (pa.Institution, pa.Manufacturer) == ("Hôpital Nord", "ACME Medical")  # Latin-1 in the file
     assert table.loc["p1/s1/lat.dcm", "View"] == "L"
     child = table.loc["p2/ap_mono1.dcm"]  # view from SeriesDescription, age in months
     assert (child.View, child.Sex, child.Age, child.Modality) == ("AP", "F", 0.5, "CR")
+    assert child.Institution == "Children's Hospital" and pd.isna(child.Manufacturer)
     assert pd.isna(child.BodyPart) and pd.isna(child.StudyDate) and pd.isna(child.SeriesInstanceUID)
     assert (table.loc["p3/IM0001", "Sex"], table.loc["p3/IM0001", "Age"]) == ("O", 0.03)  # DICM magic, no suffix
     assert table.loc["p4/anonymous.dcm", ["Sex", "Age"]].isna().all()  # missing tags stay blank
@@ -101,6 +103,18 @@ def test_cli_writes_the_table_and_its_errors(site, tmp_path, cli):
         (folder / "bad" / f"{bad}.dcm").unlink()
     assert cli("scan", folder, "--out", out, "-q").exit_code == 0
     assert not scan_errors_path(out).exists()  # a stale list would mislead
+
+
+def test_a_rescan_replaces_a_scan_written_before_institution_and_manufacturer(site, tmp_path, cli):
+    folder, _ = site
+    out = tmp_path / "images.csv"
+    old = scan_folder(folder, show_progress=False).table.drop(columns=["Institution", "Manufacturer"])
+    old.to_csv(out, index=False)
+    assert cli("scan", folder, "--out", out, "-q").exit_code == 0
+    assert list(pd.read_csv(out).columns) == list(SCAN_COLUMNS)
+    out.write_text("Path,label\na.png,1\n")  # not a scan: never overwritten
+    result = cli("scan", folder, "--out", out, "-q")
+    assert result.exit_code == 2 and out.read_text() == "Path,label\na.png,1\n"
 
 
 def test_a_folder_reads_as_its_scanned_csv(site, tmp_path, cli):

@@ -8,7 +8,8 @@ Normalised values: ``Sex`` is M, F or O (PatientSex); ``Age`` is years from the 
 (``065Y`` → 65, ``006M`` → 0.5, ``010D`` → 0.03, ``003W`` → 0.06; a bare number is read as years);
 ``View`` is PA, AP or L (ViewPosition LL, RL, LAT, LATERAL), other ViewPosition values verbatim, and when
 ViewPosition is blank the one view that SeriesDescription or ProtocolName names (none if they name two);
-``StudyDate`` is YYYY-MM-DD.
+``StudyDate`` is YYYY-MM-DD. ``Institution`` (InstitutionName) and ``Manufacturer`` are verbatim: in an archive
+merged from several hospitals or scanners they name the groups that ``--balance`` and ``--episodes-within`` read.
 
 Which files count: PNG and JPEG by suffix, DICOM by suffix (.dcm, .dicom, .dic) or by the ``DICM`` magic at
 byte 128 (PACS exports often have no suffix); hidden files and folders are skipped. A file is unreadable, listed
@@ -64,7 +65,11 @@ SCAN_COLUMNS = (
     "Modality",
     "BodyPart",
     "StudyDate",
+    "Institution",
+    "Manufacturer",
 )
+# The columns of scans written before Institution and Manufacturer: a rescan may replace such a CSV too.
+SCAN_HEADER = SCAN_COLUMNS[:11]
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 CHEST_WORDS = re.compile(r"CHEST|THORAX|LUNG")
@@ -93,6 +98,8 @@ TAGS = [
     "ProtocolName",
     "StudyDescription",
     "StudyDate",
+    "InstitutionName",
+    "Manufacturer",
     "PhotometricInterpretation",
     "Rows",
     "Columns",
@@ -337,6 +344,8 @@ def _read_dicom(path: Path) -> tuple[dict | None, str | None]:
         "Modality": _text(header, "Modality").upper(),
         "BodyPart": _text(header, "BodyPartExamined").upper(),
         "StudyDate": _study_date(_text(header, "StudyDate")),
+        "Institution": _text(header, "InstitutionName"),
+        "Manufacturer": _text(header, "Manufacturer"),
         "_chest_words": bool(CHEST_WORDS.search(" ".join(descriptions).upper())),
     }
     return row, None

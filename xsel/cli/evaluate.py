@@ -197,8 +197,9 @@ def evaluate_command(
     episodes_within: Annotated[
         str | None,
         typer.Option(
-            help="Column naming each image's hospital (e.g. Source): a condition's episodes draw only from the "
-            "hospitals with positives for it, not from every hospital's normals (a store of several hospitals)."
+            help="Column naming each image's hospital (e.g. Source, or Institution from xsel scan): a condition's "
+            "episodes draw only from the hospitals with positives for it, not from every hospital's normals (a "
+            "store of several hospitals)."
         ),
     ] = None,
     trust_gate: Annotated[

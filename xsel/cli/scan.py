@@ -31,7 +31,8 @@ def scan_command(
     """Read every image's DICOM tags (pixels are not decoded) into a CSV that every command takes.
 
     Columns: Path (relative to DIR), PatientID, Sex, Age (years), View (PA/AP/L), StudyInstanceUID,
-    SeriesInstanceUID, SOPInstanceUID, Modality, BodyPart, StudyDate; missing tags stay blank.
+    SeriesInstanceUID, SOPInstanceUID, Modality, BodyPart, StudyDate, Institution (InstitutionName),
+    Manufacturer; missing tags stay blank.
     Unreadable files (no pixel data, truncated, a transfer syntax without an installed decoder) are
     skipped and listed in [italic]OUT.errors.csv[/italic].
 
@@ -40,12 +41,13 @@ def scan_command(
       xsel scan /data/pacs-export --out images.csv
       xsel scan /data/pacs-export --out chest.csv --chest-only --frontal-only
       xsel embed images.csv --out pool.h5        # or give the folder itself: xsel embed /data/pacs-export …
+      xsel select pool.h5 --k 200 --balance Institution,Manufacturer --out to_label.csv   # merged archives
     """
     from xsel.io.outputs import claim_output
-    from xsel.scan import SCAN_COLUMNS, scan_folder, write_scan
+    from xsel.scan import SCAN_HEADER, scan_folder, write_scan
 
     # a rescan replaces the CSV an earlier scan wrote (its header), never another file; it may sit inside DIR
-    ctx.with_resource(claim_output(out, kind="csv", header=SCAN_COLUMNS, overwrite=True))
+    ctx.with_resource(claim_output(out, kind="csv", header=SCAN_HEADER, overwrite=True))
     result = scan_folder(
         folder, chest_only=chest_only, frontal_only=frontal_only, workers=workers, show_progress=not quiet
     )

@@ -65,9 +65,9 @@ def train_selector_command(
     episodes_within: Annotated[
         str | None,
         typer.Option(
-            help="Column naming each image's hospital (e.g. Source): a condition's episodes draw only from the "
-            "hospitals with positives for it, so a condition one hospital labels is not learnt as 'this hospital' "
-            "against the others' normals."
+            help="Column naming each image's hospital (e.g. Source, or Institution from xsel scan): a condition's "
+            "episodes draw only from the hospitals with positives for it, so a condition one hospital labels is "
+            "not learnt as 'this hospital' against the others' normals."
         ),
     ] = None,
     average_steps: Annotated[
