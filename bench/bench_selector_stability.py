@@ -13,6 +13,12 @@ hospitals' conditions pay at home on NIH's unseen ones?), ``--episodes-within-so
 episodes stay within the sources that label it).
 
     python bench/bench_selector_stability.py --name moco-resnet18 --cache /work/benchdata [--chunks 5]
+
+The same training with several ``--seed`` values (one run and ``--json`` each) says how much of a difference is the
+seed's: ``--over-seeds A.json B.json …`` tables the shipped set selector, the LSTM and set − LSTM per seed, then their
+mean over the seeds with a t-interval over the seeds (the test episodes are the same for every seed).
+
+    python bench/bench_selector_stability.py --over-seeds /work/benchdata/stability-moco-within-lstm*.json
 """
 
 from __future__ import annotations
@@ -96,7 +102,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--over-seeds", type=Path, nargs="+", metavar="JSON", help="summarise runs that differ only in --seed"
+    )
     args = parser.parse_args()
+    if args.over_seeds:
+        print_over_seeds([json.loads(path.read_text()) for path in args.over_seeds])
+        return
     if args.average_steps < 1 or args.chunks < 2:
         parser.error("--average-steps must be at least 1 (weights averaged) and --chunks at least 2 (a spread)")
     name = args.name or args.encoder
@@ -181,6 +193,46 @@ def print_tables(report: list[dict], groups: list[str]) -> None:
             values = np.array([cell[(v, group)]["diff"] for v in variants if v.startswith(kind)])
             shown.append(f"mean {values.mean():+.3f}, SD {values.std(ddof=1):.3f}, range {np.ptp(values):.3f}")
         print(f"| {kind} | " + " | ".join(shown) + " |")
+
+
+SEED_ROWS = {"set selector": "shipped", "LSTM": "LSTM", "set − LSTM": "shipped − LSTM"}
+PER_RUN_SETTINGS = {"seed", "json", "lstm", "over_seeds"}
+
+
+def print_over_seeds(runs: list[dict]) -> None:
+    """Per hospital: each seed's Δ AUROC (CI over its episodes), then their mean with a t-interval over the seeds."""
+    from scipy import stats
+
+    first = {k: v for k, v in runs[0]["settings"].items() if k not in PER_RUN_SETTINGS}
+    for run in runs[1:]:
+        other = {k: v for k, v in run["settings"].items() if k not in PER_RUN_SETTINGS}
+        if other != first:
+            differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise SystemExit(f"--over-seeds: the runs differ in {', '.join(differ)}, not only in --seed")
+    seeds = [run["settings"]["seed"] for run in runs]
+    if len(set(seeds)) < len(seeds) or len(seeds) < 2:
+        raise SystemExit(f"--over-seeds needs runs of two or more different seeds, got seeds {seeds}")
+    cells = [{(r["variant"], r["group"]): r for r in run["rows"]} for run in runs]
+    groups = list(dict.fromkeys(r["group"] for r in runs[0]["rows"]))
+    print(f"\n| {first['name']}, seeds {', '.join(map(str, seeds))} | " + " | ".join(groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for label, variant in SEED_ROWS.items():
+        for seed, cell in zip(seeds, cells, strict=True):
+            shown = [
+                f"{cell[variant, g]['diff']:+.3f} [{cell[variant, g]['diff_ci'][0]:+.3f}, "
+                f"{cell[variant, g]['diff_ci'][1]:+.3f}]"
+                for g in groups
+            ]
+            print(f"| {label}, seed {seed} | " + " | ".join(shown) + " |")
+        shown = []
+        for group in groups:
+            values = np.array([cell[variant, group]["diff"] for cell in cells])
+            half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+            shown.append(
+                f"**{values.mean():+.3f}** [{values.mean() - half:+.3f}, {values.mean() + half:+.3f}], "
+                f"SD {values.std(ddof=1):.3f}"
+            )
+        print(f"| **{label}, mean over seeds** | " + " | ".join(shown) + " |")
 
 
 if __name__ == "__main__":
