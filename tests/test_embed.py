@@ -359,13 +359,32 @@ def test_onnx_runtime_matches_torch(png_csv, tmp_path, encoder, options):
 def test_the_onnx_encoder_sleeps_while_the_decoders_work():
     """Its idle threads would spin on the cores the decode workers need between its batches."""
     from xsel.encoders import model_identity
-    from xsel.train.inference import cached_onnx_session
+    from xsel.train.inference import cached_onnx_encoder
 
     model = create_encoder("pixels")
-    session = cached_onnx_session(model, model_identity("pixels", model), "cpu")  # exported, then from the cache
-    again = cached_onnx_session(model, model_identity("pixels", model), "cpu")
-    for made in (session, again):
+    encode = cached_onnx_encoder(model, model_identity("pixels", model), "cpu")  # exported, then from the cache
+    again = cached_onnx_encoder(model, model_identity("pixels", model), "cpu")
+    for made in (*encode.sessions, *again.sessions):
         assert made.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("cores", [1, 3, 8])
+def test_onnx_replicas_share_the_cores_and_encode_a_batch_as_one_session(monkeypatch, cores):
+    from xsel.encoders import model_identity
+    from xsel.train.inference import cached_onnx_encoder
+
+    model = create_encoder("resnet18", image_size=32)
+    identity = model_identity("resnet18", model)
+    single = cached_onnx_encoder(model, identity, "cpu").sessions[0]
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    encode = cached_onnx_encoder(model, identity, "cpu")
+    replicas = min(cores, 4)
+    assert len(encode.sessions) == replicas
+    assert {s.get_session_options().intra_op_num_threads for s in encode.sessions} == {cores // replicas}
+    pixels = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    for batch in (pixels, pixels[:2], pixels[:1]):  # fewer images than replicas too
+        whole = single.run(["embeddings"], {"images": batch})[0]
+        np.testing.assert_allclose(encode(batch), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_runtime_refuses_bf16(png_csv, tmp_path, cli):

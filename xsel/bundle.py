@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 SELECTOR_FILE = "selector.onnx"
 TRUST_FILE = "trust_reference.npy"  # the learned selector's trust gate reference, when it has one
+ENCODER_REPLICAS = 4  # most sessions of one image encoder on a CPU (one per core below that)
 
 
 def import_onnxruntime():
@@ -42,12 +45,13 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def make_session(path: Path, device: str = "auto", *, spinning: bool = True):
+def make_session(path: Path, device: str = "auto", *, spinning: bool = True, threads: int | None = None):
     """An onnxruntime session on CUDA when asked for (or available with ``auto``), else on CPU.
 
     ``cuda`` that ends up on the CPU is an error; ``auto`` falls back with a one-line notice. ``spinning=False``
     for an encoder whose runs alternate with decoding on the same cores: its idle threads then sleep instead of
     spinning on the decoders' cores (EfficientNet-Lite0 embedded 5–7% faster on two cores, resnet18 0–3%).
+    ``threads``: intra-op threads (default: one per core).
     """
     ort = import_onnxruntime()
     if device not in ("auto", "cpu", "cuda"):
@@ -59,7 +63,7 @@ def make_session(path: Path, device: str = "auto", *, spinning: bool = True):
             ort.preload_dlls()  # lets the CUDA provider find the CUDA/cuDNN libraries of the nvidia wheels
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # the fallback is reported below, in one line
@@ -74,6 +78,34 @@ def make_session(path: Path, device: str = "auto", *, spinning: bool = True):
     return session
 
 
+class EncoderReplicas:
+    """An image encoder as ``pixels (B, C, H, W) → embeddings (B, D)`` over onnxruntime sessions: one on an
+    accelerator; on a CPU one per core up to ``ENCODER_REPLICAS``, the cores shared out, each session encoding a slice
+    of every batch at the same time: fewer thread hand-offs per layer. On two cores, against one 2-thread session,
+    ``xsel embed`` ran EfficientNet-Lite0 +9% and densenet121 +13% faster, resnet18 within noise (BENCHMARKS.md
+    section 10). Each replica holds its own copy of the weights. ``open_session(threads)`` opens one session."""
+
+    def __init__(self, open_session: Callable[[int], object], input_name: str, output_name: str):
+        cores = os.cpu_count() or 1
+        count = min(cores, ENCODER_REPLICAS)
+        first = open_session(cores // count)
+        self.on_accelerator = first.get_providers()[0] != "CPUExecutionProvider"
+        if self.on_accelerator:
+            count = 1
+        self.sessions = [first, *(open_session(cores // count) for _ in range(count - 1))]
+        self.input_name, self.output_name = input_name, output_name
+        self._threads = ThreadPoolExecutor(count, thread_name_prefix="xsel-encoder") if count > 1 else None
+
+    def _run(self, session, pixels: np.ndarray) -> np.ndarray:
+        return session.run([self.output_name], {self.input_name: pixels})[0]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self._threads is None or len(pixels) < 2:
+            return self._run(self.sessions[0], pixels)
+        slices = [part for part in np.array_split(pixels, len(self.sessions)) if len(part)]
+        return np.concatenate(list(self._threads.map(self._run, self.sessions, slices)))
+
+
 @dataclass
 class Bundle:
     """A verified bundle: its folder and manifest, the learned selector's trust gate (None without one); sessions
@@ -84,6 +116,7 @@ class Bundle:
     device: str = "auto"
     trust_gate: TrustGate | None = None
     _sessions: dict = field(default_factory=dict)
+    _encoder: EncoderReplicas | None = None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Bundle:
@@ -145,7 +178,7 @@ class Bundle:
         size, channels, dim = int(pre["image_size"]), int(pre["channels"]), int(encoder["embedding_dim"])
         _check_signature(
             self.path / ENCODER_FILE,
-            self.session(ENCODER_FILE),
+            self.encode.sessions[0],
             inputs={encoder["input"]: ("float", (None, channels, size, size))},
             outputs={encoder["output"]: ("float", (None, dim))},
         )
@@ -178,31 +211,40 @@ class Bundle:
     def selector(self) -> dict | None:
         return self.manifest.get("selector")
 
+    @property
+    def encode(self) -> EncoderReplicas:
+        """The bundle's encoder, ``pixels → embeddings``."""
+        if self._encoder is None:
+            encoder = self.encoder
+            opened = lambda threads: self._open(ENCODER_FILE, threads=threads, spinning=False)  # noqa: E731
+            self._encoder = EncoderReplicas(opened, encoder["input"], encoder["output"])
+        return self._encoder
+
     def session(self, name: str):
         if name not in self._sessions:
-            try:
-                self._sessions[name] = make_session(self.path / name, self.device, spinning=name != ENCODER_FILE)
-            except Exception as error:  # onnxruntime's own errors share no base class but Exception
-                if not type(error).__module__.startswith("onnxruntime"):
-                    raise
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise InputError(
-                    f"{self.path / name}: onnxruntime cannot load it ({first}); re-export the bundle"
-                ) from None
+            self._sessions[name] = self._open(name)
         return self._sessions[name]
+
+    def _open(self, name: str, **options):
+        try:
+            return make_session(self.path / name, self.device, **options)
+        except Exception as error:  # onnxruntime's own errors share no base class but Exception
+            if not type(error).__module__.startswith("onnxruntime"):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = f"{self.path / name}: onnxruntime cannot load it ({first}); re-export the bundle"
+            raise InputError(message) from None
 
     def embed_files(self, files: list[Path], *, batch_size: int = 32, workers: int | None = None, show_progress=True):
         """Decode (worker processes, :class:`~xsel.io.decoding.BatchDecoder`) and encode images: (embeddings of the
         readable ones, their indices, errors)."""
-        session = self.session(ENCODER_FILE)
-        input_name, output_name = self.encoder["input"], self.encoder["output"]
-        on_accelerator = session.get_providers()[0] != "CPUExecutionProvider"
-        decoder = BatchDecoder(self.encoder["preprocessing"], batch_size, workers, overlap=on_accelerator)
+        encode = self.encode
+        decoder = BatchDecoder(self.encoder["preprocessing"], batch_size, workers, overlap=encode.on_accelerator)
         kept, outputs, errors = [], [], []
         with decoder, progress_bar("Encoding", total=len(files), show=show_progress) as advance:
             for rows, pixels, failed in decoder.batches(files, range(len(files))):
                 if len(rows):
-                    outputs.append(session.run([output_name], {input_name: pixels})[0])
+                    outputs.append(encode(pixels))
                     kept.extend(rows.tolist())
                 errors.extend(failed)
                 advance(len(rows) + len(failed))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from xsel import __version__
-from xsel.bundle import make_session
+from xsel.bundle import EncoderReplicas, make_session
 from xsel.errors import InputError, XselError
 from xsel.io.atomic import write_atomic, write_text_atomic
 from xsel.io.decoding import BatchDecoder
@@ -77,13 +77,13 @@ def local_forward(model, identity: dict, runtime: str, *, requested: str, device
     match PyTorch runs with PyTorch instead, after a notice; with ``onnx`` that is an error."""
     if runtime == "onnx":
         try:
-            session = cached_onnx_session(model, identity, device.type)
+            encode = cached_onnx_encoder(model, identity, device.type)
         except Exception as error:  # a plugin's encoder may fail the export in any way; auto falls back on all
             if requested != "auto":
                 raise
             notify(f"--runtime auto: the ONNX encoder is not usable ({error}); running PyTorch")
         else:
-            return (lambda batch: session.run(["embeddings"], {"images": batch.numpy()})[0]), "onnx"
+            return (lambda batch: encode(batch.numpy())), "onnx"
     return torch_forward(model, device, amp_dtype), "torch"
 
 
@@ -117,23 +117,23 @@ def _cache_problem(folder: Path, identity: dict, device: str) -> str | None:
     return None
 
 
-def cached_onnx_session(model, identity: dict, device: str):
-    """An onnxruntime session of ``model``'s encoder from the cache, exporting it (with its parity check) when the
-    cache has no trusted copy. Writers use a temporary file and a rename, so concurrent runs never see a partial
-    file; a record that does not match its file is never trusted."""
+def cached_onnx_encoder(model, identity: dict, device: str) -> EncoderReplicas:
+    """``model``'s encoder on onnxruntime from the cache, exporting it (with its parity check) when the cache has no
+    trusted copy. Writers use a temporary file and a rename, so concurrent runs never see a partial file; a record
+    that does not match its file is never trusted. Its sessions alternate with decoding, so they do not spin."""
     from xsel.train.export import ATOL, OPSET, RTOL, export_encoder  # onnx loads on the onnx path only
 
     folder = encoder_cache_dir(identity)
     problem = _cache_problem(folder, identity, device)
     if problem is None:
-        return make_session(folder / CACHE_MODEL, device, spinning=False)  # it alternates with decoding
+        return _replicas(folder / CACHE_MODEL, device)
     if folder.exists():
         notify(f"the cached ONNX encoder in {folder} is not used ({problem}); exporting it again")
     made = {}
 
     def export(temporary: Path) -> None:
         made["checks"] = export_encoder(model, temporary, device=device)  # its notices are silenced there
-        made["session"] = make_session(temporary, device, spinning=False)  # this run's checked bytes
+        made["encode"] = _replicas(temporary, device)  # this run's checked bytes
         made["sha256"] = file_sha256(temporary)
 
     write_atomic(folder / CACHE_MODEL, export)
@@ -147,7 +147,12 @@ def cached_onnx_session(model, identity: dict, device: str):
         "parity": {"tolerance": {"rtol": RTOL, "atol": ATOL}, "encoder": made["checks"], "passed": True},
     }
     write_text_atomic(json.dumps(record, indent=2), folder / CACHE_RECORD)
-    return made["session"]
+    return made["encode"]
+
+
+def _replicas(path: Path, device: str) -> EncoderReplicas:
+    opened = lambda threads: make_session(path, device, spinning=False, threads=threads)  # noqa: E731
+    return EncoderReplicas(opened, "images", "embeddings")
 
 
 def embed_rows_local(forward, preprocessing, files, todo_rows, writer, batch_size, workers, device, show_progress):
