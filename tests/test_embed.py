@@ -364,6 +364,7 @@ def test_the_onnx_encoder_sleeps_while_the_decoders_work():
     model = create_encoder("pixels")
     encode = cached_onnx_encoder(model, model_identity("pixels", model), "cpu")  # exported, then from the cache
     again = cached_onnx_encoder(model, model_identity("pixels", model), "cpu")
+    again(np.zeros((4, *again.sessions[0].get_inputs()[0].shape[1:]), np.float32))  # opens the replicas
     for made in (*encode.sessions, *again.sessions):
         assert made.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
@@ -378,13 +379,14 @@ def test_onnx_replicas_share_the_cores_and_encode_a_batch_as_one_session(monkeyp
     single = cached_onnx_encoder(model, identity, "cpu").sessions[0]
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     encode = cached_onnx_encoder(model, identity, "cpu")
+    assert len(encode.sessions) == 1  # the replicas open at the first batch
     replicas = min(cores, 4)
-    assert len(encode.sessions) == replicas
-    assert {s.get_session_options().intra_op_num_threads for s in encode.sessions} == {cores // replicas}
     pixels = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     for batch in (pixels, pixels[:2], pixels[:1]):  # fewer images than replicas too
         whole = single.run(["embeddings"], {"images": batch})[0]
         np.testing.assert_allclose(encode(batch), whole, rtol=1e-5, atol=1e-5)
+    assert len(encode.sessions) == replicas
+    assert {s.get_session_options().intra_op_num_threads for s in encode.sessions} == {cores // replicas}
 
 
 def test_onnx_runtime_refuses_bf16(png_csv, tmp_path, cli):

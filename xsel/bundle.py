@@ -45,8 +45,9 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def make_session(path: Path, device: str = "auto", *, spinning: bool = True, threads: int | None = None):
-    """An onnxruntime session on CUDA when asked for (or available with ``auto``), else on CPU.
+def make_session(model: Path | bytes, device: str = "auto", *, spinning: bool = True, threads: int | None = None):
+    """An onnxruntime session of ``model`` (a file, or its bytes) on CUDA when asked for (or available with
+    ``auto``), else on CPU.
 
     ``cuda`` that ends up on the CPU is an error; ``auto`` falls back with a one-line notice. ``spinning=False``
     for an encoder whose runs alternate with decoding on the same cores: its idle threads then sleep instead of
@@ -69,7 +70,7 @@ def make_session(path: Path, device: str = "auto", *, spinning: bool = True, thr
     options.log_severity_level = 3  # the fallback is reported below, in one line
     with warnings.catch_warnings():  # onnxruntime warns when a requested provider is absent: reported below
         warnings.simplefilter("ignore")
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     running = session.get_providers()
     if wants_cuda and running[0] != "CUDAExecutionProvider":
         if device == "cuda":
@@ -80,28 +81,30 @@ def make_session(path: Path, device: str = "auto", *, spinning: bool = True, thr
 
 class EncoderReplicas:
     """An image encoder as ``pixels (B, C, H, W) → embeddings (B, D)`` over onnxruntime sessions: one on an
-    accelerator; on a CPU one per core up to ``ENCODER_REPLICAS``, the cores shared out, each session encoding a slice
-    of every batch at the same time: fewer thread hand-offs per layer. On two cores, against one 2-thread session,
-    ``xsel embed`` ran EfficientNet-Lite0 +9% and densenet121 +13% faster, resnet18 within noise (BENCHMARKS.md
-    section 10). Each replica holds its own copy of the weights. ``open_session(threads)`` opens one session."""
+    accelerator; on a CPU one per core up to ``ENCODER_REPLICAS`` (opened at the first batch), the cores shared out,
+    each session encoding a slice of every batch at the same time: fewer thread hand-offs per layer. On two cores,
+    against one 2-thread session, ``xsel embed`` ran EfficientNet-Lite0 +9% and densenet121 +13% faster, resnet18
+    within noise (BENCHMARKS.md section 10). Each replica holds its own copy of the weights. ``open_session(threads)``
+    opens one session."""
 
     def __init__(self, open_session: Callable[[int], object], input_name: str, output_name: str):
         cores = os.cpu_count() or 1
-        count = min(cores, ENCODER_REPLICAS)
-        first = open_session(cores // count)
-        self.on_accelerator = first.get_providers()[0] != "CPUExecutionProvider"
-        if self.on_accelerator:
-            count = 1
-        self.sessions = [first, *(open_session(cores // count) for _ in range(count - 1))]
+        self._open, self._replicas = open_session, min(cores, ENCODER_REPLICAS)
+        self._threads_each = cores // self._replicas
+        self.sessions = [open_session(self._threads_each)]  # the rest on the first batch: a reused store needs none
+        self.on_accelerator = self.sessions[0].get_providers()[0] != "CPUExecutionProvider"
         self.input_name, self.output_name = input_name, output_name
-        self._threads = ThreadPoolExecutor(count, thread_name_prefix="xsel-encoder") if count > 1 else None
+        self._threads = None
 
     def _run(self, session, pixels: np.ndarray) -> np.ndarray:
         return session.run([self.output_name], {self.input_name: pixels})[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        if self._threads is None or len(pixels) < 2:
+        if self.on_accelerator or self._replicas == 1 or len(pixels) < 2:
             return self._run(self.sessions[0], pixels)
+        if self._threads is None:
+            self.sessions += [self._open(self._threads_each) for _ in range(self._replicas - 1)]
+            self._threads = ThreadPoolExecutor(self._replicas, thread_name_prefix="xsel-encoder")
         slices = [part for part in np.array_split(pixels, len(self.sessions)) if len(part)]
         return np.concatenate(list(self._threads.map(self._run, self.sessions, slices)))
 
@@ -216,18 +219,19 @@ class Bundle:
         """The bundle's encoder, ``pixels → embeddings``."""
         if self._encoder is None:
             encoder = self.encoder
-            opened = lambda threads: self._open(ENCODER_FILE, threads=threads, spinning=False)  # noqa: E731
+            model = (self.path / ENCODER_FILE).read_bytes()  # once: every replica runs the bytes verified at load
+            opened = lambda threads: self._open(ENCODER_FILE, model, threads=threads, spinning=False)  # noqa: E731
             self._encoder = EncoderReplicas(opened, encoder["input"], encoder["output"])
         return self._encoder
 
     def session(self, name: str):
         if name not in self._sessions:
-            self._sessions[name] = self._open(name)
+            self._sessions[name] = self._open(name, self.path / name)
         return self._sessions[name]
 
-    def _open(self, name: str, **options):
+    def _open(self, name: str, model: Path | bytes, **options):
         try:
-            return make_session(self.path / name, self.device, **options)
+            return make_session(model, self.device, **options)
         except Exception as error:  # onnxruntime's own errors share no base class but Exception
             if not type(error).__module__.startswith("onnxruntime"):
                 raise

@@ -69,7 +69,7 @@ SCAN_COLUMNS = (
     "Manufacturer",
 )
 # The columns of scans written before Institution and Manufacturer: a rescan may replace such a CSV too.
-SCAN_HEADER = SCAN_COLUMNS[:11]
+SCAN_HEADER = SCAN_COLUMNS[: SCAN_COLUMNS.index("StudyDate") + 1]
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 CHEST_WORDS = re.compile(r"CHEST|THORAX|LUNG")

@@ -151,7 +151,8 @@ def cached_onnx_encoder(model, identity: dict, device: str) -> EncoderReplicas:
 
 
 def _replicas(path: Path, device: str) -> EncoderReplicas:
-    opened = lambda threads: make_session(path, device, spinning=False, threads=threads)  # noqa: E731
+    model = path.read_bytes()  # once: replicas opened later run these bytes, even after the file is renamed
+    opened = lambda threads: make_session(model, device, spinning=False, threads=threads)  # noqa: E731
     return EncoderReplicas(opened, "images", "embeddings")
 
 
