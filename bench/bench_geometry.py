@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from benchlib import REALCXR, has_realcxr, subset
+from benchlib import REALCXR, has_realcxr
 
 from xsel.embed import embed
 from xsel.evaluate import OVERALL, REFERENCE, evaluate, summarize
@@ -131,7 +131,7 @@ def main() -> None:
     for group, (sources, conditions) in GROUPS.items():
         began = time.perf_counter()
         result = evaluate(
-            subset(store, store.meta["Source"].isin(sources).to_numpy()),
+            store.subset(store.meta["Source"].isin(sources).to_numpy()),
             conditions,
             selectors=selectors,
             k=[args.k],

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 from bench_realcxr_medselect import test_patients
 from bench_realcxr_setselect import GROUPS, HEURISTICS
-from benchlib import subset
 
 from xsel.errors import InputError
 from xsel.evaluate import evaluate
@@ -93,7 +92,7 @@ def main() -> None:
     test, source = test_patients(store), store.meta["Source"]
     report = []
     for group, (sources, conditions, negative) in GROUPS.items():
-        images = subset(store, source.isin(sources).to_numpy() & test)
+        images = store.subset(source.isin(sources).to_numpy() & test)
         pseudo = pseudo_labelled(images, args.clusters, seed=0)
         clusters = [c for c in pseudo.meta.columns if c.startswith("cluster ")]
         referees = {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_realcxr_selection import GROUPS
-from benchlib import REALCXR, has_realcxr, subset
+from benchlib import REALCXR, has_realcxr
 
 from xsel.embed import embed
 from xsel.labels import condition_labels
@@ -126,7 +126,7 @@ def main() -> None:
         embed(REALCXR / "labels.csv", path, encoder=ENCODER, show_progress=False)
         print(f"embedded realcxr with {ENCODER} in {time.perf_counter() - began:.0f} s", flush=True)
     store = read_store(path)
-    nih = subset(store, store.meta["Source"].isin(NIH_SOURCES).to_numpy())
+    nih = store.subset(store.meta["Source"].isin(NIH_SOURCES).to_numpy())
 
     began = time.perf_counter()
     probe = linear_probe_table(nih, args.seed)

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from benchlib import REALCXR, overall_row, print_markdown, subset
+from benchlib import REALCXR, overall_row, print_markdown
 
 from xsel.embed import embed
 from xsel.evaluate import evaluate
@@ -62,7 +62,7 @@ def shuffled_order_overlap(store, checkpoint, mask, args, pools: int = 50) -> fl
     from xsel.train.medselect import MedSelectSelector
 
     selector = MedSelectSelector(checkpoint)
-    test = subset(store, mask)
+    test = store.subset(mask)
     task = EpisodeTask(test, UNSEEN_NIH[0], pool_size=args.pool_size, query_size=args.query_size, k=args.k)
     rng = np.random.default_rng(0)
     shared = []
@@ -98,7 +98,7 @@ def main() -> None:
         store = read_store(path)
         test_patient = test_patients(store)
         source = store.meta["Source"]
-        train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
+        train_store = store.subset(source.isin(NIH).to_numpy() & ~test_patient)
         run_dir = args.runs / encoder
         config = training_config(args, episodes=args.train_episodes)
         began = time.perf_counter()
@@ -116,7 +116,7 @@ def main() -> None:
         )
         print(f"{encoder}: picks shared between a pool in store order and the same pool shuffled: {order_overlap:.0%}")
         for group, sources, conditions in (("NIH unseen", NIH, UNSEEN_NIH), ("Kermany", ("kermany",), UNSEEN_KERMANY)):
-            test_store = subset(store, source.isin(sources).to_numpy() & test_patient)
+            test_store = store.subset(source.isin(sources).to_numpy() & test_patient)
             result = evaluate(
                 test_store,
                 conditions,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench_realcxr_selection import GROUPS
-from benchlib import REALCXR, has_realcxr, subset
+from benchlib import REALCXR, has_realcxr
 
 from xsel.embed import embed
 from xsel.evaluate import REFERENCE, evaluate, summarize
@@ -90,7 +90,7 @@ def main() -> None:
         store = read_store(path)
         for group, (sources, conditions) in GROUPS.items():
             result = evaluate(
-                subset(store, store.meta["Source"].isin(sources).to_numpy()),
+                store.subset(store.meta["Source"].isin(sources).to_numpy()),
                 conditions,
                 selectors=["random"],
                 k=[args.k],

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import REALCXR, has_realcxr, overall_row, print_markdown, subset
+from benchlib import REALCXR, has_realcxr, overall_row, print_markdown
 
 from xsel.embed import embed
 from xsel.evaluate import evaluate
@@ -69,7 +69,7 @@ def main() -> None:
         for group, (sources, conditions) in GROUPS.items():
             began = time.perf_counter()
             result = evaluate(
-                subset(store, store.meta["Source"].isin(sources).to_numpy()),
+                store.subset(store.meta["Source"].isin(sources).to_numpy()),
                 conditions,
                 selectors=selectors,
                 k=[args.k],

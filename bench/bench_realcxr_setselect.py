@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench_realcxr_medselect import NIH, UNSEEN_KERMANY, UNSEEN_NIH, test_patients, training_config
-from benchlib import REALCXR, subset
+from benchlib import REALCXR
 
 from xsel.embed import embed
 from xsel.evaluate import REFERENCE, evaluate, summarize
@@ -165,7 +165,7 @@ def main() -> None:
     store = pack_store(args)
     test_patient = test_patients(store)
     source = store.meta["Source"]
-    train_store = subset(store, source.isin(NIH).to_numpy() & ~test_patient)
+    train_store = store.subset(source.isin(NIH).to_numpy() & ~test_patient)
     runs = args.runs / name
     learned = {
         "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
@@ -183,7 +183,7 @@ def main() -> None:
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     stores = {}
     for group, (sources, conditions, negative) in GROUPS.items():
-        stores[group] = test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        stores[group] = test = store.subset(source.isin(sources).to_numpy() & test_patient)
         if group in done:
             continue
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
@@ -197,7 +197,7 @@ def main() -> None:
     for group, sources in ARCHIVES.items():
         if group in done:
             continue
-        test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        test = store.subset(source.isin(sources).to_numpy() & test_patient)
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
             result = evaluate(
                 test, None, selectors=chosen, protocol="archive", trust_gate=gate, show_progress=False, **common
@@ -262,12 +262,12 @@ def trained_on_every_source(args, store, test_patient, learned, common, report, 
     from xsel.train.selector import ALL_CONDITIONS
 
     run_dir = args.runs / (args.name or args.encoder) / "set-every-source"
-    train(subset(store, ~test_patient), run_dir, "set", args, conditions=[ALL_CONDITIONS])
+    train(store.subset(~test_patient), run_dir, "set", args, conditions=[ALL_CONDITIONS])
     source = store.meta["Source"]
     for group, sources in ARCHIVES.items():
         if any(r["group"] == group and r["variant"].startswith("every source") for r in report):
             continue
-        test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        test = store.subset(source.isin(sources).to_numpy() & test_patient)
         for variant, gate in (("every source", True), ("every source raw", False)):
             result = one_set_selector(test, None, run_dir, common, protocol="archive", trust_gate=gate)
             report += rows(result, group, variant)
@@ -286,7 +286,7 @@ def trained_without_the_site(args, store, test_patient, learned, stores, common,
             continue
         sources, conditions, negative = GROUPS[group]
         run_dir = args.runs / (args.name or args.encoder) / f"set-without-{group.split()[0].lower()}"
-        others = subset(store, ~source.isin(sources).to_numpy() & ~test_patient)
+        others = store.subset(~source.isin(sources).to_numpy() & ~test_patient)
         train(others, run_dir, "set", args, conditions=[ALL_CONDITIONS])
         for variant, gate in (("without this site", True), ("without this site raw", False)):
             result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative, trust_gate=gate)
@@ -308,7 +308,7 @@ def fallback_chosen_away(args, store, test_patient, learned, stores, common, rep
         sources, conditions, negative = GROUPS[other]
         run_dir = args.runs / (args.name or args.encoder) / f"set-fallback-{other.split()[0].lower()}"
         if not (run_dir / "selector.pt").exists():
-            calibration = subset(store, source.isin(sources).to_numpy() & ~test_patient)
+            calibration = store.subset(source.isin(sources).to_numpy() & ~test_patient)
             choice = choose_fallback(
                 learned["setselect"],
                 calibration,

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from bench_realcxr_medselect import NIH, SEEN, test_patients, training_config
 from bench_realcxr_setselect import GROUPS, pack_store, rows, set_vs_lstm, train
-from benchlib import subset
 
 from xsel.evaluate import evaluate
 from xsel.train.checkpoints import save_torch_atomic
@@ -139,7 +138,7 @@ def main() -> None:
         conditions=[*SEEN, *extra],
         episodes_within=within,
     )
-    train_store = subset(store, source.isin([*NIH, *sources]).to_numpy() & ~test_patient)
+    train_store = store.subset(source.isin([*NIH, *sources]).to_numpy() & ~test_patient)
     kept = []
     for chunk in range(1, args.chunks + 1):
         if not (run_dir / "snapshots" / f"{chunk}-averaged").exists():
@@ -155,7 +154,7 @@ def main() -> None:
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     report = []
     for group, (sources, conditions, negative) in GROUPS.items():
-        test = subset(store, source.isin(sources).to_numpy() & test_patient)
+        test = store.subset(source.isin(sources).to_numpy() & test_patient)
         options = {"negative": negative, "trust_gate": False, "show_progress": False, **common}
         report += rows(evaluate(test, conditions, selectors=["kcenter"], **options), group, "heuristic")
         checkpoints = [("shipped", run_dir / "selector.pt")]

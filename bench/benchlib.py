@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xsel.store import Store
-
 REALCXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realcxr"
 
 
@@ -28,17 +26,6 @@ def image_csv(n_images: int, folder: Path) -> Path:
     from xsel.demo import generate_demo_data
 
     return generate_demo_data(folder / "demo", n_images=n_images, image_size=256)
-
-
-def subset(store: Store, mask: np.ndarray) -> Store:
-    """The rows of a store where ``mask`` holds, as an in-memory store (evaluate and train accept it)."""
-    return Store(
-        path=store.path,
-        embeddings=store.embeddings[mask],
-        paths=[p for p, keep in zip(store.paths, mask, strict=True) if keep],
-        meta=store.meta[mask].reset_index(drop=True),
-        attrs=store.attrs,
-    )
 
 
 def timing_selector(name: str, embeddings: np.ndarray):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -342,6 +344,50 @@ def test_episodes_stay_within_the_hospitals_that_label_a_condition(tmp_path):
         train_selector(store, tmp_path / "ward", set_config(episodes_within="Ward"), show_progress=False)
 
 
+def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path):
+    """Trained on two hospitals, one a third the size and unlike the other: the gate keeps a reference per
+    hospital, so the smaller one's pools are its own, not foreign — while a pool from neither still fires."""
+    store = toy_store(900)
+    south = np.arange(len(store)) >= 600
+    store.embeddings[south, 2:] += 3.0  # another scanner: every south image moved the same way
+    store.meta["Source"] = np.where(south, "south", "north")
+    rng = np.random.default_rng(5)
+
+    def gate_of(episodes_within: str):
+        config = set_config(conditions=["A"], episodes_within=episodes_within, episodes=16 * 2, val_every=2)
+        train_selector(store, tmp_path / (episodes_within or "mixture"), config, show_progress=False)
+        return SetSelector(tmp_path / (episodes_within or "mixture") / "selector.pt").trust_gate
+
+    mixture, grouped = gate_of(""), gate_of("Source")
+    assert mixture.groups == () and [g.name for g in grouped.groups] == ["Source=north", "Source=south"]
+    pools = [store.embeddings[rng.choice(np.flatnonzero(south), 60, replace=False)] for _ in range(10)]
+    assert sum(mixture.check(pool, seed=i).fired for i, pool in enumerate(pools)) >= 8, "south is foreign to the mix"
+    verdicts = [grouped.check(pool, seed=i) for i, pool in enumerate(pools)]
+    assert sum(v.fired for v in verdicts) <= 2 and {v.nearest for v in verdicts} == {"Source=south"}
+    elsewhere = store.embeddings[:60] - np.r_[0.0, 0.0, 3.0 * np.ones(6)]  # neither hospital's look
+    assert grouped.check(elsewhere, seed=0).fired
+
+    # a run trained before the gate kept a reference per hospital (its gate: the mixture's, a fallback chosen since)
+    import torch
+
+    from xsel.train.checkpoints import gate_payload
+    from xsel.train.selector import recalibrate_gate
+
+    trained = torch.load(tmp_path / "Source" / "selector.pt", weights_only=True)
+    older = trained | gate_payload(dataclasses.replace(mixture, fallback="kcenter"))
+    torch.save(older, tmp_path / "older.pt")
+    again = SetSelector(recalibrate_gate(tmp_path / "older.pt", store, tmp_path / "again"))
+    assert again.trust_gate.to_record() == {**grouped.to_record(), "fallback": "kcenter"}
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.network.state_dict().values(), trained["state_dict"].values(), strict=True)
+    )
+    renamed = dataclasses.replace(store, meta=store.meta.assign(PatientID=[f"q{i}" for i in range(len(store))]))
+    for other in (toy_store(500), renamed):  # another size; the same images, another split of the patients
+        with pytest.raises(InputError, match="recalibrate on the store it was trained on"):
+            recalibrate_gate(tmp_path / "older.pt", other, tmp_path / "other")
+
+
 def test_the_fallback_is_chosen_on_another_store_and_the_weights_stay(trained, tmp_path):
     from xsel.train.selector import FALLBACK_CANDIDATES, choose_fallback
     from xsel.trust import KEEP_LEARNED
@@ -369,6 +415,47 @@ def test_choose_fallback_needs_conditions_and_excludes_adapt(trained, demo_store
     both = cli(*base, "--adapt", checkpoint, "--conditions", "Edema", "--out", tmp_path / "b")
     assert both.exit_code == 2 and "one at a time" in both.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_fallback_is_refereed_leave_one_hospital_out(tmp_path, cli, capsys):
+    from xsel.store import write_store
+    from xsel.train.selector import FALLBACK_CANDIDATES
+    from xsel.trust import KEEP_LEARNED
+
+    store = toy_store(1000)
+    hospital = np.array(["north", "south", "east", "west"]).repeat(250)
+    store.meta["Source"] = hospital
+    store.meta.loc[hospital == "west", ["A", "B"]] = 0.0  # west labels neither condition: it cannot referee
+    path = tmp_path / "hospitals.h5"
+    write_store(path, embedding_chunks=[store.embeddings], paths=store.paths, meta=store.meta, attrs=store.attrs)
+    config = set_config(conditions=["A"], episodes_within="Source", episodes=16 * 2, val_every=2)
+    train_selector(store, tmp_path / "run", config, show_progress=False)
+    checkpoint = tmp_path / "run" / "selector.pt"
+    capsys.readouterr()
+    options = ["--max-minutes", "1", "--fallback-episodes", "4", "--out", tmp_path / "refereed", "--quiet"]
+    result = cli("train", "selector", path, "--referee-away", checkpoint, *options)
+    assert result.exit_code == 0, result.output
+    chosen = load_checkpoint(tmp_path / "refereed" / "selector.pt")
+    validation = chosen["fallback_validation"]
+    assert validation["protocol"] == "leave-one-hospital-out" and validation["column"] == "Source"
+    assert set(validation["hospitals"]) == {"north", "south", "east"} and "west (labels none" in result.stderr
+    for held_out in ("north", "south", "east"):
+        assert set(validation["hospitals"][held_out]) == {*FALLBACK_CANDIDATES, KEEP_LEARNED}
+        trained_without = load_checkpoint(tmp_path / "refereed" / f"without-{held_out}" / "selector.pt")
+        assert trained_without["store_rows"] == 750, "trained on the other hospitals' images alone"
+    mean = {name: np.mean([h[name] for h in validation["hospitals"].values()]) for name in validation["auroc"]}
+    assert validation["auroc"] == pytest.approx(mean)
+    assert chosen["trust_gate"]["fallback"] == validation["chosen"] == max(mean, key=mean.get)
+    assert f"Trust gate fallback: {validation['chosen']}" in result.stdout
+    original = load_checkpoint(checkpoint)
+    assert all(torch.equal(chosen["state_dict"][key], value) for key, value in original["state_dict"].items())
+
+    mixed = tmp_path / "mixed"
+    train_selector(store, mixed, set_config(conditions=["A"], episodes=16 * 2, val_every=2), show_progress=False)
+    refused = cli("train", "selector", path, "--referee-away", mixed / "selector.pt", "--out", tmp_path / "no")
+    assert refused.exit_code == 2 and "trained without --episodes-within" in refused.stderr
+    both = cli("train", "selector", path, "--referee-away", checkpoint, "--adapt", checkpoint, "--out", tmp_path / "x")
+    assert both.exit_code == 2 and "one at a time" in both.stderr and not (tmp_path / "x").exists()
 
 
 def test_the_selector_runs_a_large_pool_chunk_by_chunk_with_the_same_picks(trained, monkeypatch):

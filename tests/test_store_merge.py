@@ -138,3 +138,16 @@ def test_overwrite_replaces_an_existing_store(parts):
     (folder / "all.h5").write_bytes((folder / "a.h5").read_bytes())  # --overwrite replaces only an xsel store
     merge_stores([folder / "a.h5", folder / "b.h5"], folder / "all.h5", overwrite=True)
     assert len(read_store(folder / "all.h5")) == 5
+
+
+def test_a_subset_keeps_rows_paths_and_meta_aligned():
+    from xsel.store import Store
+
+    meta = pd.DataFrame({"PatientID": [f"p{i}" for i in range(6)], "Source": list("aabbcc")})
+    store = Store("s.h5", np.arange(12, dtype=np.float32).reshape(6, 2), [f"{i}.png" for i in range(6)], meta, {"x": 1})
+    by_mask = store.subset(store.meta["Source"].eq("b").to_numpy())
+    by_rows = store.subset(np.array([2, 3]))
+    for part in (by_mask, by_rows):
+        assert part.paths == ["2.png", "3.png"] and part.embeddings[:, 0].tolist() == [4.0, 6.0]
+        assert part.meta["PatientID"].tolist() == ["p2", "p3"] and part.meta.index.tolist() == [0, 1]
+        assert part.attrs == {"x": 1} and len(store) == 6

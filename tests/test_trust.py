@@ -110,6 +110,54 @@ def test_record_round_trip_and_bad_records(gate):
         gate.check(np.zeros((10, 5), np.float32), seed=0)
 
 
+@pytest.fixture(scope="module")
+def hospitals() -> tuple[TrustGate, TrustGate]:
+    """Gates of a selector trained on a large hospital (the default subspace) and a small one (another subspace):
+    the mixture alone, as training without ``--episodes-within`` calibrates it, and the mixture with a group per
+    hospital. The mixture's reference and held-out pools are nine parts large hospital to one part small."""
+    large, small = draw(2700, 0), draw(300, 1, subspace=7)
+    mixture_pools = [np.concatenate([draw(180, 100 + i), draw(20, 200 + i, subspace=7)]) for i in range(40)]
+    options = {"fallback": "kcenter", "quantile": 0.95, "reference_size": 200}
+    alone = calibrate_gate(np.concatenate([large, small]), mixture_pools, **options)
+    groups = {
+        "Source=large": (large, [draw(200, 300 + i) for i in range(40)]),
+        "Source=small": (small, [draw(200, 400 + i, subspace=7) for i in range(40)]),
+    }
+    grouped = calibrate_gate(np.concatenate([large, small]), mixture_pools, groups=groups, **options)
+    return alone, grouped
+
+
+def test_a_gate_per_hospital_is_quiet_on_a_small_training_hospital_and_still_fires_away(hospitals):
+    alone, grouped = hospitals
+    assert fire_rate(alone, subspace=7) >= 0.95, "the mixture alone takes the small hospital for another one"
+    assert fire_rate(grouped, subspace=7) <= 0.12 and fire_rate(grouped) <= 0.12
+    assert fire_rate(grouped, subspace=11) >= 0.95 and fire_rate(grouped, shift=2.0) >= 0.95
+    small = grouped.check(draw(200, 5000, subspace=7), seed=0)
+    assert small.nearest == "Source=small" and "training pools of Source=small" in small.message
+    away = grouped.check(draw(200, 5001, subspace=11), seed=0)
+    assert away.fired and "every training hospital beyond its threshold" in away.message
+    assert json.loads(json.dumps(away.to_record()))["nearest"] == away.nearest
+    assert np.array_equal(grouped.reference[: len(alone.reference)], alone.reference), "the same mixture reference"
+    assert grouped.threshold == alone.threshold and [g.rows for g in grouped.groups] == [200, 200]
+
+
+def test_a_grouped_gate_round_trips_and_a_bad_group_is_refused(hospitals):
+    _, grouped = hospitals
+    record = json.loads(json.dumps(grouped.to_record()))
+    assert [g["name"] for g in record["groups"]] == ["Source=large", "Source=small"]
+    again = TrustGate.from_record(record, grouped.reference.copy())
+    for pool in (draw(200, 6000, subspace=7), draw(200, 6001, subspace=11)):
+        assert again.check(pool, seed=2) == grouped.check(pool, seed=2)
+    with pytest.raises(InputError, match="at least 2 must remain"):
+        TrustGate.from_record({**record, "reference_rows": 400}, grouped.reference[-400:])
+    with pytest.raises(InputError, match="a group of its record is malformed"):
+        TrustGate.from_record({**record, "groups": [{"name": "x"}]}, grouped.reference)
+    with pytest.raises(InputError, match="bandwidth must be finite"):
+        TrustGate.from_record(
+            {**record, "groups": [{**record["groups"][0], "bandwidth": float("nan")}]}, grouped.reference
+        )
+
+
 @pytest.mark.parametrize(
     ("fallback", "message"),
     [("medselect", "needs a checkpoint"), ("oracle-balanced", "picks with the labels"), ("nope", "nope")],

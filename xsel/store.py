@@ -53,6 +53,13 @@ class Store:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, rows: np.ndarray) -> Store:
+        """The store's ``rows`` (indices, or a boolean mask over the rows), in memory, with its path and attributes:
+        what training and evaluation read of one hospital or one split."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        meta = self.meta.iloc[rows].reset_index(drop=True)
+        return Store(self.path, self.embeddings[rows], [self.paths[i] for i in rows], meta, self.attrs)
+
 
 def check_finite(store: Store) -> None:
     """Refuse embeddings with NaN or infinite values, naming the first rows."""

@@ -7,6 +7,11 @@ calibrated on held-out training pools — the ``quantile`` of their statistics, 
 like the training ones fire by chance — the framework (:func:`xsel.selectors.gated`) lets the heuristic that
 validated best pick instead and says so. Numpy only: a site runs the same gate from its bundle without torch.
 
+A selector trained on several hospitals (``--episodes-within``) also keeps one reference per hospital, each with
+its own threshold calibrated on that hospital's held-out pools, and the gate fires only when a pool lies beyond
+every one of them: compared with the training images as one mixture (mostly the largest hospital), the pools of a
+smaller training hospital would look foreign (BENCHMARKS.md §13).
+
 Cost: the pool is subsampled (seeded, without replacement, rows kept in store order) to the ``pool_size`` the
 threshold was calibrated at, so a 1,000,000-row pool costs what a training pool does: two kernels of at most
 ``pool_size`` × ``max(pool_size, R)`` entries.
@@ -29,10 +34,49 @@ MAX_REFERENCE = 500
 MAX_POOL = 2000  # a larger calibration pool is subsampled to this: the kernels stay a few MB
 
 
+MIXTURE = "training pools"  # the name of the reference sampled from every training image
+
+
+@dataclass(frozen=True)
+class ReferenceGroup:
+    """One training hospital's reference in a grouped gate: its ``name`` (``COLUMN=value``), how many reference
+    ``rows`` it has (they follow the mixture's in the gate's reference), its own ``threshold`` and ``bandwidth``,
+    and how it was ``calibration``-ed."""
+
+    name: str
+    rows: int
+    threshold: float
+    bandwidth: float
+    calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        numbers = {"threshold": self.threshold, "bandwidth": self.bandwidth}
+        if not isinstance(self.name, str) or not isinstance(self.rows, int) or self.rows < 2:
+            raise InputError(
+                f"trust gate group: needs a name and at least 2 reference rows, got {self.name!r}, {self.rows!r}"
+            )
+        if not all(_finite_number(v) for v in numbers.values()) or not self.bandwidth > 0:
+            raise InputError(
+                f"trust gate group {self.name!r}: threshold and bandwidth must be finite, bandwidth > 0; got {numbers}"
+            )
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "bandwidth", float(self.bandwidth))
+
+    def to_record(self) -> dict:
+        return {
+            "name": self.name,
+            "rows": int(self.rows),
+            "threshold": self.threshold,
+            "bandwidth": self.bandwidth,
+            "calibration": dict(self.calibration),
+        }
+
+
 @dataclass(frozen=True)
 class TrustVerdict:
-    """One check of a pool: its statistic (None for a pool too small to compare), the threshold, whether the gate
-    fired, the heuristic it falls back to, how many pool rows were compared, and a one-line message for the user."""
+    """One check of a pool: its statistic (None for a pool too small to compare) and the threshold, both of the
+    reference the pool lies ``nearest`` to (relative to its threshold), whether the gate fired, the heuristic it falls
+    back to, how many pool rows were compared, and a one-line message for the user."""
 
     statistic: float | None
     threshold: float
@@ -40,6 +84,7 @@ class TrustVerdict:
     fallback: str
     compared: int
     message: str
+    nearest: str = MIXTURE
 
     @property
     def fell_back(self) -> bool:
@@ -56,6 +101,7 @@ class TrustVerdict:
             "fell_back": self.fell_back,
             "fallback": self.fallback,
             "compared_rows": self.compared,
+            "nearest": self.nearest,
             "message": self.message,
         }
 
@@ -65,7 +111,8 @@ class TrustGate:
     """What a learned selector carries to judge a pool: ``reference`` (R, D) float32 unit rows sampled from its
     training pools, the ``threshold`` on the MMD² statistic, the ``fallback`` heuristic's registered name, the
     ``pool_size`` the threshold was calibrated at (bigger pools are subsampled to it), the RBF ``bandwidth`` and
-    how it was ``calibration``-ed (quantile, held-out pools, their statistics' median and max)."""
+    how it was ``calibration``-ed (quantile, held-out pools, their statistics' median and max). ``groups``: one
+    :class:`ReferenceGroup` per training hospital, their reference rows after the mixture's in ``reference``."""
 
     reference: np.ndarray
     threshold: float
@@ -73,6 +120,7 @@ class TrustGate:
     pool_size: int
     bandwidth: float
     calibration: dict = field(default_factory=dict)
+    groups: tuple[ReferenceGroup, ...] = ()
 
     def __post_init__(self):
         reference = np.asarray(self.reference)
@@ -90,6 +138,12 @@ class TrustGate:
             raise InputError(
                 f"trust gate: pool_size must be an integer ≥ 2 and fallback a selector name; got {self.pool_size!r}, "
                 f"{self.fallback!r}"
+            )
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if len(reference) - sum(group.rows for group in self.groups) < 2:
+            raise InputError(
+                f"trust gate: its {len(self.groups)} groups claim {sum(g.rows for g in self.groups)} of the "
+                f"{len(reference)} reference rows; at least 2 must remain for the training pools as a whole"
             )
         norms = np.linalg.norm(reference.astype(np.float64), axis=1)
         if not np.allclose(norms, 1.0, rtol=0, atol=1e-5):  # unit rows stay bit for bit: a stored gate reloads equal
@@ -110,7 +164,27 @@ class TrustGate:
         return np.sort(np.random.default_rng(seed).choice(rows, self.pool_size, replace=False))
 
     def statistic(self, embeddings: np.ndarray, seed: int) -> float:
-        """Unbiased MMD² between the pool (subsampled to ``pool_size``, unit-normalised) and the reference."""
+        """Unbiased MMD² between the pool (subsampled to ``pool_size``, unit-normalised) and the reference of the
+        training pools as a whole."""
+        return mmd2(self._pool(embeddings, seed), self._blocks()[0][1], self.bandwidth)
+
+    def statistics(self, embeddings: np.ndarray, seed: int) -> list[tuple[str, float, float]]:
+        """``(name, MMD², threshold)`` against every reference: the training pools as a whole, then each group."""
+        pool = self._pool(embeddings, seed)
+        return [(name, mmd2(pool, rows, bandwidth), threshold) for name, rows, threshold, bandwidth in self._blocks()]
+
+    def _blocks(self) -> list[tuple[str, np.ndarray, float, float]]:
+        """``(name, unit reference rows as float64, threshold, bandwidth)`` of the mixture, then of each group."""
+        reference = self.reference.astype(np.float64)
+        start = len(reference) - sum(group.rows for group in self.groups)
+        blocks = [(MIXTURE, reference[:start], self.threshold, self.bandwidth)]
+        for group in self.groups:
+            blocks.append((group.name, reference[start : start + group.rows], group.threshold, group.bandwidth))
+            start += group.rows
+        return blocks
+
+    def _pool(self, embeddings: np.ndarray, seed: int) -> np.ndarray:
+        """The pool's compared rows, unit-normalised float64, after checking shape and values."""
         shape = getattr(embeddings, "shape", ())
         if len(shape) != 2 or shape[1] != self.dim:
             raise InputError(
@@ -122,18 +196,22 @@ class TrustGate:
         pool = np.asarray(embeddings[self.compared_rows(shape[0], seed)], dtype=np.float64)
         if not np.isfinite(pool).all():
             raise InputError("trust gate: the pool's embeddings hold NaN or infinite values")
-        return mmd2(_unit(pool), self.reference.astype(np.float64), self.bandwidth)
+        return _unit(pool)
 
     def check(self, embeddings: np.ndarray, seed: int) -> TrustVerdict:
-        """The verdict on one pool; a pool of fewer than 2 rows cannot be judged and keeps the learned selector."""
+        """The verdict on one pool: it fires when the pool lies beyond the threshold of every reference (the
+        training pools as a whole and each training hospital's). A pool of fewer than 2 rows cannot be judged and
+        keeps the learned selector."""
         compared = len(self.compared_rows(len(embeddings), seed))
         if len(embeddings) < 2:
             message = f"the trust gate needs at least 2 images to compare, the pool has {len(embeddings)}"
             return TrustVerdict(None, self.threshold, False, self.fallback, compared, message)
-        value = self.statistic(embeddings, seed)
-        fired = value > self.threshold
+        nearest, value, threshold = min(self.statistics(embeddings, seed), key=lambda entry: entry[1] - entry[2])
+        fired = value > threshold
+        pools = MIXTURE if nearest == MIXTURE else f"training pools of {nearest}"
         differs = (
-            f"this pool differs from the selector's training pools (MMD² {value:.3g} > threshold {self.threshold:.3g})"
+            f"this pool differs from the selector's training pools (MMD² {value:.3g} > threshold {threshold:.3g}"
+            + (f"; nearest: {nearest}, every training hospital beyond its threshold)" if self.groups else ")")
         )
         if fired and self.fallback == KEEP_LEARNED:
             message = (
@@ -147,10 +225,10 @@ class TrustGate:
             )
         else:
             message = (
-                f"this pool resembles the selector's training pools (MMD² {value:.3g} ≤ threshold "
-                f"{self.threshold:.3g}): the learned selector picked"
+                f"this pool resembles the selector's {pools} (MMD² {value:.3g} ≤ threshold {threshold:.3g}): the "
+                "learned selector picked"
             )
-        return TrustVerdict(value, self.threshold, bool(fired), self.fallback, compared, message)
+        return TrustVerdict(value, threshold, bool(fired), self.fallback, compared, message, nearest)
 
     def to_record(self) -> dict:
         """JSON-able, without the reference (stored beside it: a tensor in a checkpoint, a .npy in a bundle)."""
@@ -163,6 +241,7 @@ class TrustGate:
             "reference_rows": int(len(self.reference)),
             "dim": self.dim,
             "calibration": dict(self.calibration),
+            "groups": [group.to_record() for group in self.groups],
         }
 
     @classmethod
@@ -179,6 +258,13 @@ class TrustGate:
         expected = (record.get("reference_rows", len(reference)), record.get("dim", reference.shape[-1]))
         if reference.ndim != 2 or reference.shape != tuple(expected):
             raise InputError(f"trust gate: the reference is {reference.shape}, its record says {tuple(expected)}")
+        groups = record.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+            raise InputError("trust gate: its record's groups are not a list of mappings")
+        try:
+            groups = tuple(ReferenceGroup(**group) for group in groups)
+        except TypeError as error:
+            raise InputError(f"trust gate: a group of its record is malformed ({error})") from None
         return cls(
             reference=reference,
             threshold=record["threshold"],
@@ -186,6 +272,7 @@ class TrustGate:
             pool_size=record["pool_size"],
             bandwidth=record["bandwidth"],
             calibration=dict(record.get("calibration", {})),
+            groups=groups,
         )
 
 
@@ -246,25 +333,25 @@ def calibrate_gate(
     quantile: float = 0.99,
     seed: int = 0,
     reference_size: int = MAX_REFERENCE,
+    groups: dict[str, tuple[np.ndarray, list[np.ndarray]]] | None = None,
 ) -> TrustGate:
     """A gate whose threshold is the ``quantile`` of the statistics of ``held_out_pools`` (training-distribution
     pools not sampled for the reference), so pools like them fire with probability about ``1 - quantile``.
 
     The reference is a seeded sample of ``reference_size`` rows (at most 500) of ``reference_embeddings``; the gate's
-    ``pool_size`` is the held-out pools' size (their smallest, at most 2000), the size every pool is compared at."""
-    reference_embeddings = np.asarray(reference_embeddings)
-    if reference_embeddings.ndim != 2 or len(reference_embeddings) < 2:
-        raise InputError(f"trust gate: reference embeddings must be (N ≥ 2, D), got {reference_embeddings.shape}")
+    ``pool_size`` is the held-out pools' size (their smallest, at most 2000), the size every pool is compared at.
+    ``groups`` maps each training hospital's name to its own reference embeddings and held-out pools: each gets its
+    reference and threshold alike, and the gate fires only beyond all of them."""
     if not 0 < quantile <= 1:
         raise InputError(f"trust gate: quantile {quantile} must lie in (0, 1]")
     if not 2 <= reference_size <= MAX_REFERENCE:
         raise InputError(f"trust gate: reference_size {reference_size} must lie in [2, {MAX_REFERENCE}]")
-    sizes = [len(pool) for pool in held_out_pools]
-    if not sizes or min(sizes) < 2:
+    groups = groups or {}
+    sizes = [len(pool) for pools in [held_out_pools, *(pools for _, pools in groups.values())] for pool in pools]
+    if not held_out_pools or any(not pools for _, pools in groups.values()) or min(sizes) < 2:
         raise InputError(f"trust gate: calibration needs held-out pools of at least 2 rows each, got sizes {sizes}")
     rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(reference_embeddings), min(reference_size, len(reference_embeddings)), False))
-    reference = _unit(np.asarray(reference_embeddings[picked], dtype=np.float64))
+    reference = _reference_sample(reference_embeddings, reference_size, rng)
     gate = TrustGate(
         reference=reference.astype(np.float32),
         threshold=0.0,
@@ -272,7 +359,35 @@ def calibrate_gate(
         pool_size=min(min(sizes), MAX_POOL),
         bandwidth=median_bandwidth(reference),
     )
-    statistics = np.asarray([gate.statistic(pool, seed=seed + i) for i, pool in enumerate(held_out_pools)])
+    threshold, calibration = _calibrated(gate, held_out_pools, quantile, seed)
+    rows, made = [reference], []
+    for name, (embeddings, pools) in groups.items():
+        rows.append(_reference_sample(embeddings, reference_size, rng))
+        group = replace(gate, reference=rows[-1].astype(np.float32), bandwidth=median_bandwidth(rows[-1]))
+        group_threshold, group_calibration = _calibrated(group, pools, quantile, seed)
+        made.append(ReferenceGroup(name, len(rows[-1]), group_threshold, group.bandwidth, group_calibration))
+    return replace(
+        gate,
+        reference=np.concatenate(rows).astype(np.float32),
+        threshold=threshold,
+        calibration=calibration,
+        groups=tuple(made),
+    )
+
+
+def _reference_sample(embeddings: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded sample of ``size`` rows (all of them if fewer), in store order, unit-normalised float64."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or len(embeddings) < 2:
+        raise InputError(f"trust gate: reference embeddings must be (N ≥ 2, D), got {embeddings.shape}")
+    picked = np.sort(rng.choice(len(embeddings), min(size, len(embeddings)), replace=False))
+    return _unit(np.asarray(embeddings[picked], dtype=np.float64))
+
+
+def _calibrated(gate: TrustGate, pools: list[np.ndarray], quantile: float, seed: int) -> tuple[float, dict]:
+    """The ``quantile`` of the held-out pools' statistics against the gate's (mixture) reference, and the record of
+    how it was calibrated."""
+    statistics = np.asarray([gate.statistic(pool, seed=seed + i) for i, pool in enumerate(pools)])
     calibration = {
         "quantile": float(quantile),
         "pools": len(statistics),
@@ -280,4 +395,4 @@ def calibrate_gate(
         "max": float(statistics.max()),
         "seed": int(seed),
     }
-    return replace(gate, threshold=float(np.quantile(statistics, quantile)), calibration=calibration)
+    return float(np.quantile(statistics, quantile)), calibration

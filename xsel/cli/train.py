@@ -67,7 +67,8 @@ def train_selector_command(
         typer.Option(
             help="Column naming each image's hospital (e.g. Source, or Institution from xsel scan): a condition's "
             "episodes draw only from the hospitals with positives for it, so a condition one hospital labels is "
-            "not learnt as 'this hospital' against the others' normals."
+            "not learnt as 'this hospital' against the others' normals. The trust gate then also keeps a "
+            "reference per hospital, so no training hospital's pools count as foreign."
         ),
     ] = None,
     average_steps: Annotated[
@@ -102,8 +103,16 @@ def train_selector_command(
             "--negative)."
         ),
     ] = None,
+    referee_away: Annotated[
+        Path | None,
+        typer.Option(
+            help="Choose this trained selector.pt's trust-gate fallback leave-one-hospital-out on STORE, the "
+            "labelled store it was trained on: per hospital (--episodes-within, default the run's), a selector "
+            "trained without it (--max-minutes each) and every heuristic pick there; the best on average wins."
+        ),
+    ] = None,
     fallback_episodes: Annotated[
-        int, typer.Option(min=1, help="--choose-fallback: paired episodes per condition.")
+        int, typer.Option(min=1, help="--choose-fallback, --referee-away: paired episodes per condition.")
     ] = 60,
     val_every: Annotated[int, typer.Option(help="Steps between validations (and checkpoints).")] = 50,
     val_episodes: Annotated[int, typer.Option(help="Fixed validation episodes per validation condition.")] = 20,
@@ -124,7 +133,8 @@ def train_selector_command(
     RUN_DIR/selector.pt holds the best-validated step (lstm) or the weights averaged over the run (set); it
     carries a trust gate that falls back to the best heuristic on pools unlike the training ones. --adapt fits a
     trained selector to a site's own images, without labels; --choose-fallback picks that fallback on another
-    hospital's labelled images instead of at home.
+    hospital's labelled images instead of at home; --referee-away picks it leave-one-hospital-out on the store the
+    selector was trained on.
 
     [bold]Examples[/bold]
 
@@ -136,16 +146,41 @@ def train_selector_command(
       xsel train selector site.h5 --adapt runs/set/selector.pt --out runs/set-site --max-minutes 3
       xsel train selector other_hospital.h5 --choose-fallback runs/set/selector.pt --conditions Pneumonia \\
           --out runs/set-gated
+      xsel train selector pool.h5 --referee-away runs/set-hospitals/selector.pt --max-minutes 5 \\
+          --out runs/set-refereed                                      # fallback chosen leave-one-hospital-out
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
     from xsel.io.outputs import claim_output
     from xsel.train.selector import adapt_selector, train_selector
     from xsel.train.selector import choose_fallback as choose_fallback_for
-    from xsel.trust import KEEP_LEARNED
+    from xsel.train.selector import referee_away as referee_away_for
 
-    if adapt is not None and choose_fallback is not None:
-        raise InputError("--adapt and --choose-fallback each start from a checkpoint; use one at a time")
-    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback]))
+    starts = [
+        name
+        for name, given in (
+            ("--adapt", adapt),
+            ("--choose-fallback", choose_fallback),
+            ("--referee-away", referee_away),
+        )
+        if given
+    ]
+    if len(starts) > 1:
+        raise InputError(f"{' and '.join(starts)} each start from a checkpoint; use one at a time")
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback, referee_away]))
+    if referee_away is not None:
+        choice = referee_away_for(
+            referee_away,
+            store,
+            out,
+            column=episodes_within,
+            max_minutes=max_minutes,
+            episodes=fallback_episodes,
+            seed=seed,
+            device=device.value,
+            show_progress=not quiet,
+        )
+        _report_fallback(choice)
+        return
     if choose_fallback is not None:
         if conditions is None:
             raise InputError("--choose-fallback needs --conditions: the labelled conditions of STORE to pick on")
@@ -159,8 +194,7 @@ def train_selector_command(
             seed=seed,
             show_progress=not quiet,
         )
-        kept = " (the learned selector keeps picking)" if choice.fallback == KEEP_LEARNED else ""
-        typer.echo(f"Trust gate fallback: {choice.fallback}{kept} → {choice.checkpoint}")
+        _report_fallback(choice)
         return
     if adapt is not None:
         result = adapt_selector(
@@ -207,6 +241,13 @@ def train_selector_command(
         settings = {name: value for name, value in settings.items() if name in typed_options(ctx)}
     result = train_selector(store, out, settings, resume=resume, device=device.value, show_progress=not quiet)
     _report_selector_training(result)
+
+
+def _report_fallback(choice) -> None:
+    from xsel.trust import KEEP_LEARNED
+
+    kept = " (the learned selector keeps picking)" if choice.fallback == KEEP_LEARNED else ""
+    typer.echo(f"Trust gate fallback: {choice.fallback}{kept} → {choice.checkpoint}")
 
 
 def _report_selector_training(result) -> None:

@@ -25,7 +25,7 @@ import csv
 import hashlib
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from scipy.stats import rankdata
 from torch.optim.swa_utils import AveragedModel
 
 from xsel import plugins
+from xsel.constraints import stratum_values
 from xsel.episodes import (
     MIN_QUERY_PER_CLASS,
     VALIDATION_QUERY_PER_CLASS,
@@ -46,7 +47,7 @@ from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
 from xsel.io.table import file_sha256
-from xsel.labels import available_conditions, patient_ids, split_by_patient
+from xsel.labels import available_conditions, condition_labels, patient_ids, split_by_patient
 from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
 from xsel.selectors import create_selector
@@ -63,7 +64,7 @@ from xsel.train.medselect import (
     with_model_defaults,
 )
 from xsel.train.runtime import resolve_device
-from xsel.trust import KEEP_LEARNED, calibrate_gate
+from xsel.trust import KEEP_LEARNED, MAX_REFERENCE, calibrate_gate
 
 BEST = "selector.pt"
 LAST = "last.pt"
@@ -223,6 +224,22 @@ def _split_digest(train_rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()
 
 
+def _check_trained_on(saved: dict, store: Store, where, remedy: str, *, train_rows: np.ndarray | None = None) -> None:
+    """Refuse (one line, ``remedy`` said) a checkpoint trained on another store: another encoder or number of rows,
+    or — given the ``train_rows`` this store's split yields — another split of its patients."""
+    if (saved["encoder_identity"], saved.get("store_rows", len(store))) != (store.encoder_identity, len(store)):
+        raise InputError(
+            f"{where} was trained on a store of {saved.get('store_rows')} embeddings of "
+            f"{describe_identity(saved['encoder_identity'])}; {store.path} holds {len(store)} of "
+            f"{describe_identity(store.encoder_identity)}: {remedy}"
+        )
+    if train_rows is not None and saved.get("split_sha256") != _split_digest(train_rows):
+        raise InputError(
+            f"{where} was trained with another split of the patients into training and validation (a run started by "
+            f"an earlier xsel, or a changed PatientID column): {remedy}"
+        )
+
+
 def split_patients(store: Store, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of training and validation patients (:func:`xsel.labels.split_by_patient` over the store's rows)."""
     patients = patient_ids(store.meta)
@@ -291,15 +308,8 @@ def train_selector(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
     saved = load_checkpoint(run_dir / LAST) if resume and (run_dir / LAST).exists() else None
-    if saved is not None and (saved["encoder_identity"], saved.get("store_rows", len(store))) != (
-        store.encoder_identity,
-        len(store),
-    ):
-        raise InputError(
-            f"{run_dir / LAST} was trained on a store of {saved.get('store_rows')} embeddings of "
-            f"{describe_identity(saved['encoder_identity'])}; {store.path} holds {len(store)} of "
-            f"{describe_identity(store.encoder_identity)}: resume on the same store, or start a new run"
-        )
+    if saved is not None:
+        _check_trained_on(saved, store, run_dir / LAST, "resume on the same store, or start a new run")
     config = _run_config(config, saved, run_dir)
     check_episodes_within(store, config.episodes_within)
     if saved is None and config.conditions == [ALL_CONDITIONS]:
@@ -310,11 +320,8 @@ def train_selector(
         ages = ages[np.isfinite(ages)]
         config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
     training = _start(store, config, run_dir, resolve_device(device))
-    if saved is not None and saved.get("split_sha256") != _split_digest(training.train_rows):
-        raise InputError(
-            f"{run_dir / LAST} was trained with another split of the patients into training and validation (a run "
-            "started by an earlier xsel, or a changed PatientID column); start a new run"
-        )
+    if saved is not None:
+        _check_trained_on(saved, store, run_dir / LAST, "start a new run", train_rows=training.train_rows)
     state = RunState()
     if saved is None and initial_weights is not None:  # adaptation starts from a trained selector
         training.scorer.load_state_dict(initial_weights)
@@ -458,15 +465,133 @@ def choose_fallback(
     heuristic: the gate still reports an unfamiliar pool, and the selector keeps picking. Writes
     ``RUN_DIR/selector.pt``: the same weights and gate threshold, the new fallback, and ``fallback_validation``
     (store, conditions, every candidate's AUROC)."""
+    payload, config = _gated_checkpoint(checkpoint)
+    shifted = shifted if isinstance(shifted, Store) else read_store(shifted)
+    learned = f"{PLUGINS[config.model]}={payload['path']}"
+    auroc = _candidates_auroc(shifted, conditions, learned, config, negative, episodes, seed, show_progress)
+    validation = {"store": str(shifted.path), "conditions": list(conditions), "negative": negative}
+    where = f"on {Path(shifted.path).name} ({', '.join(conditions)})"
+    return _with_fallback(payload, auroc, validation | {"episodes": episodes}, run_dir, where)
+
+
+def referee_away(
+    checkpoint: str | Path,
+    store: str | Path | Store,
+    run_dir: str | Path,
+    *,
+    column: str | None = None,
+    max_minutes: float = 10.0,
+    episodes: int = 60,
+    seed: int = 0,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> FallbackChoice:
+    """Choose a trust gate's fallback leave-one-hospital-out, on the labelled store a selector was trained on.
+
+    The gate fires on a pool from a hospital the selector never saw, so its fallback should be what picks best at
+    hospitals never trained on — not what won at home. For each hospital (each value of ``column``, default the
+    run's ``--episodes-within``) in turn, a selector trains as this one did on the other hospitals' images alone
+    (``max_minutes``; its conditions and validation conditions those they label) in ``RUN_DIR/without-VALUE``; then
+    it and every heuristic pick paired episodes of the conditions the held-out hospital labels, on all its images
+    (none seen by that selector). The best mean query AUROC over the held-out hospitals becomes the fallback —
+    ``learned`` when the selectors trained without a hospital beat every heuristic there: the gate still reports an
+    unfamiliar pool and this selector keeps picking. A hospital whose images label none of the run's conditions, or
+    without which no validation condition is left, is left out (said so). Writes ``RUN_DIR/selector.pt`` as
+    :func:`choose_fallback` does, ``fallback_validation`` holding every held-out hospital's scores."""
+    payload, config = _gated_checkpoint(checkpoint)
+    store = store if isinstance(store, Store) else read_store(store)
+    column = column or config.episodes_within
+    if not column:
+        raise InputError(
+            f"{payload['path']} was trained without --episodes-within; name the column of each image's hospital "
+            "(--episodes-within COLUMN) to referee its fallback leave-one-hospital-out"
+        )
+    check_episodes_within(store, column)
+    hospitals = stratum_values(store.meta, column).to_numpy()
+    scores, left_out = {}, []
+    for value in np.unique(hospitals):
+        held, rest = store.subset(hospitals == value), store.subset(hospitals != value)
+        conditions = _labelled(held, [*config.conditions, *config.val_conditions], config.uncertain)
+        sub = replace(
+            config,
+            conditions=_labelled(rest, config.conditions, config.uncertain),
+            val_conditions=_labelled(rest, config.val_conditions, config.uncertain),
+            max_minutes=max_minutes,
+        )
+        reasons = (
+            (conditions, "labels none of the run's conditions"),
+            (sub.conditions, "the other hospitals label no training condition"),
+            (sub.val_conditions, "the other hospitals label no validation condition"),
+        )
+        why = next((reason for found, reason in reasons if not found), None)
+        if why is not None:
+            left_out.append(f"{value} ({why})")
+            continue
+        folder = Path(run_dir) / f"without-{value}"
+        try:
+            if not (folder / BEST).exists():  # a rerun reuses what an earlier one trained
+                train_selector(rest, folder, sub, device=device, show_progress=show_progress)
+            learned = f"{PLUGINS[config.model]}={folder / BEST}"
+            scores[str(value)] = _candidates_auroc(
+                held, conditions, learned, config, config.negative, episodes, seed, show_progress
+            )
+        except InputError as error:  # too few images of a condition on one side: that hospital cannot referee
+            left_out.append(f"{value} ({error})")
+    if left_out:
+        notify(f"leave-one-hospital-out referee: left out {column} " + "; ".join(left_out))
+    if not scores:
+        raise InputError(
+            f"no hospital of {column} could be held out ("
+            + "; ".join(left_out)
+            + "); choose the fallback on another hospital's labelled store with --choose-fallback"
+        )
+    auroc = {name: float(np.mean([held[name] for held in scores.values()])) for name in next(iter(scores.values()))}
+    validation = {
+        "store": str(store.path),
+        "protocol": "leave-one-hospital-out",
+        "column": column,
+        "hospitals": scores,
+        "episodes": episodes,
+        "max_minutes": max_minutes,
+    }
+    where = f"leave-one-hospital-out over {len(scores)} values of {column}"
+    return _with_fallback(payload, auroc, validation, run_dir, where)
+
+
+def _labelled(store: Store, conditions: list[str], uncertain: str) -> list[str]:
+    """Those of ``conditions`` with at least one positive image in ``store``."""
+    present = set(available_conditions(store.meta))
+    return [
+        c
+        for c in dict.fromkeys(conditions)
+        if c in present and (condition_labels(store.meta, c, uncertain=uncertain) == 1).any()
+    ]
+
+
+def _gated_checkpoint(checkpoint: str | Path) -> tuple[dict, SelectorConfig]:
+    """A selector checkpoint and its config, refused (one line) when it carries no trust gate."""
     payload, config = load_selector_checkpoint(checkpoint)
     if payload.get("trust_gate") is None:
         raise InputError(f"{payload['path']} carries no trust gate (trained before xsel had one); retrain it")
-    plugin = PLUGINS[config.model]
-    shifted = shifted if isinstance(shifted, Store) else read_store(shifted)
+    return payload, config
+
+
+def _candidates_auroc(
+    store: Store,
+    conditions: list[str],
+    learned: str,
+    config: SelectorConfig,
+    negative: str,
+    episodes: int,
+    seed: int,
+    show_progress: bool,
+) -> dict[str, float]:
+    """Every fallback candidate's mean query AUROC on paired episodes of ``store`` (the checkpoint's K, pool and
+    query sizes and classifier; no gate): the heuristics, and ``learned`` (a selector spec) as ``KEEP_LEARNED``."""
     result = evaluate(
-        shifted,
+        store,
         conditions,
-        selectors=[*FALLBACK_CANDIDATES, f"{plugin}={payload['path']}"],
+        selectors=[*FALLBACK_CANDIDATES, learned],
         k=[config.k],
         episodes=episodes,
         pool_size=config.pool_size,
@@ -478,28 +603,52 @@ def choose_fallback(
         trust_gate=False,
     )
     overall = result.summary[result.summary["condition"] == "all"].set_index("selector")["auroc"]
-    auroc = {name: float(overall[name]) for name in FALLBACK_CANDIDATES} | {KEEP_LEARNED: float(overall[plugin])}
+    plugin = learned.split("=", 1)[0]
+    return {name: float(overall[name]) for name in FALLBACK_CANDIDATES} | {KEEP_LEARNED: float(overall[plugin])}
+
+
+def _with_fallback(
+    payload: dict, auroc: dict[str, float], validation: dict, run_dir: str | Path, where: str
+) -> FallbackChoice:
+    """Write ``RUN_DIR/selector.pt``: the checkpoint with the best-scoring candidate as its gate's fallback, and
+    what chose it (``fallback_validation``: ``validation`` plus every candidate's AUROC); say so."""
     fallback = max(auroc, key=auroc.get)
     chosen = {key: value for key, value in payload.items() if key != "path"}
     chosen["trust_gate"] = {**payload["trust_gate"], "fallback": fallback}
-    chosen["fallback_validation"] = {
-        "store": str(shifted.path),
-        "conditions": list(conditions),
-        "negative": negative,
-        "episodes": episodes,
-        "auroc": auroc,
-        "chosen": fallback,
-    }
+    chosen["fallback_validation"] = validation | {"auroc": auroc, "chosen": fallback}
     path = Path(run_dir) / BEST
     path.parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(chosen, path)
     notify(
-        f"trust gate fallback on {Path(shifted.path).name} ({', '.join(conditions)}): mean query AUROC "
+        f"trust gate fallback {where}: mean query AUROC "
         + ", ".join(f"{name} {value:.3f}" for name, value in auroc.items())
         + f"; falls back to {fallback}"
         + (" (the learned selector keeps picking)" if fallback == KEEP_LEARNED else "")
     )
     return FallbackChoice(checkpoint=path, fallback=fallback, auroc=auroc)
+
+
+def recalibrate_gate(checkpoint: str | Path, store: str | Path | Store, run_dir: str | Path) -> Path:
+    """A trained selector's trust gate calibrated afresh by this xsel, on ``store`` — the store it was trained on
+    (same encoder, rows and patients' split, checked) — written with the same weights, settings and fallback to
+    ``RUN_DIR/selector.pt``: a run trained with ``--episodes-within`` before the gate kept a reference per hospital
+    gets one without training again. Store size and split are checked where the checkpoint records them (all since
+    this function exists)."""
+    payload, config = load_selector_checkpoint(checkpoint)
+    store = store if isinstance(store, Store) else read_store(store)
+    remedy = "recalibrate on the store it was trained on"
+    _check_trained_on(payload, store, payload["path"], remedy)
+    training = _start(store, config, Path(run_dir), torch.device("cpu"))
+    if "split_sha256" in payload:  # checkpoints written before every one recorded it are checked by encoder alone
+        _check_trained_on(payload, store, payload["path"], remedy, train_rows=training.train_rows)
+    entries = _trust_gate(training)
+    fallback = (payload.get("trust_gate") or {}).get("fallback", entries["trust_gate"]["fallback"])
+    entries["trust_gate"] = {**entries["trust_gate"], "fallback": fallback}
+    recalibrated = {key: value for key, value in payload.items() if key != "path"} | entries
+    path = Path(run_dir) / BEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(recalibrated, path)
+    return path
 
 
 def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
@@ -669,8 +818,6 @@ def _validate_and_save(training: _Training, state: RunState, random_val: float, 
             "best_val": state.best_val,
             "best_step": state.best_step,
             "seconds": state.seconds + time.perf_counter() - started,
-            "store_rows": training.store_rows,
-            "split_sha256": _split_digest(training.train_rows),
             "optimizer": training.optimizer.state_dict(),
             "scheduler": training.scheduler.state_dict(),
         }
@@ -686,14 +833,16 @@ def _mean_val(training: _Training, scorer: torch.nn.Module | None) -> float:
 
 
 def _save(training: _Training, name: str, extra: dict, *, module: torch.nn.Module | None = None) -> None:
-    """A checkpoint of ``module`` (default: the policy validation scores) with the run's settings and gate."""
+    """A checkpoint of ``module`` (default: the policy validation scores) with the run's settings and gate, and
+    what the store and split it was trained on were (a resumed run and :func:`recalibrate_gate` check them)."""
     module = training.policy if module is None else module
+    trained_on = {"store_rows": training.store_rows, "split_sha256": _split_digest(training.train_rows)}
     save_checkpoint(
         training.run_dir / name,
         scorer=module.cpu(),
         config=training.config,
         identity=training.identity,
-        extra=training.gate | extra,
+        extra=training.gate | trained_on | extra,
     )
     module.to(training.device)
 
@@ -739,7 +888,8 @@ def _trust_gate(training: _Training) -> dict:
     its fallback the heuristic with the best mean AUROC on episodes of every condition the run names, seen and
     unseen, drawn from every patient of the store (``heuristics_val``): a heuristic learns nothing, so neither the
     training patients nor the seen conditions favour it, and the validation patients alone are a small population
-    whose pools shrink and reuse the same few images (BENCHMARKS.md §13)."""
+    whose pools shrink and reuse the same few images (BENCHMARKS.md §13). With ``--episodes-within`` every training
+    hospital also gets a reference and threshold of its own (:func:`_gate_groups`), so a smaller one is not foreign."""
     config, val = training.config, training.val
     validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
     every_row = np.arange(len(val.store))
@@ -753,22 +903,74 @@ def _trust_gate(training: _Training) -> dict:
             scores[name].append(float(referee.rewards(episodes, picks).mean()))
     means = {name: float(np.mean(values)) for name, values in scores.items()}
     fallback = max(means, key=means.get)
-    held_out = []
+    pools = []
     for task in val.tasks:
         episodes, _, _, _ = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
-        held_out += [val.store.embeddings[episode.pool] for episode in episodes]
-    size = min(min(map(len, held_out)), len(validation_rows))
+        pools += [episode.pool for episode in episodes]
+    size = min(min(map(len, pools)), len(validation_rows))
+    embeddings = val.store.embeddings
+    groups = _gate_groups(training, pools, size) if config.episodes_within else {}
     rng = np.random.default_rng([config.seed, GATE_DRAWS])
-    held_out += [
-        val.store.embeddings[np.sort(rng.choice(validation_rows, size, replace=False))] for _ in range(GATE_DRAWS)
-    ]
-    gate = calibrate_gate(val.store.embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed)
+    draws = [np.sort(rng.choice(validation_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
+    held_out = [embeddings[rows] for rows in [*pools, *draws]]
+    gate = calibrate_gate(embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed, groups=groups)
     notify(
         f"trust gate: heuristics' AUROC on {len(referee.tasks)} conditions of the store's patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
         + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
+        + (" and beyond " + ", ".join(f"{g.name}'s {g.threshold:.4g}" for g in gate.groups) if gate.groups else "")
     )
     return gate_payload(gate) | {"heuristics_val": means}
+
+
+def _gate_groups(training: _Training, pools: list[np.ndarray], size: int) -> dict:
+    """Per training hospital (each value of ``--episodes-within`` among the training patients): a reference of a
+    seeded half of its training images (at most ``MAX_REFERENCE``) and held-out pools — the validation episodes drawn
+    within it, episodes of every condition it labels drawn from its other images (validation and training: a
+    labelling task's pool holds only its condition's positives and negatives) and ``GATE_DRAWS`` seeded draws of
+    ``size`` of them — for
+    :func:`xsel.trust.calibrate_gate`. A hospital's validation images alone are too few to draw varied pools from
+    (70 of Kermany's in the benchmark's runs), and the gate asks where a pool's images come from, not whether the
+    selector trained on them. A hospital with fewer than twice ``size`` such images is left to the mixture (said
+    so); fewer than two hospitals calibrated: no groups, the mixture is the hospital."""
+    config, store = training.config, training.val.store
+    column = config.episodes_within
+    values = stratum_values(store.meta, column).to_numpy()
+    validation_rows = np.setdiff1d(np.arange(len(store)), training.train_rows)
+    groups, skipped = {}, []
+    for index, value in enumerate(np.unique(values[training.train_rows])):
+        rng = np.random.default_rng([config.seed, GATE_DRAWS, index])
+        train_rows = training.train_rows[values[training.train_rows] == value]
+        reference = np.sort(rng.choice(train_rows, min(MAX_REFERENCE, len(train_rows) // 2), replace=False))
+        held_rows = np.union1d(validation_rows[values[validation_rows] == value], np.setdiff1d(train_rows, reference))
+        if len(reference) < 2 or len(held_rows) < 2 * size:
+            skipped.append(f"{value} ({int((values == value).sum())} images)")
+            continue
+        draws = [np.sort(rng.choice(held_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
+        within = [pool for pool in pools if (values[pool] == value).all()]
+        tasks = [pool for pool in _labelling_pools(training, held_rows) if len(pool) >= size]
+        held_out = [store.embeddings[rows] for rows in [*within, *tasks, *draws]]
+        groups[f"{column}={value}"] = (store.embeddings[reference], held_out)
+    if skipped and len(groups) > 1:
+        notify(
+            f"trust gate: too few images for a reference of their own in {column} "
+            + ", ".join(skipped)
+            + f" (each needs about {4 * size}); their pools are judged against the other hospitals' and the whole"
+        )
+    return groups if len(groups) > 1 else {}
+
+
+def _labelling_pools(training: _Training, rows: np.ndarray) -> list[np.ndarray]:
+    """The pools of ``val_episodes`` episodes of each of the run's conditions that ``rows`` label enough of."""
+    config = training.config
+    try:
+        episodes = _Episodes(
+            training.val.store, config, [*config.conditions, *config.val_conditions], rows, validation=True
+        )
+    except InputError:  # none of the conditions has enough images among these rows
+        return []
+    indices = list(range(config.val_episodes))
+    return [e.pool for task in episodes.tasks for e in episodes.batch(task, indices, config.seed + 2)[0]]
 
 
 def policy_picks(scorer: torch.nn.Module, pools: torch.Tensor, k: int) -> np.ndarray:
