@@ -5,8 +5,9 @@ its run folder and the ``--with-sources`` it trained on beside NIH), the gate is
 the store it trained on (:func:`xsel.train.selector.recalibrate_gate`: a reference and threshold per hospital, the
 mixture's unchanged), and the same gate without its hospitals' references (the mixture alone, as xsel calibrated it
 before) is kept beside it. Both judge the test patients' episodes of NIH's unseen conditions, Kermany and the COVID
-sources (120 paired episodes per condition, K=20): how many pools each hands to the fallback, and the gated selector's
-Δ AUROC vs random [paired 95% CI]. A hospital the run trained on should keep its pools; one it never saw should not.
+sources (120 paired episodes per condition, K=20): on how many pools each fires, how many it hands to the fallback
+(none when the fallback is the learned selector itself), and the gated selector's Δ AUROC vs random [paired 95%
+CI]. A hospital the run trained on should keep its pools; one it never saw should not.
 With ``--referee-minutes M``, a third gate: the per-hospital one with its fallback refereed leave-one-hospital-out
 on the run's training store (:func:`xsel.train.selector.referee_away`, hospitals as ``HOSPITAL`` names them: NIH's
 two sources are one hospital, the three COVID collections another; M minutes per selector trained without one).
@@ -92,14 +93,16 @@ def main() -> None:
                     trust_gate=True,
                     **common,
                 )
+                counts = result.settings["fell_back"]["setselect"].values()
+                fired = f"{sum(c['fired'] for c in counts)}/{sum(c['episodes'] for c in counts)}"
                 found = [r for r in rows(result, group, variant) if r["selector"] == "setselect"]
-                report += [
-                    r | {"trained_on": trained_on, "away": not set(group_sources) & set(trained_on)} for r in found
-                ]
+                away = not set(group_sources) & set(trained_on)
+                report += [r | {"fired": fired, "trained_on": trained_on, "away": away} for r in found]
                 r = report[-1]
                 print(
-                    f"{Path(run).name[-60:]:60} {group:14} {variant:13} fell back {r['fell_back']:>8}  "
-                    f"{r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]" + ("  (away)" * r["away"]),
+                    f"{Path(run).name[-60:]:60} {group:14} {variant:13} fired {fired:>8}, fell back "
+                    f"{r['fell_back']:>8}  {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]"
+                    + ("  (away)" * away),
                     flush=True,
                 )
     if args.json:
