@@ -353,6 +353,37 @@ def test_the_site_falls_back_as_the_workstation_does(gated_bundle, demo_store, t
     assert verified.exit_code == 0 and "all 7 picks were reproduced" in verified.stdout, verified.output
 
 
+def test_a_gate_per_hospital_travels_in_the_bundle(gated_plugin, demo_store, tmp_path):
+    """A gate whose mixture takes the demo store for foreign but one of whose hospitals is the demo store: exported,
+    the site reads the same gate and, like the workstation, keeps the learned selector, naming that hospital."""
+    from xsel.train.export import export_bundle
+
+    embeddings = read_store(demo_store).embeddings
+    rng = np.random.default_rng(0)
+    half, dim = len(embeddings) // 2, embeddings.shape[1]
+    home = [embeddings[half + rng.choice(len(embeddings) - half, 80, replace=False)] for _ in range(10)]
+    gate = calibrate_gate(
+        rng.normal(size=(400, dim)),
+        [rng.normal(size=(80, dim)) for _ in range(10)],
+        fallback="kcenter",
+        quantile=1.0,
+        groups={"Source=demo": (embeddings[:half], home)},
+    )
+    gated_plugin["gate"] = gate
+    manifest = export_bundle(tmp_path / "bundle", encoder="pixels", selector=f"tiny-gated={demo_store}")
+    assert [group["name"] for group in manifest["selector"]["trust_gate"]["groups"]] == ["Source=demo"]
+    loaded = Bundle.load(tmp_path / "bundle").trust_gate
+    assert loaded.to_record() == gate.to_record() and np.array_equal(loaded.reference, gate.reference)
+    site = site_select(
+        demo_store.parent / "labels.csv", tmp_path / "bundle", 7, out=tmp_path / "s.csv", show_progress=False
+    )
+    workstation = select(demo_store, 7, selector="tiny-gated", checkpoint=demo_store)
+    assert site.table["Path"].tolist() == workstation.table["Path"].tolist()
+    assert set(site.table["selector"]) == {"tiny-gated"}
+    for record in (site.record["fallback"], workstation.record["fallback"]):
+        assert record["fired"] is False and record["nearest"] == "Source=demo"
+
+
 def test_a_tampered_trust_reference_is_refused(gated_bundle, tmp_path):
     bundle = tmp_path / "copy"
     shutil.copytree(gated_bundle[0], bundle)

@@ -924,15 +924,14 @@ def _trust_gate(training: _Training) -> dict:
 
 
 def _gate_groups(training: _Training, pools: list[np.ndarray], size: int) -> dict:
-    """Per training hospital (each value of ``--episodes-within`` among the training patients): a reference of a
-    seeded half of its training images (at most ``MAX_REFERENCE``) and held-out pools — the validation episodes drawn
-    within it, episodes of every condition it labels drawn from its other images (validation and training: a
-    labelling task's pool holds only its condition's positives and negatives) and ``GATE_DRAWS`` seeded draws of
-    ``size`` of them — for
-    :func:`xsel.trust.calibrate_gate`. A hospital's validation images alone are too few to draw varied pools from
-    (70 of Kermany's in the benchmark's runs), and the gate asks where a pool's images come from, not whether the
-    selector trained on them. A hospital with fewer than twice ``size`` such images is left to the mixture (said
-    so); fewer than two hospitals calibrated: no groups, the mixture is the hospital."""
+    """Per training hospital (each value of ``--episodes-within`` among the training patients), for
+    :func:`xsel.trust.calibrate_gate`: a reference of a seeded half of its training images (at most
+    ``MAX_REFERENCE``) and held-out pools of its other images, validation and training — the validation episodes
+    drawn within it, episodes of every condition it labels (a labelling task's pool holds only its condition's
+    positives and negatives) and ``GATE_DRAWS`` seeded draws of ``size``. Its validation images alone are too few to
+    draw varied pools from (70 of Kermany's in the benchmark's runs), and the gate asks where a pool's images come
+    from, not whether the selector trained on them. A hospital with fewer than twice ``size`` such images is left
+    to the mixture (said so); fewer than two hospitals calibrated: no groups, the mixture is the hospital."""
     config, store = training.config, training.val.store
     column = config.episodes_within
     values = stratum_values(store.meta, column).to_numpy()
