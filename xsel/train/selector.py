@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -527,7 +528,7 @@ def referee_away(
         if why is not None:
             left_out.append(f"{value} ({why})")
             continue
-        folder = Path(run_dir) / f"without-{value}"
+        folder = Path(run_dir) / ("without-" + re.sub(r"[^\w.-]+", "_", str(value)))  # a name safe as a folder
         try:
             if not (folder / BEST).exists():  # a rerun reuses what an earlier one trained
                 train_selector(rest, folder, sub, device=device, show_progress=show_progress)
