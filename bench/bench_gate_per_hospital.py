@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from bench_realcxr_medselect import NIH, test_patients
-from bench_realcxr_setselect import COVID, GROUPS, pack_store, rows
+from bench_realcxr_setselect import COVID, GROUPS, add_pack_store_arguments, pack_store, rows
 
 from xsel.evaluate import evaluate
 from xsel.train.checkpoints import gate_from_payload, gate_payload, save_torch_atomic
@@ -47,16 +47,12 @@ def mixture_alone(checkpoint: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="efficientnet-lite0")
-    parser.add_argument("--weights", help="encoder weights the runs' store was embedded with")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--name", help="name of the encoder's store (default: --encoder)")
+    add_pack_store_arguments(parser)
     parser.add_argument("--run", action="append", required=True, metavar="RUN=SOURCES")
     parser.add_argument("--episodes", type=int, default=120, help="test episodes per condition")
     parser.add_argument(
         "--referee-minutes", type=float, default=0.0, help="also referee the fallback away (minutes per selector)"
     )
-    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gate-per-hospital")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -130,10 +130,7 @@ def rows(result, group: str, variant: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="efficientnet-lite0")
-    parser.add_argument("--weights", help="encoder weights, e.g. RUN/encoder.pt of `xsel train encoder`")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--name", help="name of this encoder's store and runs (default: --encoder)")
+    add_pack_store_arguments(parser)
     parser.add_argument("--no-speed", action="store_true", help="skip the 100,000-image timing")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--episodes", type=int, default=120, help="test episodes per condition")
@@ -157,7 +154,6 @@ def main() -> None:
     )
     parser.add_argument("--last-step", action="store_true", help="also run the set selector's last training step")
     parser.add_argument("--stretch", action="store_true", help="also compare K picks with all pool labels at home")
-    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -237,6 +233,15 @@ def main() -> None:
         report += all_pool_labels(stores["NIH unseen"], learned["setselect"], common)
         save(args, learned, timings, report)
     print_tables(report)
+
+
+def add_pack_store_arguments(parser) -> None:
+    """The options :func:`pack_store` reads: the encoder, its weights and image size, the store's name and cache."""
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", help="encoder weights, e.g. RUN/encoder.pt of `xsel train encoder`")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--name", help="name of this encoder's store and runs (default: --encoder)")
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
 
 
 def pack_store(args):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_realcxr_medselect import NIH, SEEN, test_patients, training_config
-from bench_realcxr_setselect import GROUPS, pack_store, rows, set_vs_lstm, train
+from bench_realcxr_setselect import GROUPS, add_pack_store_arguments, pack_store, rows, set_vs_lstm, train
 
 from xsel.evaluate import evaluate
 from xsel.train.checkpoints import save_torch_atomic
@@ -58,10 +58,7 @@ def snapshot(run_dir: Path, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="efficientnet-lite0")
-    parser.add_argument("--weights", help="encoder weights, e.g. RUN/encoder.pt of `xsel train encoder`")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--name", help="name of this encoder's store (default: --encoder)")
+    add_pack_store_arguments(parser)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--average-steps", type=int, default=1000)
@@ -98,7 +95,6 @@ def main() -> None:
         action="store_true",
         help="train the LSTM on the same patients and conditions (--minutes, its own defaults) and compare with it",
     )
-    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "stores")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "stability")
     parser.add_argument("--json", type=Path)
     parser.add_argument(

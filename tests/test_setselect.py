@@ -454,6 +454,7 @@ def test_the_fallback_is_refereed_leave_one_hospital_out(tmp_path, cli, capsys):
     train_selector(store, mixed, set_config(conditions=["A"], episodes=16 * 2, val_every=2), show_progress=False)
     refused = cli("train", "selector", path, "--referee-away", mixed / "selector.pt", "--out", tmp_path / "no")
     assert refused.exit_code == 2 and "trained without --episodes-within" in refused.stderr
+    assert not (tmp_path / "no").exists(), "nothing partial left behind"
     both = cli("train", "selector", path, "--referee-away", checkpoint, "--adapt", checkpoint, "--out", tmp_path / "x")
     assert both.exit_code == 2 and "one at a time" in both.stderr and not (tmp_path / "x").exists()
 
