@@ -14,6 +14,7 @@ from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.selection import select
 from xsel.store import Store, read_store
+from xsel.train import setselect
 from xsel.train.medselect import MedSelectSelector, SetSelector, load_checkpoint
 from xsel.train.selector import adapt_selector, split_patients, train_selector
 from xsel.train.setselect import SetPolicy
@@ -470,15 +471,23 @@ def test_the_selector_runs_a_large_pool_chunk_by_chunk_with_the_same_picks(train
     assert chunked[0].tolist() == whole[0].tolist() and np.allclose(chunked[1], whole[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("read_embedding", [True, False])
-def test_a_large_pool_runs_chunk_by_chunk_with_the_same_picks(read_embedding):
+@pytest.mark.parametrize(
+    ("read_embedding", "rows", "k", "cache"),
+    [(True, 300, 25, (32, 128, 16)), (False, 300, 25, (32, 128, 16)), (False, 40, 40, (2, 3, 1))],
+)
+def test_a_large_pool_runs_chunk_by_chunk_with_the_same_picks(read_embedding, rows, k, cache, monkeypatch):
     """Pools above CHUNK_ROWS run forward_in_chunks (statistics first, then chunk by chunk, an online softmax in the
-    attention summaries): forward's picks, and its scores up to float rounding."""
+    attention summaries; each step over chunks of STEP_ROWS, its z-scores from running sums, picks' cosines computed
+    a few at a time): forward's picks, and its scores up to float rounding — also with every row picked and a cache
+    of 3 rows within N pairs, so rows are evicted and recomputed."""
+    for name, value in zip(("SPECULATE", "SPECULATED", "CACHED_PAIRS"), cache, strict=True):
+        monkeypatch.setattr(setselect, name, value)
+    monkeypatch.setattr(setselect, "STEP_ROWS", 29)
     torch.manual_seed(0)
     policy = SetPolicy(12, hidden=16, metadata=2, read_embedding=read_embedding).eval()
-    pool = torch.randn(1, 300, 14) * torch.rand(1, 300, 1) * 3 + 0.5
+    pool = torch.randn(1, rows, 14) * torch.rand(1, rows, 1) * 3 + 0.5
     with torch.no_grad():
-        scores, picks = policy(pool, torch.tensor(25))
-        chunked_scores, chunked_picks = policy.forward_in_chunks(pool[0], 25, chunk=37)
+        scores, picks = policy(pool, torch.tensor(k))
+        chunked_scores, chunked_picks = policy.forward_in_chunks(pool[0], k, chunk=37)
     assert chunked_picks.tolist() == picks[0].tolist()
     assert torch.allclose(chunked_scores, scores[0], atol=1e-4, rtol=1e-4)

@@ -140,17 +140,11 @@ def one_per_unit(meta: pd.DataFrame, rows: np.ndarray, one_per: str) -> np.ndarr
         if one_per == "study":
             raise InputError("--one-per study needs a StudyInstanceUID column (xsel scan writes it from DICOM tags)")
         return rows
-    units = meta[column].to_numpy(dtype=object)
-    seen: set[str] = set()
-    keep = []
-    for row in rows:
-        unit = units[row]
-        if not present(unit):
-            keep.append(row)
-        elif str(unit) not in seen:
-            seen.add(str(unit))
-            keep.append(row)
-    return np.asarray(keep, dtype=np.int64)
+    units = pd.Series(meta[column].to_numpy(dtype=object)[rows])
+    named = units.notna().to_numpy() & (units.astype(str).str.strip() != "").to_numpy()
+    repeated = np.zeros(len(rows), dtype=bool)  # blank IDs never repeat: each stays
+    repeated[named] = units[named].astype(str).duplicated().to_numpy()
+    return np.asarray(rows, dtype=np.int64)[~repeated]
 
 
 def present(value) -> bool:
