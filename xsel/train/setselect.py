@@ -67,6 +67,17 @@ def _z_map(mean: float, variance: float) -> tuple[float, float]:
     return scale, -mean * scale
 
 
+def _by_chunk(spans: list[tuple[int, int]], compute) -> torch.Tensor:
+    """``compute(start, end)`` of every chunk written into one tensor allocated once: never the chunks' list beside
+    their concatenation (a 10⁶-row context would be held twice)."""
+    first = compute(*spans[0])
+    out = torch.empty((spans[-1][1], *first.shape[1:]), dtype=first.dtype)
+    out[: len(first)] = first
+    for start, end in spans[1:]:
+        out[start:end] = compute(start, end)
+    return out
+
+
 class _Cosines:
     """Cosines of a large pool's rows to every image, ``SPECULATE`` rows per pass over the pool: one matrix product per
     chunk costs a few matrix-vector products, and the next pick is usually among the best-scored rows (the second
@@ -323,7 +334,7 @@ class SetPolicy(nn.Module):
         raw = pool[:, :d]
 
         def each(compute) -> torch.Tensor:
-            return torch.cat([compute(start, end) for start, end in spans])
+            return _by_chunk(spans, compute)
 
         inverse = each(lambda s, e: 1.0 / torch.linalg.vector_norm(raw[s:e], dim=-1).clamp_min(1e-12))
 
@@ -373,7 +384,7 @@ class SetPolicy(nn.Module):
         cosine (N, 3). The (N, m) similarities are never held beside the assignments."""
 
         def each(compute) -> torch.Tensor:
-            return torch.cat([compute(start, end) for start, end in spans])
+            return _by_chunk(spans, compute)
 
         def assigned(s: int, e: int) -> torch.Tensor:  # per image: its soft assignment, then its nearest anchor
             similarity = (raw[s:e] @ anchors.T) * inverse[s:e, None]
@@ -412,7 +423,8 @@ class SetPolicy(nn.Module):
         gain_weight, cover_weight, fraction_weight = (first.weight[:, hidden_width + i].detach() for i in range(3))
         last_weight, last_bias = last.weight[0].detach(), float(last.bias)
         gram = sum(assign[:, s:e].double() @ assign[:, s:e].T.double() for s, e in spans)
-        mass, picked = assign.sum(dim=1, dtype=torch.float64), torch.zeros(assign.shape[0], dtype=torch.float64)
+        mass = sum(assign[:, s:e].double().sum(dim=1) for s, e in spans)  # by chunk: no float64 copy of the whole
+        picked = torch.zeros(assign.shape[0], dtype=torch.float64)
         inputs = torch.ones(3, n)  # [nearest, coverage, 1] per image, as rows: the step layer's input
         nearest, cosines = inputs[0].zero_(), _Cosines(raw, inverse, spans)
         nearest_sum = nearest_squares = 0.0  # float64 sums of nearest over the pool
