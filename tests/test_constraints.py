@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xsel.constraints import Constraints, duplicate_groups, parse_quotas, plan_strata
+from xsel.constraints import Constraints, duplicate_groups, one_per_unit, parse_quotas, plan_strata
 from xsel.errors import InputError
 from xsel.selection import select
 from xsel.store import Store
@@ -222,3 +222,15 @@ def test_a_selection_from_a_store_in_memory_cannot_be_verified_and_says_so(tmp_p
     chosen.table.to_csv(out, index=False)
     with pytest.raises(InputError, match="held in memory"):
         verify(write_certificate(chosen, out))
+
+
+def test_one_per_patient_keeps_the_first_of_each_id_and_every_blank_one():
+    """The first of the given rows per patient ID, in the order given; IDs compare as text (7 and "7" are one
+    patient); None, NaN, pd.NA and blank text never group images."""
+    ids = ["A", None, "A", " ", np.nan, "B", 7, "7", pd.NA, "", "B"]
+    meta = pd.DataFrame({"PatientID": pd.Series(ids, dtype=object)})
+    rows = np.array([10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9])
+    kept = one_per_unit(meta, rows, "patient")
+    assert kept.tolist() == [10, 2, 1, 3, 4, 6, 8, 9] and kept.dtype == np.int64
+    assert one_per_unit(meta, rows[:0], "patient").tolist() == []
+    assert one_per_unit(meta, rows, "image") is rows
