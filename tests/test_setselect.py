@@ -473,21 +473,34 @@ def test_the_selector_runs_a_large_pool_chunk_by_chunk_with_the_same_picks(train
 
 @pytest.mark.parametrize(
     ("read_embedding", "rows", "k", "cache"),
-    [(True, 300, 25, (32, 128, 16)), (False, 300, 25, (32, 128, 16)), (False, 40, 40, (2, 3, 1))],
+    [(True, 300, 25, (32, 128, 16)), (False, 300, 25, (32, 128, 16)), (False, 120, 120, (8, 16, 1))],
 )
 def test_a_large_pool_runs_chunk_by_chunk_with_the_same_picks(read_embedding, rows, k, cache, monkeypatch):
-    """Pools above CHUNK_ROWS run forward_in_chunks (statistics first, then chunk by chunk, an online softmax in the
-    attention summaries; each step over chunks of STEP_ROWS, its z-scores from running sums, picks' cosines computed
-    a few at a time): forward's picks, and its scores up to float rounding — also with every row picked and a cache
-    of 3 rows within N pairs, so rows are evicted and recomputed."""
+    """Pools above LARGE_POOL_ROWS run forward_in_chunks (statistics first, then chunk by chunk, an online softmax in
+    the attention summaries; each step over chunks of STEP_ROWS, its z-scores from running sums, the picks' cosines
+    computed a few rows per pass): forward's picks, and its scores up to float rounding — also with every row picked
+    and a budget of N (image, cosine) pairs, so computed rows are dropped and computed again."""
     for name, value in zip(("SPECULATE", "SPECULATED", "CACHED_PAIRS"), cache, strict=True):
         monkeypatch.setattr(setselect, name, value)
     monkeypatch.setattr(setselect, "STEP_ROWS", 29)
+    passes, computed, compute = [], [], setselect._Cosines._compute
+
+    def counted(cache, nearest, row, logits):
+        before = set(cache.entries)
+        compute(cache, nearest, row, logits)
+        passes.append(row)
+        computed.extend(set(cache.entries) - before)  # the rows this pass computed and kept
+
+    monkeypatch.setattr(setselect._Cosines, "_compute", counted)
     torch.manual_seed(0)
     policy = SetPolicy(12, hidden=16, metadata=2, read_embedding=read_embedding).eval()
     pool = torch.randn(1, rows, 14) * torch.rand(1, rows, 1) * 3 + 0.5
     with torch.no_grad():
         scores, picks = policy(pool, torch.tensor(k))
         chunked_scores, chunked_picks = policy.forward_in_chunks(pool[0], k, chunk=37)
+        assert policy.forward_in_chunks(pool[0], 0, chunk=37)[0].eq(0).all(), "no picks: every score 0, as forward"
     assert chunked_picks.tolist() == picks[0].tolist()
+    assert 0 < len(passes) < k, "some picks come from rows computed alongside an earlier one"
+    if cache[2] == 1:
+        assert len(computed) > len(set(computed)), "within N pairs, rows are dropped and computed again"
     assert torch.allclose(chunked_scores, scores[0], atol=1e-4, rtol=1e-4)

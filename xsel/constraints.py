@@ -141,9 +141,10 @@ def one_per_unit(meta: pd.DataFrame, rows: np.ndarray, one_per: str) -> np.ndarr
             raise InputError("--one-per study needs a StudyInstanceUID column (xsel scan writes it from DICOM tags)")
         return rows
     units = pd.Series(meta[column].to_numpy(dtype=object)[rows])
-    named = units.notna().to_numpy() & (units.astype(str).str.strip() != "").to_numpy()
+    text = units.astype(str)  # IDs compare as text, as written to the labelling CSVs
+    named = units.notna().to_numpy() & (text.str.strip() != "").to_numpy()
     repeated = np.zeros(len(rows), dtype=bool)  # blank IDs never repeat: each stays
-    repeated[named] = units[named].astype(str).duplicated().to_numpy()
+    repeated[named] = text[named].duplicated().to_numpy()
     return np.asarray(rows, dtype=np.int64)[~repeated]
 
 

@@ -19,7 +19,8 @@ image at once, so it can spend two labels on near-twins. Here every input is a f
 Inference takes the argmax at each step (deterministic); training samples each step from the softmax
 (:meth:`SetPolicy.sample`, REINFORCE with the exact log-probability of the sampled sequence). The module is
 TorchScript-compatible, so ``xsel export`` writes the whole loop — encoding and the K steps — as one ONNX graph
-and a site runs it with onnxruntime alone. Ties are broken by the lowest row, the only way row order can matter.
+and a site runs it with onnxruntime alone. Ties are broken by the lowest row, the only way row order can matter
+(in forward: the chunked path's products round differently, so it may take exact duplicates in the other order).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ STEP_FEATURES = 3  # k-center gain, cluster already picked, share of K picked
 LARGE_POOL_ROWS = 50_000  # the workstation runs larger pools chunk by chunk (both learned selectors' forward_in_chunks)
 CHUNK_ROWS = 16_384  # rows per chunk there: measured faster than larger chunks at 10⁶ rows (the cache)
 STEP_ROWS = 8_192  # rows per chunk of a large pool's pick steps (measured: 1.5× faster than 16,384 at 10⁶ rows)
-SPECULATE, SPECULATED, CACHED_PAIRS = 32, 128, 16  # rows' cosines computed per pass, rows kept, (image, cosine) pairs
+SPECULATE, SPECULATED, CACHED_PAIRS = 32, 128, 16  # rows computed per pass, rows kept, (image, cosine) pairs per image
 
 
 def _dot(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -316,9 +317,10 @@ class SetPolicy(nn.Module):
     def forward_in_chunks(
         self, pool: torch.Tensor, k: int, chunk: int = CHUNK_ROWS
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` of one large pool ``(N, D′)`` → ``(N,)`` scores and ``(K,)`` picks, ``chunk`` rows at a
-        time: the same computation (float rounding aside; tested) without forward's (N, ·) activations of every
-        layer at once, which a million-image pool holds at several times its embeddings' size."""
+        """:meth:`forward` of one large pool ``(N, D′)`` → ``(N,)`` scores and ``(K,)`` picks, encoded ``chunk`` rows
+        at a time (the steps: ``STEP_ROWS``): the same computation (float rounding aside; tested) without forward's
+        (N, ·) activations of every layer at once, which a million-image pool holds at several times its embeddings'
+        size."""
         spans = [(start, min(start + chunk, pool.shape[0])) for start in range(0, pool.shape[0], chunk)]
         base, raw, inverse, assign = self._encode_in_chunks(pool, spans)
         return self._pick_in_chunks(base, raw, inverse, assign, min(k, pool.shape[0]))
@@ -404,9 +406,9 @@ class SetPolicy(nn.Module):
         self, base: torch.Tensor, raw: torch.Tensor, inverse: torch.Tensor, assign: torch.Tensor, wanted: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's K steps over a large pool, given :meth:`context_logits` (``base``) and the soft assignments as
-        columns (``assign``, (m, N)). Each step is one pass over chunks of ``STEP_ROWS`` rows that reads ``base``
-        and ``assign`` once; the rest is made cheaper than forward's, not different (each pick is the argmax of
-        the same logits):
+        columns (``assign``, (m, N)). Each step is one product over the pool for the coverage and one pass over
+        chunks of ``STEP_ROWS`` rows of ``base``; the rest is made cheaper than forward's, not different (each pick
+        is the argmax of the same logits):
 
         - The step features' z-scores come from running sums, not passes: the k-center gain's from the sums of
           ``nearest`` (updated on the images a pick moves), the cluster coverage's in closed form — an image's
@@ -418,6 +420,8 @@ class SetPolicy(nn.Module):
         - A pick's cosines to every image (2 GB read at 10⁶ × 512) come from :class:`_Cosines`, computed for a few
           likely next picks at a time."""
         n, hidden_width = raw.shape[0], self.hidden
+        if wanted == 0:  # as forward: no picks, every score 0
+            return torch.zeros(n), torch.zeros(0, dtype=torch.long)
         spans = [(start, min(start + STEP_ROWS, n)) for start in range(0, n, STEP_ROWS)]
         first, last = self.step[0], self.step[2]
         gain_weight, cover_weight, fraction_weight = (first.weight[:, hidden_width + i].detach() for i in range(3))
