@@ -233,3 +233,13 @@ def test_label_studio_imports_the_tasks(tmp_path):
     )  # fmt: skip
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     assert "Label Studio check passed" in check.stdout
+
+
+def test_names_written_to_disk_are_safe_on_any_system():
+    """Image stems of exported files and the referee's per-hospital folders: separators, spaces and non-ASCII become
+    ``_``; nothing left → the fallback name."""
+    from xsel.io.outputs import safe_name
+
+    assert safe_name("Source=a/b c", "blank") == "Source_a_b_c"
+    assert safe_name("../..", "blank") == "blank" and safe_name("ü", "image") == "image"
+    assert safe_name("chest-01.v2", "x") == "chest-01.v2"

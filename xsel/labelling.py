@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from PIL import Image
 from xsel.errors import InputError
 from xsel.io.atomic import replace_folder
 from xsel.io.images import ImageDecodeError, read_image
+from xsel.io.outputs import safe_name
 from xsel.io.table import PATH_COLUMN, check_unique_paths, read_csv_checked, read_image_table
 from xsel.progress import progress_bar
 
@@ -101,8 +101,7 @@ class LabelExport:
 
 
 def _stem(path: str) -> str:
-    stem = Path(str(path)).stem or "image"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    return safe_name(Path(str(path)).stem, "image")
 
 
 def _json_value(value):

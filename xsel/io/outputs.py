@@ -20,6 +20,7 @@ import datetime as dt
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -39,6 +40,12 @@ FILE_KINDS = ("store", "csv", "html")
 FOLDER_KINDS = ("bundle", "folder")
 
 _held: dict[str, int] = {}  # lock files this process holds → nesting depth (a library call inside a command)
+
+
+def safe_name(text: str, empty: str) -> str:
+    """``text`` as a file or folder name on any system: runs of other characters than ASCII letters, digits, ``.``,
+    ``_`` and ``-`` become ``_``; ``empty`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or empty
 
 
 def _absolute(path: Path) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +46,7 @@ from xsel.errors import InputError
 from xsel.evaluate import evaluate
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
+from xsel.io.outputs import safe_name
 from xsel.io.table import file_sha256
 from xsel.labels import available_conditions, condition_labels, patient_ids, split_by_patient
 from xsel.progress import notify, progress_bar
@@ -528,7 +528,7 @@ def referee_away(
         if why is not None:
             left_out.append(f"{value} ({why})")
             continue
-        folder = Path(run_dir) / ("without-" + re.sub(r"[^\w.-]+", "_", str(value)))  # a name safe as a folder
+        folder = Path(run_dir) / f"without-{safe_name(str(value), 'blank')}"
         try:
             if not (folder / BEST).exists():  # a rerun reuses what an earlier one trained
                 train_selector(rest, folder, sub, device=device, show_progress=show_progress)

@@ -36,7 +36,7 @@ GEOMETRY_FEATURES = 6
 STEP_FEATURES = 3  # k-center gain, cluster already picked, share of K picked
 LARGE_POOL_ROWS = 50_000  # the workstation runs larger pools chunk by chunk (both learned selectors' forward_in_chunks)
 CHUNK_ROWS = 16_384  # rows per chunk there: measured faster than larger chunks at 10⁶ rows (the cache)
-STEP_ROWS = 8_192  # rows per chunk of a large pool's pick steps (measured: 1.5× faster than 16,384 at 10⁶ rows)
+STEP_ROWS = 8_192  # rows per chunk of a large pool's pick steps (measured faster than 4,096 and 16,384 at 10⁶ rows)
 SPECULATE, SPECULATED, CACHED_PAIRS = 32, 128, 16  # rows computed per pass, rows kept, (image, cosine) pairs per image
 
 
@@ -91,17 +91,17 @@ class _Cosines:
         self.entries: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row → per chunk (images, cosines)
         self.density = 1.0  # share of the pool in a fresh entry, as last measured: sizes a pass within the budget
 
-    def raise_nearest(self, nearest: torch.Tensor, row: int, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``nearest`` ← max(nearest, cosine to ``row``) in place; returns the images it moved, before and after. On a
+    def raise_nearest(self, nearest: torch.Tensor, row: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``nearest`` ← max(nearest, cosine to ``row``) in place; returns the moved values before and after. On a
         miss, the best of ``logits`` (−inf: never picked) are computed alongside."""
         if row not in self.entries:
             self._compute(nearest, row, logits)
         images, cosines = (torch.cat(column) for column in zip(*self.entries.pop(row), strict=True))
         before = nearest[images]
         moved = cosines > before
-        images, before, after = images[moved], before[moved], cosines[moved]
-        nearest[images] = after
-        return images, before, after
+        before, after = before[moved], cosines[moved]
+        nearest[images[moved]] = after
+        return before, after
 
     def _compute(self, nearest: torch.Tensor, row: int, logits: torch.Tensor) -> None:
         """Compute ``row`` and the best-scored uncached rows; keep the best within the budget — the entries kept
@@ -385,20 +385,21 @@ class SetPolicy(nn.Module):
         coverage product is 1.8× faster so — and per image its cluster share, typicality and nearest anchor's
         cosine (N, 3). The (N, m) similarities are never held beside the assignments."""
 
-        def each(compute) -> torch.Tensor:
-            return _by_chunk(spans, compute)
-
         def assigned(s: int, e: int) -> torch.Tensor:  # per image: its soft assignment, then its nearest anchor
             similarity = (raw[s:e] @ anchors.T) * inverse[s:e, None]
             soft = torch.softmax(similarity / self.temperature, dim=-1)
             return torch.cat([soft, similarity.amax(dim=-1, keepdim=True)], dim=-1)
 
-        both = each(assigned)
+        both = _by_chunk(spans, assigned)
         assign, nearest_anchor = both[:, :-1], both[:, -1]
         centroids = sum((assign[s:e] * inverse[s:e, None]).T @ raw[s:e] for s, e in spans)
         centroids = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)
         share = assign @ assign.mean(dim=0)
-        typicality = each(lambda s, e: (assign[s:e] * (raw[s:e] @ centroids.T) * inverse[s:e, None]).sum(-1))
+
+        def typical(s: int, e: int) -> torch.Tensor:  # cosine to the centroids, weighted by the soft assignment
+            return (assign[s:e] * (raw[s:e] @ centroids.T) * inverse[s:e, None]).sum(-1)
+
+        typicality = _by_chunk(spans, typical)
         return assign.T.contiguous(), torch.stack([share, typicality, nearest_anchor], dim=-1)
 
     @torch.jit.unused
@@ -453,7 +454,7 @@ class SetPolicy(nn.Module):
             picks.append(best)
             picked_logits.append(float(logits[best]))
             logits[best] = float("-inf")
-            _, before, after = (values.double() for values in cosines.raise_nearest(nearest, best, logits))
+            before, after = (values.double() for values in cosines.raise_nearest(nearest, best, logits))
             nearest_sum += float((after - before).sum())
             nearest_squares += float((after * after - before * before).sum())
             picked += assign[:, best].double()
