@@ -389,6 +389,42 @@ def test_onnx_replicas_share_the_cores_and_encode_a_batch_as_one_session(monkeyp
     assert {s.get_session_options().intra_op_num_threads for s in encode.sessions} == {cores // replicas}
 
 
+def test_the_micro_batch_tuner_tries_each_run_size_then_keeps_the_fastest_per_image():
+    from xsel.bundle import MicroBatchTuner
+
+    tuner, cost, tried = MicroBatchTuner(), {1: 3.0, 4: 1.0, None: 2.0}, []
+    warm_up = tuner.size()
+    tuner.record(warm_up, 100.0, 8)  # the warm-up batch is slow and not counted
+    while not tuner.settled:
+        size = tuner.size()
+        tried.append(size)
+        images = 8 if len(tried) % 2 else 5  # the rate is per image: batches differ in size
+        tuner.record(size, cost[size] * images, images)
+    assert sorted(tried, key=str) == sorted(list(MicroBatchTuner.CANDIDATES) * MicroBatchTuner.TUNING_ROUNDS, key=str)
+    assert tuner.chosen == 4 and tuner.size() == 4
+    tuner.record(4, 1000.0, 1)  # settled: later batches change nothing
+    assert tuner.size() == 4
+
+
+def test_onnx_replicas_encode_alike_while_and_after_tuning_the_run_size(monkeypatch):
+    from xsel.bundle import MicroBatchTuner
+    from xsel.encoders import model_identity
+    from xsel.train.inference import cached_onnx_encoder
+
+    model = create_encoder("resnet18", image_size=32)
+    identity = model_identity("resnet18", model)
+    single = cached_onnx_encoder(model, identity, "cpu").sessions[0]
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    encode = cached_onnx_encoder(model, identity, "cpu")
+    rng = np.random.default_rng(1)
+    batches = 1 + MicroBatchTuner.TUNING_ROUNDS * len(MicroBatchTuner.CANDIDATES) + 2
+    for _ in range(batches):
+        pixels = rng.standard_normal((11, 3, 32, 32)).astype(np.float32)
+        whole = single.run(["embeddings"], {"images": pixels})[0]
+        np.testing.assert_allclose(encode(pixels), whole, rtol=1e-5, atol=1e-5)
+    assert encode.tuner.settled and encode.tuner.chosen in MicroBatchTuner.CANDIDATES
+
+
 def test_onnx_runtime_refuses_bf16(png_csv, tmp_path, cli):
     result = cli("embed", png_csv, "--out", tmp_path / "s.h5", "--runtime", "onnx", "--precision", "bf16", "-q")
     assert result.exit_code == 2 and "--runtime onnx runs locally in fp32" in result.stderr
