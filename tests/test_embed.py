@@ -394,7 +394,10 @@ def test_the_micro_batch_tuner_tries_each_run_size_then_keeps_the_fastest_per_im
 
     tuner, cost, tried = MicroBatchTuner(), {1: 3.0, 4: 1.0, None: 2.0}, []
     warm_up = tuner.size()
-    tuner.record(warm_up, 100.0, 8)  # the warm-up batch is slow and not counted
+    tuner.record(warm_up, 100.0, 8)  # the first batch is slow and not counted
+    for size in MicroBatchTuner.CANDIDATES:  # nor is each size's first batch
+        assert tuner.size() == size
+        tuner.record(size, 100.0 if size == 4 else 1.0, 8)
     while not tuner.settled:
         size = tuner.size()
         tried.append(size)
@@ -417,7 +420,7 @@ def test_onnx_replicas_encode_alike_while_and_after_tuning_the_run_size(monkeypa
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     encode = cached_onnx_encoder(model, identity, "cpu")
     rng = np.random.default_rng(1)
-    batches = 1 + MicroBatchTuner.TUNING_ROUNDS * len(MicroBatchTuner.CANDIDATES) + 2
+    batches = 1 + (1 + MicroBatchTuner.TUNING_ROUNDS) * len(MicroBatchTuner.CANDIDATES) + 2
     for _ in range(batches):
         pixels = rng.standard_normal((11, 3, 32, 32)).astype(np.float32)
         whole = single.run(["embeddings"], {"images": pixels})[0]

@@ -85,10 +85,11 @@ class MicroBatchTuner:
 
     Outputs do not depend on it (onnxruntime's CPU kernels compute each image alike at any batch size: bitwise equal
     here), speed does, the opposite way per model: forward pass alone, two replicas, EfficientNet-Lite0 ran 249
-    images/s one image at a time against 207 with the whole slice (its depthwise layers are bound by memory traffic,
-    one image's activations stay in cache), densenet121 50 against 46, resnet18 88 against 100 (its convolutions
-    reuse each weight across the images). After a warm-up batch (first-call allocations), each candidate runs
-    ``TUNING_ROUNDS`` batches in turn; the fastest per image is kept for the rest of the run."""
+    images/s one image at a time against 207 with the whole slice (its layers are bound by memory traffic: one
+    image's activations are likelier to be in cache at the next layer), densenet121 50 against 46, resnet18 88
+    against 100 (its convolutions reuse each weight across the images). The candidates run in turn, a batch each: a
+    first round unmeasured (a session's first run at a new input shape is slow, up to 6× here), then
+    ``TUNING_ROUNDS`` measured; the fastest per image is kept for the rest of the run."""
 
     CANDIDATES = (1, 4, None)  # images per run; None: the whole slice
     TUNING_ROUNDS = 2
@@ -110,11 +111,11 @@ class MicroBatchTuner:
         """One batch of ``images`` took ``seconds`` at run size ``size``."""
         if self.settled:
             return
-        if self._batches > 0:  # the first batch is the warm-up
+        if self._batches > len(self.CANDIDATES):  # after the first batch (it opens the replicas) and the first round
             self._seconds[size] += seconds
             self._images[size] += images
         self._batches += 1
-        if self._batches > self.TUNING_ROUNDS * len(self.CANDIDATES):
+        if self._batches > (1 + self.TUNING_ROUNDS) * len(self.CANDIDATES):
             self.chosen = min(self.CANDIDATES, key=lambda c: self._seconds[c] / self._images[c])
             self.settled = True
 
