@@ -135,6 +135,17 @@ def test_preprocess_resizes_replicates_and_normalises():
     assert out[0, :, -1].mean() > out[0, :, 0].mean()
 
 
+def test_preprocess_normalises_exactly_as_the_formula_stores_were_made_with():
+    """Written in place for speed, the result must stay bitwise (x - mean) / std: embeddings already stored were made
+    with that formula."""
+    pre = {"image_size": 24, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    gray = np.random.default_rng(0).random((40, 30), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(gray).resize((24, 24), Image.Resampling.BILINEAR), np.float32)
+    mean, std = (np.asarray(pre[key], np.float32).reshape(-1, 1, 1) for key in ("mean", "std"))
+    out = preprocess(gray, pre)
+    assert out.flags.c_contiguous and np.array_equal(out, (np.broadcast_to(resized, (3, 24, 24)) - mean) / std)
+
+
 def test_load_image_matches_read_then_preprocess(tmp_path):
     Image.fromarray((GRADIENT * 255).astype(np.uint8)).save(tmp_path / "a.png")
     pre = {"image_size": 16, "channels": 1, "mean": [0.0], "std": [1.0]}
