@@ -460,6 +460,30 @@ def test_the_fallback_is_refereed_leave_one_hospital_out(tmp_path, cli, capsys):
     assert both.exit_code == 2 and "one at a time" in both.stderr and not (tmp_path / "x").exists()
 
 
+def test_a_hospital_labelling_every_validation_condition_referees_on_a_training_condition(tmp_path):
+    """Without north, no hospital labels B (the run's validation condition): that sub-run validates on the
+    training condition with the most positives among the others' images and trains on the rest."""
+    from xsel.train.selector import referee_away
+
+    store = toy_store(750)
+    hospital = np.array(["north", "south", "east"]).repeat(250)
+    store.meta["Source"] = hospital
+    store.meta["C"] = store.meta["A"]
+    store.meta.loc[hospital == "south", "C"] = 0.0  # fewer C than A positives without north
+    store.meta.loc[hospital != "north", "B"] = 0.0  # B is labelled at north alone
+    config = set_config(conditions=["A", "C"], episodes_within="Source", episodes=16 * 2, val_every=2)
+    train_selector(store, tmp_path / "run", config, show_progress=False)
+    choice = referee_away(
+        tmp_path / "run" / "selector.pt", store, tmp_path / "refereed", max_minutes=1, episodes=4, show_progress=False
+    )
+    assert set(load_checkpoint(choice.checkpoint)["fallback_validation"]["hospitals"]) == {"north", "south", "east"}
+    without_north = load_checkpoint(tmp_path / "refereed" / "without-north" / "selector.pt")["config"]
+    assert without_north["val_conditions"] == ["A"] and without_north["conditions"] == ["C"]
+    for held_out in ("south", "east"):  # north's B is among the others' images: the run's conditions as they were
+        config_without = load_checkpoint(tmp_path / "refereed" / f"without-{held_out}" / "selector.pt")["config"]
+        assert config_without["val_conditions"] == ["B"]
+
+
 def test_the_selector_runs_a_large_pool_chunk_by_chunk_with_the_same_picks(trained, monkeypatch):
     import xsel.train.medselect as medselect
 

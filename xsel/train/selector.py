@@ -494,10 +494,13 @@ def referee_away(
     run's ``--episodes-within``) in turn, a selector trains as this one did on the other hospitals' images alone
     (``max_minutes``; its conditions and validation conditions those they label) in ``RUN_DIR/without-VALUE``; then
     it and every heuristic pick paired episodes of the conditions the held-out hospital labels, on all its images
-    (none seen by that selector). The best mean query AUROC over the held-out hospitals becomes the fallback —
-    ``learned`` when the selectors trained without a hospital beat every heuristic there: the gate still reports an
-    unfamiliar pool and this selector keeps picking. A hospital whose images label none of the run's conditions, or
-    without which no validation condition is left, is left out (said so). Writes ``RUN_DIR/selector.pt`` as
+    (none seen by that selector). When the run's validation conditions are labelled at the held-out hospital alone,
+    the sub-run validates on the training condition with the most positives instead and trains on the others:
+    validation stays unseen, and a hospital that labels every validation condition can referee too. The best mean
+    query AUROC over the held-out hospitals becomes the fallback — ``learned`` when the selectors trained without a
+    hospital beat every heuristic there: the gate still reports an unfamiliar pool and this selector keeps picking.
+    A hospital whose images label none of the run's conditions, or without which neither a validation condition nor
+    a second training condition is left, is left out (said so). Writes ``RUN_DIR/selector.pt`` as
     :func:`choose_fallback` does, ``fallback_validation`` holding every held-out hospital's scores."""
     payload, config = _gated_checkpoint(checkpoint)
     store = store if isinstance(store, Store) else read_store(store)
@@ -509,20 +512,21 @@ def referee_away(
         )
     check_episodes_within(store, column)
     hospitals = stratum_values(store.meta, column).to_numpy()
-    scores, left_out = {}, []
+    scores, left_out, moved = {}, [], []
     for value in np.unique(hospitals):
         held, rest = store.subset(hospitals == value), store.subset(hospitals != value)
         conditions = _labelled(held, [*config.conditions, *config.val_conditions], config.uncertain)
-        sub = replace(
-            config,
-            conditions=_labelled(rest, config.conditions, config.uncertain),
-            val_conditions=_labelled(rest, config.val_conditions, config.uncertain),
-            max_minutes=max_minutes,
-        )
+        train_on = _labelled(rest, config.conditions, config.uncertain)
+        validate_on = _labelled(rest, config.val_conditions, config.uncertain)
+        if not validate_on and len(train_on) > 1:  # the run's validation conditions are the held-out hospital's
+            validate_on = [max(train_on, key=lambda c: _positives(rest, c, config.uncertain))]
+            train_on = [c for c in train_on if c not in validate_on]
+            moved.append(f"without {value}, {validate_on[0]}")
+        sub = replace(config, conditions=train_on, val_conditions=validate_on, max_minutes=max_minutes)
         reasons = (
             (conditions, "labels none of the run's conditions"),
             (sub.conditions, "the other hospitals label no training condition"),
-            (sub.val_conditions, "the other hospitals label no validation condition"),
+            (sub.val_conditions, "the other hospitals label no validation condition and a single training condition"),
         )
         why = next((reason for found, reason in reasons if not found), None)
         if why is not None:
@@ -538,6 +542,11 @@ def referee_away(
             )
         except InputError as error:  # too few images of a condition on one side: that hospital cannot referee
             left_out.append(f"{value} ({error})")
+    if moved:
+        notify(
+            "leave-one-hospital-out referee: the other hospitals label no validation condition, so a training "
+            "condition validated instead (most positives): " + "; ".join(moved)
+        )
     if left_out:
         notify(f"leave-one-hospital-out referee: left out {column} " + "; ".join(left_out))
     if not scores:
@@ -559,14 +568,14 @@ def referee_away(
     return _with_fallback(payload, auroc, validation, run_dir, where)
 
 
+def _positives(store: Store, condition: str, uncertain: str) -> int:
+    return int((condition_labels(store.meta, condition, uncertain=uncertain) == 1).sum())
+
+
 def _labelled(store: Store, conditions: list[str], uncertain: str) -> list[str]:
     """Those of ``conditions`` with at least one positive image in ``store``."""
     present = set(available_conditions(store.meta))
-    return [
-        c
-        for c in dict.fromkeys(conditions)
-        if c in present and (condition_labels(store.meta, c, uncertain=uncertain) == 1).any()
-    ]
+    return [c for c in dict.fromkeys(conditions) if c in present and _positives(store, c, uncertain) > 0]
 
 
 def _gated_checkpoint(checkpoint: str | Path) -> tuple[dict, SelectorConfig]:
