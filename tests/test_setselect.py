@@ -460,7 +460,7 @@ def test_the_fallback_is_refereed_leave_one_hospital_out(tmp_path, cli, capsys):
     assert both.exit_code == 2 and "one at a time" in both.stderr and not (tmp_path / "x").exists()
 
 
-def test_a_hospital_labelling_every_validation_condition_referees_on_a_training_condition(tmp_path):
+def test_a_hospital_labelling_every_validation_condition_referees_on_a_training_condition(tmp_path, capsys):
     """Without north, no hospital labels B (the run's validation condition): that sub-run validates on the
     training condition with the most positives among the others' images and trains on the rest."""
     from xsel.train.selector import referee_away
@@ -473,9 +473,11 @@ def test_a_hospital_labelling_every_validation_condition_referees_on_a_training_
     store.meta.loc[hospital != "north", "B"] = 0.0  # B is labelled at north alone
     config = set_config(conditions=["A", "C"], episodes_within="Source", episodes=16 * 2, val_every=2)
     train_selector(store, tmp_path / "run", config, show_progress=False)
+    capsys.readouterr()
     choice = referee_away(
         tmp_path / "run" / "selector.pt", store, tmp_path / "refereed", max_minutes=1, episodes=4, show_progress=False
     )
+    assert "training condition with the most positives validates: A without north" in capsys.readouterr().err
     assert set(load_checkpoint(choice.checkpoint)["fallback_validation"]["hospitals"]) == {"north", "south", "east"}
     without_north = load_checkpoint(tmp_path / "refereed" / "without-north" / "selector.pt")["config"]
     assert without_north["val_conditions"] == ["A"] and without_north["conditions"] == ["C"]

@@ -125,7 +125,7 @@ class EncoderReplicas:
     accelerator; on a CPU one per core up to ``ENCODER_REPLICAS`` (opened at the first batch), the cores shared out,
     each session encoding a slice of every batch at the same time: fewer thread hand-offs per layer. On two cores,
     against one 2-thread session, ``xsel embed`` ran EfficientNet-Lite0 +9% and densenet121 +13% faster, resnet18
-    within noise (BENCHMARKS.md section 10). On a CPU each slice runs in the sizes :class:`MicroBatchTuner` found
+    within noise (BENCHMARKS.md section 10). On a CPU each slice runs in the size :class:`MicroBatchTuner` found
     fastest. Each replica holds its own copy of the weights. ``open_session(threads)`` opens one session."""
 
     def __init__(self, open_session: Callable[[int], object], input_name: str, output_name: str):

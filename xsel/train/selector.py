@@ -521,7 +521,7 @@ def referee_away(
         if not validate_on and len(train_on) > 1:  # the run's validation conditions are the held-out hospital's
             validate_on = [max(train_on, key=lambda c: _positives(rest, c, config.uncertain))]
             train_on = [c for c in train_on if c not in validate_on]
-            moved.append(f"without {value}, {validate_on[0]}")
+            moved.append(f"{validate_on[0]} without {value}")
         sub = replace(config, conditions=train_on, val_conditions=validate_on, max_minutes=max_minutes)
         reasons = (
             (conditions, "labels none of the run's conditions"),
@@ -544,8 +544,8 @@ def referee_away(
             left_out.append(f"{value} ({error})")
     if moved:
         notify(
-            "leave-one-hospital-out referee: the other hospitals label no validation condition, so a training "
-            "condition validated instead (most positives): " + "; ".join(moved)
+            "leave-one-hospital-out referee: the other hospitals label none of the run's validation conditions, so "
+            "their training condition with the most positives validates: " + "; ".join(moved)
         )
     if left_out:
         notify(f"leave-one-hospital-out referee: left out {column} " + "; ".join(left_out))
