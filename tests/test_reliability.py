@@ -570,6 +570,40 @@ def test_a_site_selection_refuses_decode_options_it_cannot_use(work, tmp_path, c
     assert not out.exists() and not store.exists() and list(tmp_path.iterdir()) == []
 
 
+class _Marked:
+    """Garbage that says which process collected it (an onnxruntime session must never be collected in a worker)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.cycle = folder, self
+
+    def __del__(self):
+        (self.folder / str(os.getpid())).touch()
+
+
+def _collect_garbage() -> int:
+    import gc
+
+    gc.collect()
+    return os.getpid()
+
+
+def test_forked_workers_never_collect_garbage_they_inherit(tmp_path):
+    import gc
+
+    from xsel.io.workers import worker_pool
+
+    gc.disable()  # the cycle stays uncollected until the workers are forked
+    try:
+        _Marked(tmp_path)
+        with worker_pool(2, int, ()) as pool:
+            workers = {pool.submit(_collect_garbage).result() for _ in range(4)}
+    finally:
+        gc.enable()
+    gc.collect()
+    assert {path.name for path in tmp_path.iterdir()} == {str(os.getpid())}, "collected here, in no worker"
+    assert str(os.getpid()) not in workers
+
+
 # 9 ── progress saved every few seconds ───────────────────────────────────────────────────────────────────────────
 
 

@@ -33,7 +33,6 @@ import re
 import struct
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,7 +49,7 @@ from xsel.errors import InputError
 from xsel.io.atomic import write_atomic
 from xsel.io.images import DICOM_SUFFIXES
 from xsel.io.table import PATH_COLUMN, write_errors_csv
-from xsel.io.workers import die_with_parent
+from xsel.io.workers import die_with_parent, worker_pool
 from xsel.progress import progress_bar
 
 SCAN_COLUMNS = (
@@ -406,9 +405,7 @@ def _results(folder: Path, relatives: list[str], workers: int, advance):
     jobs = [(str(folder), relative) for relative in relatives]
     with ExitStack() as stack:
         if workers > 1 and len(jobs) >= POOL_THRESHOLD:
-            pool = stack.enter_context(
-                ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-            )
+            pool = stack.enter_context(worker_pool(workers, die_with_parent, (os.getpid(),)))
             results = pool.map(_read_one, jobs, chunksize=POOL_CHUNK)
         else:
             results = map(_read_one, jobs)

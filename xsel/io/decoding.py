@@ -23,7 +23,7 @@ import numpy as np
 
 from xsel.errors import InputError, XselError
 from xsel.io.images import decode_or_error
-from xsel.io.workers import die_with_parent
+from xsel.io.workers import die_with_parent, worker_pool
 
 _worker: dict = {}  # in a worker process: the preprocessing and the opened buffers
 
@@ -124,9 +124,7 @@ class BatchDecoder:
         paths = [str(self._folder / f"batch{index}.f32") for index in range(count)]
         self._buffers = _open_buffers(paths, self.shape)
         if self.workers > 0:
-            self._pool = ProcessPoolExecutor(
-                self.workers, initializer=_start_worker, initargs=(os.getpid(), self.preprocessing, paths, self.shape)
-            )
+            self._pool = worker_pool(self.workers, _start_worker, (os.getpid(), self.preprocessing, paths, self.shape))
         return self
 
     def __exit__(self, *exc) -> None:
