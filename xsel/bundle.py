@@ -99,7 +99,11 @@ class MicroBatchTuner:
         self._seconds = {size: 0.0 for size in self.CANDIDATES}
         self._images = dict.fromkeys(self.CANDIDATES, 0)
         self.chosen: int | None = None
-        self.settled = False
+
+    @property
+    def settled(self) -> bool:
+        """Whether the run size is chosen for the rest of the run."""
+        return self._batches > (1 + self.TUNING_ROUNDS) * len(self.CANDIDATES)
 
     def size(self) -> int | None:
         """The run size for the next batch."""
@@ -115,9 +119,8 @@ class MicroBatchTuner:
             self._seconds[size] += seconds
             self._images[size] += images
         self._batches += 1
-        if self._batches > (1 + self.TUNING_ROUNDS) * len(self.CANDIDATES):
+        if self.settled:
             self.chosen = min(self.CANDIDATES, key=lambda c: self._seconds[c] / self._images[c])
-            self.settled = True
 
 
 class EncoderReplicas:
