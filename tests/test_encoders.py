@@ -164,6 +164,35 @@ def test_example_plugin_ships_real_pretrained_weights():
     assert plugins.get("encoder", "effnet-lite0").distribution == "xsel-efficientnet-lite"
 
 
+def test_example_plugin_recognises_a_cat_through_xsels_own_decoding(tmp_path):
+    """The pretrained weights run in the network they were trained in (ReLU6, not swish), fed by xsel's
+    grayscale decode and preprocessing: the ImageNet head calls skimage's cat a cat (classes 281–285)."""
+    from PIL import Image
+
+    from xsel.io.images import load_image
+
+    cat = pytest.importorskip("skimage.data").chelsea()
+    Image.fromarray(cat).save(tmp_path / "cat.png")
+    encoder = create_encoder("efficientnet-lite0")
+    batch = torch.from_numpy(load_image(tmp_path / "cat.png", encoder.preprocessing))[None]
+    with torch.inference_mode():
+        probabilities = encoder.net._fc(encoder(batch)).softmax(dim=1)[0]
+    assert 281 <= int(probabilities.argmax()) <= 285
+    assert float(probabilities[281:286].sum()) > 0.5
+
+
+def test_an_encoders_declared_architecture_enters_its_identity():
+    """Same weights, another network: another hash. Without ``architecture`` the hash is the weights' alone."""
+    encoder = torch.nn.Linear(4, 2)
+    plain = weights_sha256(encoder)
+    encoder.architecture = "linear v2"
+    declared = weights_sha256(encoder)
+    encoder.architecture = "linear v3"
+    assert len({plain, declared, weights_sha256(encoder)}) == 3
+    del encoder.architecture
+    assert weights_sha256(encoder) == plain
+
+
 class ZeroStdPlugin:
     """A plugin whose encoder declares a preprocessing that would divide every image by zero."""
 

@@ -2,7 +2,8 @@
 
 An encoder is a ``torch.nn.Module`` mapping a preprocessed float32 batch ``(B, C, H, W)`` to
 ``(B, embedding_dim)``, with attributes ``embedding_dim`` and ``preprocessing``
-(``image_size``, ``channels``, ``mean``, ``std``). Torch is imported only inside functions.
+(``image_size``, ``channels``, ``mean``, ``std``), and optionally ``architecture``: a string a plugin changes
+when its network computes differently with the same weights. Torch is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ WRAPPER_PREFIXES = ("module.",)
 
 
 def weights_sha256(encoder) -> str:
-    """SHA-256 over the encoder's parameters and buffers (names, dtypes, shapes, bytes).
+    """SHA-256 over the encoder's parameters and buffers (names, dtypes, shapes, bytes), after its
+    ``architecture`` string where it declares one.
 
     Hashing what was loaded, not the file it came from, gives one identity for every way of
-    naming the same weights (``none``, ``imagenet``, a plugin's default, a local file).
+    naming the same weights (``none``, ``imagenet``, a plugin's default, a local file); the
+    architecture keeps embeddings of a network since changed (an activation, a pooling) from
+    being read as the new one's, while encoders that declare none keep the hashes they had.
     """
     import torch
 
     digest = hashlib.sha256()
+    architecture = getattr(encoder, "architecture", None)
+    if architecture is not None:
+        digest.update(f"architecture|{architecture}|".encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())

@@ -27,8 +27,11 @@ def build_efficientnet_lite0(weights: str | None = "imagenet", image_size: int =
     class EfficientNetLite0Encoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            # ReLU6 throughout, as the Lite models were trained. ``set_swish`` would swap in swish, under which the
+            # ImageNet weights no longer see skimage's cat (no cat class in their top 3). Version 0.1 of this
+            # plugin did; ``architecture`` enters the identity, so its embeddings are never read as this network's.
             self.net = EfficientNet.from_name("efficientnet-lite0")
-            self.net.set_swish(memory_efficient=False)  # plain ops: exportable to ONNX
+            self.architecture = "efficientnet-lite0 relu6"
             self.embedding_dim = EMBEDDING_DIM
             self.preprocessing = {**PREPROCESSING, "image_size": image_size}
 
