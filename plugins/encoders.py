@@ -31,20 +31,21 @@ def build_torchvision(arch: str, weights: str | None = None, image_size: int = 2
     import torchvision
 
     enum_name, dim, head = TORCHVISION_ARCHS[arch]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = getattr(torchvision.models, arch)(weights=None)
-    setattr(model, head, torch.nn.Identity())
+    build = getattr(torchvision.models, arch)
     if weights == "imagenet":
-        try:
-            state = getattr(torchvision.models, enum_name).DEFAULT.get_state_dict(progress=True)
+        try:  # torchvision's own loader: it also renames the old keys DenseNet's published files still use
+            model = build(weights=getattr(torchvision.models, enum_name).DEFAULT, progress=True)
         except OSError as error:  # no network, proxy, full disk…
             raise InputError(
                 f"--weights imagenet: cannot download torchvision's {arch} weights ({error}); "
                 "download them once where there is internet, or pass a local state-dict file"
             ) from None
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(f"{head}.")}, strict=True)
-    elif weights is not None:
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build(weights=None)
+    setattr(model, head, torch.nn.Identity())
+    if weights not in (None, "imagenet"):
         load_weights(model, weights, drop_prefixes=(f"{head}.",))
     model.embedding_dim = dim
     model.preprocessing = {"image_size": image_size, "channels": 3, **IMAGENET}

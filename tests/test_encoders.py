@@ -104,6 +104,26 @@ def test_imagenet_weights_load_from_torchvision_cache_without_download(tmp_path,
     assert torch.equal(encoder.bn1.running_mean, reference.bn1.running_mean)
 
 
+def test_densenet_imagenet_weights_load_in_the_layout_torchvision_publishes(monkeypatch):
+    """torchvision's DenseNet files still name keys ``denselayer1.norm.1.weight`` (not ``norm1``): loaded, not refused."""
+    import re
+
+    import torchvision
+
+    reference = torchvision.models.densenet121(weights=None, num_classes=1000)
+    published = {  # as in the file: old layer names, and no num_batches_tracked (it predates them)
+        re.sub(r"(denselayer\d+\.(?:norm|conv))(\d)", r"\1.\2", key): value
+        for key, value in reference.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    assert "features.denseblock1.denselayer1.norm.1.weight" in published
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda url, **options: dict(published))
+    encoder = create_encoder("densenet121", "imagenet", image_size=SMALL)
+    layer = encoder.features.denseblock1.denselayer1
+    assert torch.equal(layer.norm1.running_var, reference.features.denseblock1.denselayer1.norm1.running_var)
+    assert torch.equal(layer.conv2.weight, reference.features.denseblock1.denselayer1.conv2.weight)
+
+
 @pytest.mark.parametrize(
     ("make_file", "message"),
     [
