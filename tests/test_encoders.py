@@ -105,7 +105,7 @@ def test_imagenet_weights_load_from_torchvision_cache_without_download(tmp_path,
 
 
 def test_densenet_imagenet_weights_load_in_the_layout_torchvision_publishes(monkeypatch):
-    """torchvision's DenseNet files still name keys ``denselayer1.norm.1.weight`` (not ``norm1``): loaded, not refused."""
+    """torchvision's DenseNet files still name keys ``denselayer1.norm.1.weight`` (not ``norm1``): loaded."""
     import re
 
     import torchvision

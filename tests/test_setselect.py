@@ -193,6 +193,19 @@ def test_the_gate_falls_back_on_another_hospital_and_not_at_home(trained):
     assert away.record["fallback"]["fired"] is True and any("fell back" in w for w in away.warnings)
 
 
+def test_a_selector_validating_below_random_picks_is_said_so(tmp_path, capsys, monkeypatch):
+    """A run whose shipped weights validate worse than random picks on the unseen conditions warns, naming both."""
+    from xsel.train import selector as training
+
+    def validate(tasks, scorer, config, device):
+        return {condition: 0.70 if scorer is None else 0.60 for condition in config.val_conditions}
+
+    monkeypatch.setattr(training, "_validate", validate)
+    result = train_selector(toy_store(), tmp_path, set_config(episodes=16 * 2, val_every=2), show_progress=False)
+    assert result.best_val_auroc < result.random_val_auroc
+    assert "validates below random picks (0.600 < 0.700)" in capsys.readouterr().err
+
+
 def test_a_scarce_validation_condition_trains_with_a_warning(tmp_path, capsys):
     store, config = toy_store(), set_config(val_conditions=["Rare"], episodes=16 * 2, val_every=2)
     _, validation = split_patients(store, config.val_fraction, config.seed)

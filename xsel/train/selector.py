@@ -363,6 +363,13 @@ def train_selector(
         state.best_val = _mean_val(training, training.policy)
         state.best_step = state.step
         _save(training, BEST, {"step": state.step, "val_auroc": state.best_val, "val_random_auroc": random_val})
+    if state.best_val < random_val:
+        notify(
+            f"selector.pt validates below random picks ({state.best_val:.3f} < {random_val:.3f}) on "
+            f"{', '.join(config.val_conditions)}: on conditions it was not trained on it picks worse than random "
+            "(it learned the training conditions' look); check it with `xsel evaluate` before use, or select with "
+            "a heuristic"
+        )
     return TrainResult(
         run_dir=run_dir,
         steps=state.step,
