@@ -49,6 +49,8 @@ HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 def train(store, run_dir: Path, model: str, args, **changes) -> dict:
     """Train one selector (or reuse a finished run), ``changes`` to the training settings; returns its checkpoint."""
+    if model == "set" and args.average_steps is not None:
+        changes = {"average_steps": args.average_steps, **changes}
     balanced = args.balanced if model == "set" else 0.0
     config = training_config(args, episodes=1_000_000, model=model, balanced=balanced, **changes)
     if not (run_dir / "selector.pt").exists():
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=100)
     parser.add_argument("--query-size", type=int, default=40)
     parser.add_argument("--balanced", type=float, default=0.25, help="set selector: share of balanced steps")
+    parser.add_argument(
+        "--average-steps", type=int, help="set selector: weight averaging's time constant (0: ship the best step)"
+    )
     parser.add_argument("--adapt", action="store_true", help="also adapt the set selector to each away store")
     parser.add_argument("--adapt-minutes", type=float, default=3.0)
     parser.add_argument(
