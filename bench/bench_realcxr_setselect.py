@@ -51,6 +51,8 @@ def train(store, run_dir: Path, model: str, args, **changes) -> dict:
     """Train one selector (or reuse a finished run), ``changes`` to the training settings; returns its checkpoint."""
     if model == "set" and args.average_steps is not None:
         changes = {"average_steps": args.average_steps, **changes}
+    if model == "set" and args.no_read_embedding:
+        changes = {"read_embedding": False, **changes}
     balanced = args.balanced if model == "set" else 0.0
     config = training_config(args, episodes=1_000_000, model=model, balanced=balanced, **changes)
     if not (run_dir / "selector.pt").exists():
@@ -142,6 +144,9 @@ def main() -> None:
     parser.add_argument("--balanced", type=float, default=0.25, help="set selector: share of balanced steps")
     parser.add_argument(
         "--average-steps", type=int, help="set selector: weight averaging's time constant (0: ship the best step)"
+    )
+    parser.add_argument(
+        "--no-read-embedding", action="store_true", help="set selector: a policy of the pool-relative features alone"
     )
     parser.add_argument("--adapt", action="store_true", help="also adapt the set selector to each away store")
     parser.add_argument("--adapt-minutes", type=float, default=3.0)
