@@ -32,18 +32,18 @@ def build_torchvision(arch: str, weights: str | None = None, image_size: int = 2
 
     enum_name, dim, head = TORCHVISION_ARCHS[arch]
     build = getattr(torchvision.models, arch)
-    if weights == "imagenet":
-        try:  # torchvision's own loader: it also renames the old keys DenseNet's published files still use
-            model = build(weights=getattr(torchvision.models, enum_name).DEFAULT, progress=True)
-        except OSError as error:  # no network, proxy, full disk…
-            raise InputError(
-                f"--weights imagenet: cannot download torchvision's {arch} weights ({error}); "
-                "download them once where there is internet, or pass a local state-dict file"
-            ) from None
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: never from the caller's random state
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if weights != "imagenet":
             model = build(weights=None)
+        else:
+            try:  # torchvision's own loader: it also renames the old keys DenseNet's published files still use
+                model = build(weights=getattr(torchvision.models, enum_name).DEFAULT, progress=True)
+            except OSError as error:  # no network, proxy, full disk…
+                raise InputError(
+                    f"--weights imagenet: cannot download torchvision's {arch} weights ({error}); "
+                    "download them once where there is internet, or pass a local state-dict file"
+                ) from None
     setattr(model, head, torch.nn.Identity())
     if weights not in (None, "imagenet"):
         load_weights(model, weights, drop_prefixes=(f"{head}.",))
