@@ -49,6 +49,7 @@ HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 def train(store, run_dir: Path, model: str, args, **changes) -> dict:
     """Train one selector (or reuse a finished run), ``changes`` to the training settings; returns its checkpoint."""
+    changes = {"seed": args.seed, **changes}
     if model == "set" and args.average_steps is not None:
         changes = {"average_steps": args.average_steps, **changes}
     if model == "set" and args.no_read_embedding:
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--pool-size", type=int, default=100)
     parser.add_argument("--query-size", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0, help="the learned selectors' training seed")
     parser.add_argument("--balanced", type=float, default=0.25, help="set selector: share of balanced steps")
     parser.add_argument(
         "--average-steps", type=int, help="set selector: weight averaging's time constant (0: ship the best step)"
