@@ -49,13 +49,12 @@ HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
 def train(store, run_dir: Path, model: str, args, **changes) -> dict:
     """Train one selector (or reuse a finished run), ``changes`` to the training settings; returns its checkpoint."""
-    changes = {"seed": args.seed, **changes}
-    if model == "set" and args.average_steps is not None:
-        changes = {"average_steps": args.average_steps, **changes}
-    if model == "set" and args.no_read_embedding:
-        changes = {"read_embedding": False, **changes}
-    balanced = args.balanced if model == "set" else 0.0
-    config = training_config(args, episodes=1_000_000, model=model, balanced=balanced, **changes)
+    options = {"seed": args.seed, "balanced": 0.0}
+    if model == "set":
+        options |= {"balanced": args.balanced, "read_embedding": not args.no_read_embedding}
+        if args.average_steps is not None:
+            options["average_steps"] = args.average_steps
+    config = training_config(args, episodes=1_000_000, model=model, **(options | changes))
     if not (run_dir / "selector.pt").exists():
         began = time.perf_counter()
         result = train_selector(store, run_dir, config, show_progress=False)

@@ -39,10 +39,11 @@ def build_torchvision(arch: str, weights: str | None = None, image_size: int = 2
         else:
             try:  # torchvision's own loader: it also renames the old keys DenseNet's published files still use
                 model = build(weights=getattr(torchvision.models, enum_name).DEFAULT, progress=True)
-            except OSError as error:  # no network, proxy, full disk…
+            except (OSError, RuntimeError) as error:  # no network, proxy, full disk; a cached file failing its hash
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 raise InputError(
-                    f"--weights imagenet: cannot download torchvision's {arch} weights ({error}); "
-                    "download them once where there is internet, or pass a local state-dict file"
+                    f"--weights imagenet: cannot load torchvision's {arch} weights ({reason}); download them once "
+                    "where there is internet (delete a damaged file in $TORCH_HOME), or pass a local state-dict file"
                 ) from None
     setattr(model, head, torch.nn.Identity())
     if weights not in (None, "imagenet"):

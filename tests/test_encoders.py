@@ -124,6 +124,20 @@ def test_densenet_imagenet_weights_load_in_the_layout_torchvision_publishes(monk
     assert torch.equal(layer.conv2.weight, reference.features.denseblock1.denselayer1.conv2.weight)
 
 
+def test_imagenet_weights_that_fail_to_download_or_check_are_one_line_input_errors(monkeypatch):
+    import torchvision
+
+    def fail(url, **options):
+        raise RuntimeError('invalid hash value (expected "a639ec97", got "0000")\nmore')
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fail)
+    with pytest.raises(
+        InputError, match=r"cannot load torchvision's densenet121 weights \(invalid hash value"
+    ) as caught:
+        create_encoder("densenet121", "imagenet", image_size=SMALL)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("make_file", "message"),
     [
