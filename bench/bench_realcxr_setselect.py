@@ -52,8 +52,8 @@ def train(store, run_dir: Path, model: str, args, **changes) -> dict:
     options = {"seed": args.seed, "balanced": 0.0}
     if model == "set":
         options |= {"balanced": args.balanced, "read_embedding": not args.no_read_embedding}
-        if args.average_steps is not None:
-            options["average_steps"] = args.average_steps
+        given = {"average_steps": args.average_steps, "learning_rate": args.learning_rate, "hidden": args.hidden}
+        options |= {key: value for key, value in given.items() if value is not None}
     config = training_config(args, episodes=1_000_000, model=model, **(options | changes))
     if not (run_dir / "selector.pt").exists():
         began = time.perf_counter()
@@ -149,6 +149,14 @@ def main() -> None:
     parser.add_argument(
         "--no-read-embedding", action="store_true", help="set selector: a policy of the pool-relative features alone"
     )
+    parser.add_argument("--learning-rate", type=float, help="set selector: Adam's learning rate (default: the model's)")
+    parser.add_argument("--hidden", type=int, help="set selector: hidden width (default: the model's)")
+    parser.add_argument(
+        "--permute-test-rows",
+        type=int,
+        metavar="SEED",
+        help="present the held-out test rows in a seeded random order, not the store's (does row order carry labels?)",
+    )
     parser.add_argument("--adapt", action="store_true", help="also adapt the set selector to each away store")
     parser.add_argument("--adapt-minutes", type=float, default=3.0)
     parser.add_argument(
@@ -190,7 +198,7 @@ def main() -> None:
     common = {"k": [args.k], "episodes": args.episodes, "pool_size": args.pool_size, "query_size": args.query_size}
     stores = {}
     for group, (sources, conditions, negative) in GROUPS.items():
-        stores[group] = test = store.subset(source.isin(sources).to_numpy() & test_patient)
+        stores[group] = test = held_out(store, source.isin(sources).to_numpy() & test_patient, args)
         if group in done:
             continue
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
@@ -204,7 +212,7 @@ def main() -> None:
     for group, sources in ARCHIVES.items():
         if group in done:
             continue
-        test = store.subset(source.isin(sources).to_numpy() & test_patient)
+        test = held_out(store, source.isin(sources).to_numpy() & test_patient, args)
         for variant, chosen, gate in (("gated", specs, True), ("raw", raw_specs, False)):
             result = evaluate(
                 test, None, selectors=chosen, protocol="archive", trust_gate=gate, show_progress=False, **common
@@ -244,6 +252,15 @@ def main() -> None:
         report += all_pool_labels(stores["NIH unseen"], learned["setselect"], common)
         save(args, learned, timings, report)
     print_tables(report)
+
+
+def held_out(store, mask: np.ndarray, args):
+    """The test rows of ``mask``, in store order or, with ``--permute-test-rows``, in a seeded random order: a
+    selector that reads a pool in row order (the LSTM) gains nothing from an order that follows the labels."""
+    rows = np.flatnonzero(mask)
+    if args.permute_test_rows is not None:
+        rows = np.random.default_rng(args.permute_test_rows).permutation(rows)
+    return store.subset(rows)
 
 
 def add_pack_store_arguments(parser) -> None:
