@@ -300,7 +300,7 @@ def trained_on_every_source(args, store, test_patient, learned, common, report, 
     for group, sources in ARCHIVES.items():
         if any(r["group"] == group and r["variant"].startswith("every source") for r in report):
             continue
-        test = store.subset(source.isin(sources).to_numpy() & test_patient)
+        test = held_out(store, source.isin(sources).to_numpy() & test_patient, args)
         for variant, gate in (("every source", True), ("every source raw", False)):
             result = one_set_selector(test, None, run_dir, common, protocol="archive", trust_gate=gate)
             report += rows(result, group, variant)
