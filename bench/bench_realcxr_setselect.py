@@ -8,6 +8,7 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
 - the archive protocol (a random draw of the store, K picks labelled for every condition) on NIH and on all sources;
 - learned selectors with the trust gate (as shipped) and without it (the raw policy); with ``--adapt``, the set
   selector adapted without labels to each away store (``xsel train selector --adapt``);
+- with ``--distil``, the set selector is distilled from the LSTM run (``xsel train selector --teacher``);
 - with ``--last-step``, the set selector's last trained weights against the shipped ones (its best-validated
   step, or its average when the run averages weights), raw;
   with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target);
@@ -150,6 +151,9 @@ def main() -> None:
         "--no-read-embedding", action="store_true", help="set selector: a policy of the pool-relative features alone"
     )
     parser.add_argument("--learning-rate", type=float, help="set selector: Adam's learning rate (default: the model's)")
+    parser.add_argument(
+        "--distil", action="store_true", help="set selector: distilled from the LSTM run (`--teacher`), not REINFORCE"
+    )
     parser.add_argument("--hidden", type=int, help="set selector: hidden width (default: the model's)")
     parser.add_argument(
         "--permute-test-rows",
@@ -182,9 +186,13 @@ def main() -> None:
     source = store.meta["Source"]
     train_store = store.subset(source.isin(NIH).to_numpy() & ~test_patient)
     runs = args.runs / name
+    lstm = train(train_store, runs / "lstm", "lstm", args)["checkpoint"]
+    distilled = {"teacher": lstm} if args.distil else {}
     learned = {
-        "medselect": train(train_store, runs / "lstm", "lstm", args)["checkpoint"],
-        "setselect": train(train_store, runs / "set", "set", args)["checkpoint"],
+        "medselect": lstm,
+        "setselect": train(train_store, runs / ("set-distilled" if args.distil else "set"), "set", args, **distilled)[
+            "checkpoint"
+        ],
     }
     previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     # an earlier run's rows are kept, except the adaptation's when it runs again

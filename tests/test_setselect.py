@@ -68,6 +68,70 @@ def test_sampling_gives_the_log_probability_of_the_sequence():
     assert all(p.grad is not None for name, p in policy.named_parameters() if not name.startswith("layers.1.points"))
 
 
+def test_teacher_forcing_gives_the_log_probability_sampling_gave():
+    torch.manual_seed(0)
+    policy = SetPolicy(6, hidden=8, read_embedding=True)
+    pool = torch.randn(2, 12, 6)
+    picks, sampled = policy.sample(pool, 5, 3, torch.Generator().manual_seed(1))
+    forced = policy.log_prob(pool.repeat_interleave(3, dim=0), picks)
+    assert torch.allclose(forced, sampled, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lstm_teacher(tmp_path_factory):
+    """An LSTM trained on the toy problem: the teacher a set selector is distilled from."""
+    run = tmp_path_factory.mktemp("teacher")
+    train_selector(toy_store(), run, toy_config(episodes=16 * 30, val_every=10), show_progress=False)
+    return run / "selector.pt"
+
+
+def test_distillation_learns_the_teachers_picks(lstm_teacher, tmp_path):
+    store = toy_store()
+    config = set_config(teacher=str(lstm_teacher), episodes=16 * 40, val_every=20, average_steps=0)
+    train_selector(store, tmp_path / "student", config, show_progress=False)
+    teacher, student = MedSelectSelector(lstm_teacher), SetSelector(tmp_path / "student" / "selector.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untrained = SetPolicy(store.embeddings.shape[1], hidden=16, read_embedding=True).eval()
+    rng = np.random.default_rng(3)
+    agreement, before = [], []
+    for _ in range(10):
+        pool = store.embeddings[np.sort(rng.choice(len(store), 60, replace=False))]
+        taught = set(teacher.select(pool, 6, seed=0).tolist())
+        agreement.append(len(taught & set(student.select(pool, 6, seed=0).tolist())) / 6)
+        with torch.no_grad():
+            naive = untrained(torch.from_numpy(pool)[None], torch.tensor(6))[1][0].tolist()
+        before.append(len(taught & set(naive)) / 6)
+    assert np.mean(agreement) >= 0.6 and np.mean(agreement) > np.mean(before) + 0.2, (agreement, before)
+    metrics = pd.read_csv(tmp_path / "student" / "metrics.csv")
+    assert metrics["loss"].head(5).mean() > metrics["loss"].tail(5).mean(), "the teacher's picks got likelier"
+    saved = load_checkpoint(tmp_path / "student" / "selector.pt")["config"]
+    assert saved["teacher"] == str(lstm_teacher) and len(saved["teacher_sha256"]) == 64
+
+
+def test_a_teacher_is_refused_for_the_lstm_for_other_inputs_and_when_changed(lstm_teacher, tmp_path, monkeypatch):
+    store = toy_store()
+    with pytest.raises(InputError, match="--teacher .*add --model set"):
+        train_selector(store, tmp_path / "a", toy_config(teacher=str(lstm_teacher)), show_progress=False)
+    with pytest.raises(InputError, match="without --use-metadata"):
+        train_selector(
+            store, tmp_path / "b", set_config(teacher=str(lstm_teacher), use_metadata=True), show_progress=False
+        )
+    other = Store(store.path, store.embeddings, store.paths, store.meta, store.attrs | {"encoder": "another"})
+    with pytest.raises(InputError, match="train the teacher on a store of this encoder"):
+        train_selector(other, tmp_path / "c", set_config(teacher=str(lstm_teacher)), show_progress=False)
+    copy = tmp_path / "teacher.pt"
+    copy.write_bytes(lstm_teacher.read_bytes())
+    config = set_config(teacher=str(copy), episodes=16 * 4, val_every=2)
+    train_until_interrupted(store, tmp_path / "run", config, monkeypatch, step=3)
+    monkeypatch.undo()
+    payload = torch.load(copy, weights_only=True)
+    payload["step"] = -1
+    torch.save(payload, copy)
+    with pytest.raises(InputError, match="changed since this run began"):
+        train_selector(store, tmp_path / "run", None, resume=True, show_progress=False)
+
+
 def test_learns_to_beat_random_on_the_toy_problem(trained, tmp_path):
     store, checkpoint = trained
     payload = load_checkpoint(checkpoint)
@@ -328,6 +392,11 @@ def test_cli_trains_a_set_selector_and_refuses_a_bad_model(tmp_path, cli, demo_s
         tmp_path / "bad",
     )
     assert bad.exit_code == 2 and "--model gru" in bad.output
+    common = ["--conditions", "Cardiomegaly", "--val-conditions", "Lung Opacity", "--teacher", tmp_path / "none.pt"]
+    lstm = cli("train", "selector", demo_store, *common, "--out", tmp_path / "lstm")
+    assert lstm.exit_code == 2 and "add --model set" in lstm.output
+    missing = cli("train", "selector", demo_store, "--model", "set", *common, "--out", tmp_path / "missing")
+    assert missing.exit_code == 2 and "none.pt" in missing.output and "Traceback" not in missing.output
 
 
 def test_conditions_all_trains_on_every_labelled_column(tmp_path, capsys):

@@ -86,6 +86,13 @@ def train_selector_command(
             "geometry only)."
         ),
     ] = True,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="set: distil this trained selector.pt (e.g. an LSTM run) — imitate its picks instead of REINFORCE: "
+            "an order-free selector with the teacher's gains (BENCHMARKS.md section 13)."
+        ),
+    ] = None,
     adapt: Annotated[
         Path | None,
         typer.Option(
@@ -129,7 +136,8 @@ def train_selector_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Meta-learn a selector with REINFORCE on labelling episodes of seen conditions, validated on unseen ones:
-    MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time).
+    MedSelect's BiLSTM (--model lstm) or the set selector (--model set: order-free, one pick at a time; with
+    --teacher it imitates a trained selector's picks instead).
     RUN_DIR/selector.pt holds the best-validated step (lstm) or the weights averaged over the run (set); it
     carries a trust gate that falls back to the best heuristic on pools unlike the training ones. --adapt fits a
     trained selector to a site's own images, without labels; --choose-fallback picks that fallback on another
@@ -142,6 +150,8 @@ def train_selector_command(
       xsel train selector pool.h5 --model set --conditions Effusion,Cardiomegaly --val-conditions Edema --out runs/set
       xsel train selector pool.h5 --model set --conditions all --val-conditions Edema --episodes-within Source \\
           --out runs/set-hospitals                                    # every hospital's labels, kept apart
+      xsel train selector pool.h5 --model set --hidden 256 --teacher runs/sel/selector.pt --conditions Effusion \\
+          --val-conditions Edema --out runs/set-distilled                 # the LSTM's picks, order-free
       xsel train selector pool.h5 --out runs/sel --resume              # go on with the saved settings
       xsel train selector site.h5 --adapt runs/set/selector.pt --out runs/set-site --max-minutes 3
       xsel train selector other_hospital.h5 --choose-fallback runs/set/selector.pt --conditions Pneumonia \\
@@ -166,7 +176,7 @@ def train_selector_command(
     ]
     if len(starts) > 1:
         raise InputError(f"{' and '.join(starts)} each start from a checkpoint; use one at a time")
-    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback, referee_away]))
+    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback, referee_away, teacher]))
     if referee_away is not None:
         choice = referee_away_for(
             referee_away,
@@ -217,6 +227,7 @@ def train_selector_command(
         "episodes_within": episodes_within or "",
         **({"average_steps": average_steps} if average_steps is not None else {}),
         "read_embedding": read_embedding,
+        **({"teacher": str(teacher.resolve())} if teacher is not None else {}),
         "negative": negative,
         "uncertain": uncertain,
         "k": k,

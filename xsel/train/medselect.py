@@ -55,6 +55,8 @@ class SelectorConfig:
     balanced: float = 0.0  # share of training steps whose pools are half positive (else natural prevalence)
     episodes_within: str = ""  # a column (e.g. Source): a condition's episodes stay within values that label it
     read_embedding: bool = True  # set model: read the embedding itself besides the pool-relative features
+    teacher: str = ""  # set model: a trained selector.pt whose picks it imitates (distillation) instead of REINFORCE
+    teacher_sha256: str = ""  # the teacher file's digest when the run began: a resumed run must find the same file
     decay_at: float = 0.6  # fraction of the episodes after which the learning rate drops ×0.1
     average_steps: int | None = (
         None  # ship weights averaged over this many recent steps; 0: the best step; None: model's

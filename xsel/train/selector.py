@@ -7,6 +7,10 @@ random picks from the same pool, loss = −mean((R − R_random) · log p(picks)
 probability of the ordered sample. The set policy (``model="set"``) samples ``samples`` sequences per episode,
 one pick at a time, and each sequence's baseline is the mean reward of the others (leave-one-out).
 ``balanced`` is the share of steps whose pools are half positive instead of at natural prevalence.
+With a ``teacher`` (a trained selector checkpoint, e.g. the LSTM) the set policy is distilled instead: each step
+raises the log-probability of the teacher's deterministic picks on the batch's pools (teacher forcing). Measured
+on the realcxr pack (BENCHMARKS.md §13), this carries the LSTM's gain at home into an order-free policy, where
+REINFORCE from scratch or after imitation fell short of it.
 Validation runs a fixed set of episodes of the unseen validation conditions on held-out patients with the
 deterministic picks; the best checkpoint is kept. With ``average_steps`` N (the set model's default) the weights
 validated and shipped are instead a moving average of the trained ones (time constant N steps; early in a run
@@ -274,6 +278,7 @@ class _Training:
     store_rows: int  # with the identity, what a resumed run must find again
     train_rows: np.ndarray
     averaged: AveragedModel | None  # the moving average of the scorer's weights (``average_steps``), else None
+    teacher: torch.nn.Module | None  # the selector whose picks the set policy imitates (``config.teacher``)
     gate: dict = field(default_factory=dict)  # the trust gate's checkpoint entries, saved with every checkpoint
 
     @property
@@ -320,7 +325,9 @@ def train_selector(
         ages = np.asarray(store.meta["Age"], dtype=np.float64) if "Age" in store.meta.columns else np.array([])
         ages = ages[np.isfinite(ages)]
         config.age_mean, config.age_std = (float(ages.mean()), float(ages.std() or 1.0)) if len(ages) else (0.0, 1.0)
-    training = _start(store, config, run_dir, resolve_device(device))
+    device = resolve_device(device)
+    teacher = _teacher(store, config, device)  # before any episode is drawn: a wrong file fails fast
+    training = _start(store, config, run_dir, device, teacher)
     if saved is not None:
         _check_trained_on(saved, store, run_dir / LAST, "start a new run", train_rows=training.train_rows)
     state = RunState()
@@ -428,6 +435,8 @@ def adapt_selector(
             "seed": seed,
             "average_steps": 0,  # adapted weights replace the shipped ones only where they validate better
             "episodes_within": "",  # pseudo-tasks come from one site
+            "teacher": "",  # pseudo-tasks reward picks (REINFORCE); a teacher's picks know nothing of the site
+            "teacher_sha256": "",
             "extra": {"adapted_from": file_sha256(checkpoint), "clusters": clusters},
         }
     )
@@ -516,6 +525,11 @@ def referee_away(
         raise InputError(
             f"{payload['path']} was trained without --episodes-within; name the column of each image's hospital "
             "(--episodes-within COLUMN) to referee its fallback leave-one-hospital-out"
+        )
+    if config.teacher:
+        raise InputError(
+            f"{payload['path']} was distilled from {config.teacher}, which saw every hospital: referee the teacher "
+            "with --referee-away, or choose this selector's fallback with --choose-fallback on another hospital"
         )
     check_episodes_within(store, column)
     hospitals = stratum_values(store.meta, column).to_numpy()
@@ -655,7 +669,7 @@ def recalibrate_gate(checkpoint: str | Path, store: str | Path | Store, run_dir:
     store = store if isinstance(store, Store) else read_store(store)
     remedy = "recalibrate on the store it was trained on"
     _check_trained_on(payload, store, payload["path"], remedy)
-    training = _start(store, config, Path(run_dir), torch.device("cpu"))
+    training = _start(store, config, Path(run_dir), torch.device("cpu"), None)  # the gate needs no teacher
     if "split_sha256" in payload:  # checkpoints written before every one recorded it are checked by encoder alone
         _check_trained_on(payload, store, payload["path"], remedy, train_rows=training.train_rows)
     entries = _trust_gate(training)
@@ -735,11 +749,15 @@ def _check_config(config: SelectorConfig) -> None:
         raise InputError("--learning-rate must be positive and --seed 0 or more")
     if not 0 <= config.balanced <= 1:
         raise InputError(f"--balanced {config.balanced}: choose the share of balanced training steps in [0, 1]")
+    if config.teacher and config.model != "set":
+        raise InputError(f"--teacher {config.teacher}: distillation trains a set selector; add --model set")
     if not 0 < config.val_fraction < 1:
         raise InputError(f"val_fraction {config.val_fraction}: hold out a share of patients between 0 and 1, e.g. 0.2")
 
 
-def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.device) -> _Training:
+def _start(
+    store: Store, config: SelectorConfig, run_dir: Path, device: torch.device, teacher: torch.nn.Module | None
+) -> _Training:
     """Episodes split by patient, the scorer (seeded), Adam and the step decay."""
     train_rows, val_rows = split_patients(store, config.val_fraction, config.seed)
     train = _Episodes(store, config, config.conditions, train_rows, validation=False)
@@ -773,11 +791,42 @@ def _start(store: Store, config: SelectorConfig, run_dir: Path, device: torch.de
         len(store),
         train_rows,
         averaged,
+        teacher,
     )
 
 
+def _teacher(store: Store, config: SelectorConfig, device: torch.device) -> torch.nn.Module | None:
+    """The trained selector ``config.teacher`` names, in eval mode; refused (one line) when it read other inputs than
+    this run's pools, or — resuming — when the file is no longer the one the run began with."""
+    if not config.teacher:
+        return None
+    payload, taught = load_selector_checkpoint(config.teacher)
+    where = f"--teacher {payload['path']}"
+    if payload["encoder_identity"] != store.encoder_identity:
+        raise InputError(
+            f"{where} was trained on embeddings of {describe_identity(payload['encoder_identity'])}; {store.path} "
+            f"holds {describe_identity(store.encoder_identity)}: train the teacher on a store of this encoder"
+        )
+    if taught.use_metadata != config.use_metadata:
+        raise InputError(
+            f"{where} was trained {'with' if taught.use_metadata else 'without'} --use-metadata: train the student "
+            "the same way"
+        )
+    digest = file_sha256(Path(payload["path"]))
+    if config.teacher_sha256 and digest != config.teacher_sha256:
+        raise InputError(
+            f"{where} changed since this run began: resume with the file it began with, or start a new run"
+        )
+    config.teacher_sha256 = digest
+    with torch.random.fork_rng(devices=[]):  # building it must not move the seeded generators
+        teacher = build_policy(taught, payload["embedding_dim"])
+    teacher.load_state_dict(payload["state_dict"])
+    return teacher.to(device).eval()
+
+
 def _train_step(training: _Training, step: int) -> dict:
-    """One REINFORCE step on a batch of episodes of one seen condition; returns its metrics row."""
+    """One REINFORCE (or, with a teacher, imitation) step on a batch of episodes of one seen condition; returns its
+    metrics row (reward: the picks trained on — the teacher's when distilling)."""
     config, scorer = training.config, training.scorer
     task = training.train.tasks[step % len(training.train.tasks)]
     indices = list(range(step * config.batch_size, (step + 1) * config.batch_size))
@@ -786,8 +835,11 @@ def _train_step(training: _Training, step: int) -> dict:
     episodes, pools, _, size = training.train.batch(task, indices, config.seed, balanced=balanced)
     scorer.train()
     pools = torch.from_numpy(pools).to(training.device)
-    samples = config.samples if config.model == "set" else 1
-    if config.model == "set":
+    samples = config.samples if config.model == "set" and training.teacher is None else 1
+    if training.teacher is not None:  # distillation: the teacher's picks, made likelier
+        picks = torch.from_numpy(policy_picks(training.teacher, pools, config.k)).to(pools.device)
+        log_prob = scorer.log_prob(pools, picks)
+    elif config.model == "set":
         picks, log_prob = scorer.sample(pools, config.k, samples, generator)
     else:
         logits = scorer(pools).cpu()
@@ -800,7 +852,10 @@ def _train_step(training: _Training, step: int) -> dict:
     # each sampled sequence against the mean of the episode's other samples; a lone sample against random picks
     others = (grouped.sum(1, keepdims=True) - grouped) / (samples - 1) if samples > 1 else random_reward[:, None]
     advantage = (grouped - others).reshape(-1)
-    loss = -(torch.from_numpy(advantage).float() * log_prob.cpu()).mean()
+    if training.teacher is not None:  # mean log-likelihood per pick of the teacher's sequence
+        loss = -log_prob.cpu().mean() / config.k
+    else:
+        loss = -(torch.from_numpy(advantage).float() * log_prob.cpu()).mean()
     training.optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)

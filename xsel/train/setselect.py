@@ -17,7 +17,8 @@ image at once, so it can spend two labels on near-twins. Here every input is a f
   k-center gain) and how much of its soft cluster is already picked; picked images are masked out.
 
 Inference takes the argmax at each step (deterministic); training samples each step from the softmax
-(:meth:`SetPolicy.sample`, REINFORCE with the exact log-probability of the sampled sequence). The module is
+(:meth:`SetPolicy.sample`, REINFORCE with the exact log-probability of the sampled sequence), or —
+distilled — raises the log-probability of a trained selector's picks (:meth:`SetPolicy.log_prob`). The module is
 TorchScript-compatible, so ``xsel export`` writes the whole loop — encoding and the K steps — as one ONNX graph
 and a site runs it with onnxruntime alone. Ties are broken by the lowest row, the only way row order can matter
 (in forward: the chunked path's products round differently, so it may take exact duplicates in the other order).
@@ -466,6 +467,16 @@ class SetPolicy(nn.Module):
     def sample(self, pool: torch.Tensor, k: int, samples: int, generator: torch.Generator):
         """``samples`` sequences of K picks per pool, each step drawn from the softmax over the unpicked images;
         returns picks (B·samples, K) and the log-probability of each sequence (B·samples,)."""
+        return self._walk(pool, k, samples, generator, None)
+
+    @torch.jit.unused
+    def log_prob(self, pool: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        """The log-probability (B,) of given ordered picks (B, K), e.g. a teacher's: what imitation maximises."""
+        return self._walk(pool, picks.shape[1], 1, None, picks)[1]
+
+    @torch.jit.unused
+    def _walk(self, pool, k: int, samples: int, generator, forced):
+        """K steps over each pool's softmax: sampled with ``generator``, or the ``forced`` picks (teacher forcing)."""
         context, raw, inverse, assign = (t.repeat_interleave(samples, dim=0) for t in self.encode(pool))
         base = self.context_logits(context)
         b, n = raw.shape[0], raw.shape[1]
@@ -475,8 +486,11 @@ class SetPolicy(nn.Module):
         rows = torch.arange(b)
         for t in range(k):
             logits = self.logits(base, nearest, covered, t / k).masked_fill(taken, float("-inf"))
-            uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
-            best = torch.argmax(logits.detach() - torch.log(-torch.log(uniform)), dim=1)
+            if forced is None:
+                uniform = torch.rand(logits.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
+                best = torch.argmax(logits.detach() - torch.log(-torch.log(uniform)), dim=1)
+            else:
+                best = forced[:, t]
             log_prob = log_prob + torch.log_softmax(logits, dim=1)[rows, best]
             picks.append(best)
             taken = taken.scatter(1, best.unsqueeze(1), True)
