@@ -337,38 +337,19 @@ def test_the_bundle_runs_the_sequential_loop_and_the_site_picks_what_the_worksta
     from xsel.site import BundleSelector
     from xsel.train.export import export_bundle
 
-    run = tmp_path / "run"
-    result = cli(
-        "train",
-        "selector",
-        demo_store,
-        "--model",
-        "set",
-        "--conditions",
-        "Cardiomegaly,Pleural Effusion",
-        "--val-conditions",
-        "Lung Opacity",
-        "--out",
-        run,
-        "--pool-size",
-        "60",
-        "--query-size",
-        "20",
-        "--k",
-        "5",
-        "--episodes",
-        "32",
-        "--batch-size",
-        "8",
-        "--val-every",
-        "2",
-        "--val-episodes",
-        "4",
-        "-q",
-    )
+    tiny = ["--conditions", "Cardiomegaly,Pleural Effusion", "--val-conditions", "Lung Opacity", "--pool-size", "60"]
+    tiny += ["--query-size", "20", "--k", "5", "--episodes", "32", "--batch-size", "8", "--val-every", "2"]
+    tiny += ["--val-episodes", "4", "-q"]
+    teacher = cli("train", "selector", demo_store, *tiny, "--out", tmp_path / "lstm")
+    assert teacher.exit_code == 0, teacher.output
+    run = tmp_path / "run"  # a distilled set selector: the bundle runs it as any other
+    distilled = ["--model", "set", "--hidden", "24", "--teacher", tmp_path / "lstm" / "selector.pt"]
+    result = cli("train", "selector", demo_store, *tiny, *distilled, "--out", run)
     assert result.exit_code == 0, result.output
     manifest = export_bundle(tmp_path / "bundle", encoder="pixels", selector=run / "selector.pt")  # a bare checkpoint
     assert manifest["selector"]["name"] == "setselect" and manifest["selector"]["details"]["model"] == "set"
+    saved = load_checkpoint(run / "selector.pt")["config"]
+    assert saved["hidden"] == 24 and saved["teacher"] == str((tmp_path / "lstm" / "selector.pt").resolve())
     assert all(check["same_top_k"] for check in manifest["parity"]["selector"])
     workstation, site = SetSelector(run / "selector.pt"), BundleSelector(Bundle.load(tmp_path / "bundle"))
     embeddings = read_store(demo_store).embeddings
@@ -397,6 +378,8 @@ def test_cli_trains_a_set_selector_and_refuses_a_bad_model(tmp_path, cli, demo_s
     assert lstm.exit_code == 2 and "add --model set" in lstm.output
     missing = cli("train", "selector", demo_store, "--model", "set", *common, "--out", tmp_path / "missing")
     assert missing.exit_code == 2 and "none.pt" in missing.output and "Traceback" not in missing.output
+    narrow = cli("train", "selector", demo_store, "--model", "set", "--hidden", "0", *common, "--out", tmp_path / "w")
+    assert narrow.exit_code == 2 and "--hidden" in narrow.output
 
 
 def test_conditions_all_trains_on_every_labelled_column(tmp_path, capsys):

@@ -56,6 +56,9 @@ def train_selector_command(
         float | None,
         typer.Option(help="Adam learning rate, ×0.1 after 60% of the steps [default: lstm 1e-4, set 3e-4]."),
     ] = None,
+    hidden: Annotated[
+        int | None, typer.Option(min=1, help="Hidden width of the network [default: lstm 256, set 64].")
+    ] = None,
     samples: Annotated[
         int, typer.Option(help="set: sequences sampled per episode (each one's baseline is the others' mean).")
     ] = 4,
@@ -238,6 +241,7 @@ def train_selector_command(
         "classifier": classifier,
         "use_metadata": use_metadata,
         **({"learning_rate": learning_rate} if learning_rate is not None else {}),
+        **({"hidden": hidden} if hidden is not None else {}),
         "val_every": val_every,
         "val_episodes": val_episodes,
         "max_minutes": max_minutes,
