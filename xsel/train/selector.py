@@ -57,7 +57,7 @@ from xsel.progress import notify, progress_bar
 from xsel.resume import resumed_settings
 from xsel.selectors import create_selector
 from xsel.store import Store, check_finite, read_store
-from xsel.train.checkpoints import gate_payload, save_torch_atomic
+from xsel.train.checkpoints import gate_from_payload, gate_payload, save_torch_atomic
 from xsel.train.medselect import (
     PLUGINS,
     SelectorConfig,
@@ -297,14 +297,15 @@ def train_selector(
     resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
-    initial_weights: dict | None = None,
+    start_from: dict | None = None,
 ) -> TrainResult:
     """Train a selector on ``config.conditions``, validate on ``config.val_conditions``; files in ``run_dir``.
 
     Writes ``selector.pt`` (the best-validated step, or the last validated average with ``average_steps``),
     ``last.pt`` (for ``resume``) and ``metrics.csv``. With ``resume`` the run goes on with the settings saved in
     ``last.pt``; ``config`` may then be None, or the settings asked for again (a dict of some, or a whole config):
-    changing one other than ``max_minutes`` is refused.
+    changing one other than ``max_minutes`` is refused. ``start_from``: a trained selector's checkpoint payload
+    whose weights the run starts from and whose trust gate it keeps (adaptation).
     """
     store = store if isinstance(store, Store) else read_store(store)
     check_finite(store)
@@ -331,8 +332,8 @@ def train_selector(
     if saved is not None:
         _check_trained_on(saved, store, run_dir / LAST, "start a new run", train_rows=training.train_rows)
     state = RunState()
-    if saved is None and initial_weights is not None:  # adaptation starts from a trained selector
-        training.scorer.load_state_dict(initial_weights)
+    if saved is None and start_from is not None:  # adaptation starts from a trained selector
+        training.scorer.load_state_dict(start_from["state_dict"])
     if saved is not None:
         training.scorer.load_state_dict(saved["state_dict"])
         training.optimizer.load_state_dict(saved["optimizer"])
@@ -342,10 +343,12 @@ def train_selector(
         state = RunState(saved["step"], saved["best_val"], saved["best_step"], saved["seconds"])
         _truncate_metrics(run_dir / METRICS, state.step)  # rows logged after the last checkpoint are redone
         training.gate = {key: saved[key] for key in GATE_ENTRIES if key in saved}
+    elif start_from is not None:
+        training.gate = {key: start_from[key] for key in GATE_ENTRIES if key in start_from}
     else:
         training.gate = _trust_gate(training)
     random_val = _mean_val(training, None)
-    if saved is None and initial_weights is not None:  # the weights it starts from are the first candidate
+    if saved is None and start_from is not None:  # the weights it starts from are the first candidate
         state.best_val = _mean_val(training, training.scorer)
         _save(training, BEST, {"step": 0, "val_auroc": state.best_val, "val_random_auroc": random_val})
         notify(
@@ -411,10 +414,13 @@ def adapt_selector(
     The site's embeddings are clustered (k-means on unit rows, ``clusters`` clusters); each cluster is a
     pseudo-condition (its images positive, every other image negative), the two largest clusters validate and the
     others with enough images for episodes train. Label columns the store may have are dropped first. The run
-    starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model), and its trust gate is
-    recalibrated on the site's images, so it stays quiet there. The shipped weights are validated first and stay
-    ``selector.pt`` unless adapted weights validate better on the pseudo-tasks (``best_step`` 0: adaptation did not
-    help). Files as :func:`train_selector` writes them."""
+    starts from ``checkpoint``'s weights and settings (K, pool and query sizes, model). The shipped weights are
+    validated first and stay ``selector.pt`` unless adapted weights validate better on the pseudo-tasks
+    (``best_step`` 0: adaptation did not help). The trust gate is the shipped one, unchanged: pseudo-task rewards do
+    not rank selectors as a site's findings do (BENCHMARKS.md §13), so adaptation is no evidence that the site's
+    pools are ones the selector picks well; a gate recalibrated on the site went quiet there even where adaptation
+    kept the shipped weights (−0.263 instead of the fallback's −0.048). Whether the adapted policy should pick
+    away is for labels to decide (``choose_fallback``). Files as :func:`train_selector` writes them."""
     payload, trained = load_selector_checkpoint(checkpoint)
     site = unlabeled if isinstance(unlabeled, Store) else read_store(unlabeled)
     if site.encoder_identity != payload["encoder_identity"]:
@@ -440,15 +446,37 @@ def adapt_selector(
             "extra": {"adapted_from": file_sha256(checkpoint), "clusters": clusters},
         }
     )
-    return train_selector(
+    result = train_selector(
         pseudo,
         run_dir,
         None if resume else config,
         resume=resume,
         device=device,
         show_progress=show_progress,
-        initial_weights=payload["state_dict"],
+        start_from=payload,
     )
+    _say_where_the_gate_fires(payload, site, config)
+    return result
+
+
+SITE_POOLS = 20  # random site pools the shipped gate is tried on after adaptation
+
+
+def _say_where_the_gate_fires(payload: dict, site: Store, config: SelectorConfig) -> None:
+    """Tell the site how often the (shipped) trust gate hands its pools to the fallback, and what to do about it."""
+    gate = gate_from_payload(payload)
+    if gate is None or gate.fallback == KEEP_LEARNED:  # no gate, or the selector keeps picking when it fires
+        return
+    size = min(config.pool_size, len(site))
+    rng = np.random.default_rng([config.seed, SITE_POOLS])
+    pools = [site.embeddings[np.sort(rng.choice(len(site), size, replace=False))] for _ in range(SITE_POOLS)]
+    fired = sum(gate.check(pool, seed=config.seed).fired for pool in pools)
+    if fired:
+        notify(
+            f"the trust gate is the shipped one: it fell back to {gate.fallback} on {fired}/{SITE_POOLS} random pools "
+            f"of {size} site images; to let the adapted selector pick here, choose the fallback on labelled site "
+            "images (--choose-fallback) or select with --no-trust-gate"
+        )
 
 
 @dataclass(frozen=True)
