@@ -16,7 +16,7 @@ from xsel.selection import select
 from xsel.store import Store, read_store
 from xsel.train import setselect
 from xsel.train.medselect import MedSelectSelector, SetSelector, load_checkpoint
-from xsel.train.selector import adapt_selector, split_patients, train_selector
+from xsel.train.selector import GATE_DRAWS, adapt_selector, split_patients, train_selector
 from xsel.train.setselect import SetPolicy
 
 
@@ -237,6 +237,9 @@ def test_the_gate_falls_back_on_another_hospital_and_not_at_home(trained):
     selector = SetSelector(checkpoint)
     gate = selector.trust_gate
     assert gate is not None and gate.fallback in ("random", "kcenter", "typiclust", "kmedoids", "probcover")
+    config = selector.config  # calibrated on every condition's pools among the validation patients, not only on
+    # the validation conditions' episodes and random draws: a labelling task's pool holds one finding and negatives
+    assert gate.calibration["pools"] > GATE_DRAWS + len(config.val_conditions) * config.val_episodes
     home = Store(
         path="home",
         embeddings=store.embeddings[:150],
