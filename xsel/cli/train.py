@@ -143,9 +143,9 @@ def train_selector_command(
     --teacher it imitates a trained selector's picks instead).
     RUN_DIR/selector.pt holds the best-validated step (lstm) or the weights averaged over the run (set); it
     carries a trust gate that falls back to the best heuristic on pools unlike the training ones. --adapt fits a
-    trained selector to a site's own images, without labels; --choose-fallback picks that fallback on another
-    hospital's labelled images instead of at home; --referee-away picks it leave-one-hospital-out on the store the
-    selector was trained on.
+    trained selector to a site's own images, without labels (its trust gate stays the shipped one); --choose-fallback
+    picks that fallback on another hospital's labelled images instead of at home; --referee-away picks it
+    leave-one-hospital-out on the store the selector was trained on.
 
     [bold]Examples[/bold]
 
