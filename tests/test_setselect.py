@@ -439,6 +439,9 @@ def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path):
     assert sum(v.fired for v in verdicts) <= 2 and {v.nearest for v in verdicts} == {"Source=south"}
     elsewhere = store.embeddings[:60] - np.r_[0.0, 0.0, 3.0 * np.ones(6)]  # neither hospital's look
     assert grouped.check(elsewhere, seed=0).fired
+    # one hospital's labelling pools calibrate its own threshold, not the mixture's, which they would lift above
+    # another hospital's pools (the realcxr gate trained on NIH and Kermany stopped firing on the COVID sources)
+    assert grouped.calibration["pools"] < mixture.calibration["pools"]
 
     # a run trained before the gate kept a reference per hospital (its gate: the mixture's, a fallback chosen since)
     import torch

@@ -983,7 +983,7 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 def _trust_gate(training: _Training) -> dict:
     """The checkpoint entries of the run's trust gate: its reference is a sample of the training patients' images,
     its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
-    pools, the pools of every condition's episodes among the validation patients (a labelling task's pool holds
+    pools, the pools of every condition's episodes among the validation patients (one hospital: a labelling task's pool holds
     one finding's positives and its negatives, unlike a random draw; with them a seed-1 gate fell back on 86 instead
     of 98 of 360 held-out NIH pools of unseen findings, BENCHMARKS.md §13) and ``GATE_DRAWS`` seeded random
     draws of the validation patients' images, as ``select`` draws a pool (a few dozen episode pools alone put the
@@ -1015,7 +1015,9 @@ def _trust_gate(training: _Training) -> dict:
     groups = _gate_groups(training, pools, size) if config.episodes_within else {}
     rng = np.random.default_rng([config.seed, GATE_DRAWS])
     draws = [np.sort(rng.choice(validation_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
-    tasks = [pool for pool in _labelling_pools(training, validation_rows) if len(pool) >= size]
+    # with a reference per hospital, each hospital's labelling pools calibrate its own threshold (_gate_groups):
+    # against the mixture of hospitals they look foreign, and would lift its threshold above another hospital's pools
+    tasks = [] if groups else [pool for pool in _labelling_pools(training, validation_rows) if len(pool) >= size]
     held_out = [embeddings[rows] for rows in [*pools, *tasks, *draws]]
     gate = calibrate_gate(embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed, groups=groups)
     notify(
