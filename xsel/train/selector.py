@@ -983,11 +983,11 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 def _trust_gate(training: _Training) -> dict:
     """The checkpoint entries of the run's trust gate: its reference is a sample of the training patients' images,
     its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
-    pools, the pools of every condition's episodes among the validation patients (one hospital: a labelling task's pool holds
-    one finding's positives and its negatives, unlike a random draw; with them a seed-1 gate fell back on 86 instead
-    of 98 of 360 held-out NIH pools of unseen findings, BENCHMARKS.md §13) and ``GATE_DRAWS`` seeded random
-    draws of the validation patients' images, as ``select`` draws a pool (a few dozen episode pools alone put the
-    threshold at their maximum, below what a random draw often reaches) —
+    pools, with one hospital the pools of every condition's episodes among the validation patients (a labelling
+    task's pool holds one finding's positives and its negatives, unlike a random draw; with them a seed-1 gate fell
+    back on 86 instead of 98 of 360 held-out NIH pools of unseen findings, BENCHMARKS.md §13), and ``GATE_DRAWS``
+    seeded random draws of the validation patients' images, as ``select`` draws a pool (a few dozen episode pools
+    alone put the threshold at their maximum, below what a random draw often reaches) —
     its fallback the heuristic with the best mean AUROC on episodes of every condition the run names, seen and
     unseen, drawn from every patient of the store (``heuristics_val``): a heuristic learns nothing, so neither the
     training patients nor the seen conditions favour it, and the validation patients alone are a small population
