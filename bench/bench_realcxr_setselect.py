@@ -12,6 +12,8 @@ vs NIH "No Finding"), each for the same CPU budget. Tests, all on held-out patie
 - with ``--last-step``, the set selector's last trained weights against the shipped ones (its best-validated
   step, or its average when the run averages weights), raw;
   with ``--stretch``, its K=20 against all 100 pool labels on the home test (issue 16's stretch target);
+- with ``--with-hospital Kermany``, both selectors also train on Kermany's training patients and its conditions
+  (episodes within each source), so Kermany is seen and the COVID sources alone are away;
 - with ``--leave-one-out``, for each away hospital a set selector trained on every other source's training patients
   and tested on that hospital, raw and gated.
 
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_realcxr_medselect import NIH, UNSEEN_KERMANY, UNSEEN_NIH, test_patients, training_config
+from bench_realcxr_medselect import NIH, SEEN, UNSEEN_KERMANY, UNSEEN_NIH, test_patients, training_config
 from benchlib import REALCXR
 
 from xsel.embed import embed
+from xsel.episodes import NEGATIVE_DEFAULT
 from xsel.evaluate import REFERENCE, evaluate, summarize
 from xsel.store import read_store
 from xsel.train.selector import train_selector
@@ -44,6 +47,7 @@ GROUPS = {  # name: (sources, conditions, negative class)
     "Kermany": (("kermany",), UNSEEN_KERMANY, "No Finding"),
     "COVID sources": (COVID, ["COVID-19"], "No Finding,Bacterial Pneumonia,Viral Pneumonia"),
 }
+AWAY = {group: GROUPS[group] for group in ("Kermany", "COVID sources")}
 ARCHIVES = {"archive NIH": NIH, "archive all": (*NIH, "kermany", *COVID)}
 HEURISTICS = ["random", "kmedoids", "kcenter", "typiclust", "probcover"]
 
@@ -177,6 +181,13 @@ def main() -> None:
     )
     parser.add_argument("--last-step", action="store_true", help="also run the set selector's last training step")
     parser.add_argument("--stretch", action="store_true", help="also compare K picks with all pool labels at home")
+    parser.add_argument(
+        "--with-hospital",
+        action="append",
+        default=[],
+        choices=[group for group, (*_, negative) in AWAY.items() if negative == NEGATIVE_DEFAULT],
+        help="also train both selectors on this away group's training patients and conditions (repeatable)",
+    )
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "results" / "setselect")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -184,16 +195,13 @@ def main() -> None:
     store = pack_store(args)
     test_patient = test_patients(store)
     source = store.meta["Source"]
-    train_store = store.subset(source.isin(NIH).to_numpy() & ~test_patient)
-    runs = args.runs / name
-    lstm = train(train_store, runs / "lstm", "lstm", args)["checkpoint"]
+    train_store, hospitals = training_hospitals(store, test_patient, args.with_hospital)
+    runs = args.runs / "-with-".join([name, *(group.split()[0].lower() for group in args.with_hospital)])
+    lstm = train(train_store, runs / "lstm", "lstm", args, **hospitals)["checkpoint"]
     distilled = {"teacher": lstm} if args.distil else {}
-    learned = {
-        "medselect": lstm,
-        "setselect": train(train_store, runs / ("set-distilled" if args.distil else "set"), "set", args, **distilled)[
-            "checkpoint"
-        ],
-    }
+    set_dir = runs / ("set-distilled" if args.distil else "set")
+    set_selector = train(train_store, set_dir, "set", args, **hospitals, **distilled)["checkpoint"]
+    learned = {"medselect": lstm, "setselect": set_selector}
     previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     # an earlier run's rows are kept, except the adaptation's when it runs again
     report = [row for row in previous.get("rows", []) if not (args.adapt and row["variant"].startswith("adapted"))]
@@ -260,6 +268,18 @@ def main() -> None:
         report += all_pool_labels(stores["NIH unseen"], learned["setselect"], common)
         save(args, learned, timings, report)
     print_tables(report)
+
+
+def training_hospitals(store, test_patient: np.ndarray, groups: list[str]) -> tuple:
+    """The training store — NIH's training patients, plus those of each away ``group`` named — and the training
+    settings that go with more than one hospital: the groups' conditions join NIH's seen ones, and each condition's
+    episodes stay within the sources that label it (``--episodes-within Source``)."""
+    sources, changes = [*NIH], {}
+    if groups:
+        conditions = [condition for group in groups for condition in GROUPS[group][1]]
+        sources += [source for group in groups for source in GROUPS[group][0]]
+        changes = {"conditions": [*SEEN, *conditions], "episodes_within": "Source"}
+    return store.subset(store.meta["Source"].isin(sources).to_numpy() & ~test_patient), changes
 
 
 def held_out(store, mask: np.ndarray, args):

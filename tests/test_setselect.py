@@ -12,6 +12,7 @@ import torch
 from tests.test_medselect import toy_config, toy_store, train_until_interrupted
 from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
+from xsel.geometry import unit_rows
 from xsel.selection import select
 from xsel.store import Store, read_store
 from xsel.train import setselect
@@ -240,6 +241,12 @@ def test_the_gate_falls_back_on_another_hospital_and_not_at_home(trained):
     config = selector.config  # calibrated on every condition's pools among the validation patients, not only on
     # the validation conditions' episodes and random draws: a labelling task's pool holds one finding and negatives
     assert gate.calibration["pools"] > GATE_DRAWS + len(config.val_conditions) * config.val_episodes
+    # the reference is half the training images: the other half joins the validation images in the held-out pools,
+    # so the threshold sees how much a few hundred new images vary, not only the few validation patients
+    train_rows, _ = split_patients(store, config.val_fraction, config.seed)
+    reference = unit_rows(store.embeddings[train_rows])
+    matched = np.abs(gate.reference[:, None, :] - reference[None]).max(axis=2).min(axis=1) < 1e-6
+    assert len(gate.reference) == len(train_rows) // 2 and matched.all()
     home = Store(
         path="home",
         embeddings=store.embeddings[:150],

@@ -76,7 +76,7 @@ LAST = "last.pt"
 METRICS = "metrics.csv"
 RESUMABLE = ("max_minutes",)  # a time budget does not change what is learned
 FALLBACK_CANDIDATES = ("random", "kcenter", "typiclust", "kmedoids", "probcover")  # the trust gate's fallbacks
-GATE_DRAWS = 100  # random pools of the validation patients' images the trust gate's threshold is calibrated on
+GATE_DRAWS = 100  # random pools of held-out images the trust gate's threshold is calibrated on
 GATE_ENTRIES = ("trust_gate", "trust_reference", "heuristics_val")
 
 
@@ -981,18 +981,18 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 
 
 def _trust_gate(training: _Training) -> dict:
-    """The checkpoint entries of the run's trust gate: its reference is a sample of the training patients' images,
-    its threshold the 99th percentile over held-out pools of the training hospital — the validation episodes'
-    pools, with one hospital the pools of every condition's episodes among the validation patients (a labelling
-    task's pool holds one finding's positives and its negatives, unlike a random draw; with them a seed-1 gate fell
-    back on 86 instead of 98 of 360 held-out NIH pools of unseen findings, BENCHMARKS.md §13), and ``GATE_DRAWS``
-    seeded random draws of the validation patients' images, as ``select`` draws a pool (a few dozen episode pools
-    alone put the threshold at their maximum, below what a random draw often reaches) —
-    its fallback the heuristic with the best mean AUROC on episodes of every condition the run names, seen and
-    unseen, drawn from every patient of the store (``heuristics_val``): a heuristic learns nothing, so neither the
-    training patients nor the seen conditions favour it, and the validation patients alone are a small population
-    whose pools shrink and reuse the same few images (BENCHMARKS.md §13). With ``--episodes-within`` every training
-    hospital also gets a reference and threshold of its own (:func:`_gate_groups`), so a smaller one is not foreign."""
+    """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training patients'
+    images; its threshold the 99th percentile over held-out pools of the hospital's other images
+    (:func:`_reference_split`): the validation episodes' pools, with one hospital the pools of every condition's
+    episodes among those images (a labelling task's pool holds one finding's positives and its negatives, unlike a
+    random draw), and ``GATE_DRAWS`` seeded random draws, as ``select`` draws a pool. Calibrated on the validation
+    patients alone, whose labelling pools all held the same few dozen normals, a seed-1 gate fell back on 86 of 360
+    held-out NIH pools (BENCHMARKS.md §13). Its fallback is the heuristic with the best mean AUROC on episodes of
+    every condition the run names, seen and unseen, drawn from every patient of the store (``heuristics_val``): a
+    heuristic learns nothing, so neither the training patients nor the seen conditions favour it, and the
+    validation patients alone are a small population whose pools shrink and reuse the same few images. With
+    ``--episodes-within`` every training hospital also gets a reference and threshold of its own
+    (:func:`_gate_groups`), so a smaller one is not foreign."""
     config, val = training.config, training.val
     validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
     every_row = np.arange(len(val.store))
@@ -1010,16 +1010,17 @@ def _trust_gate(training: _Training) -> dict:
     for task in val.tasks:
         episodes, _, _, _ = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
         pools += [episode.pool for episode in episodes]
-    size = min(min(map(len, pools)), len(validation_rows))
+    rng = np.random.default_rng([config.seed, GATE_DRAWS])
+    reference, held_rows = _reference_split(training.train_rows, validation_rows, rng)
+    size = min(min(map(len, pools)), len(held_rows))
     embeddings = val.store.embeddings
     groups = _gate_groups(training, pools, size) if config.episodes_within else {}
-    rng = np.random.default_rng([config.seed, GATE_DRAWS])
-    draws = [np.sort(rng.choice(validation_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
+    draws = [np.sort(rng.choice(held_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
     # with a reference per hospital, each hospital's labelling pools calibrate its own threshold (_gate_groups):
     # against the mixture of hospitals they look foreign, and would lift its threshold above another hospital's pools
-    tasks = [] if groups else [pool for pool in _labelling_pools(training, validation_rows) if len(pool) >= size]
+    tasks = [] if groups else [pool for pool in _labelling_pools(training, held_rows) if len(pool) >= size]
     held_out = [embeddings[rows] for rows in [*pools, *tasks, *draws]]
-    gate = calibrate_gate(embeddings[training.train_rows], held_out, fallback=fallback, seed=config.seed, groups=groups)
+    gate = calibrate_gate(embeddings[reference], held_out, fallback=fallback, seed=config.seed, groups=groups)
     notify(
         f"trust gate: heuristics' AUROC on {len(referee.tasks)} conditions of the store's patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
@@ -1029,15 +1030,24 @@ def _trust_gate(training: _Training) -> dict:
     return gate_payload(gate) | {"heuristics_val": means}
 
 
+def _reference_split(
+    train_rows: np.ndarray, validation_rows: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A gate's reference, a seeded half of ``train_rows`` (at most ``MAX_REFERENCE``), and the rows its threshold
+    is calibrated on: the validation rows and the other training rows. The gate asks where a pool's images come
+    from, not whether the selector trained on them, and pools of a few hundred held-out images vary as a new
+    patient sample does, where pools of the validation patients alone keep reusing the same images."""
+    reference = np.sort(rng.choice(train_rows, min(MAX_REFERENCE, len(train_rows) // 2), replace=False))
+    return reference, np.union1d(validation_rows, np.setdiff1d(train_rows, reference))
+
+
 def _gate_groups(training: _Training, pools: list[np.ndarray], size: int) -> dict:
     """Per training hospital (each value of ``--episodes-within`` among the training patients), for
-    :func:`xsel.trust.calibrate_gate`: a reference of a seeded half of its training images (at most
-    ``MAX_REFERENCE``) and held-out pools of its other images, validation and training — the validation episodes
-    drawn within it, episodes of every condition it labels (a labelling task's pool holds only its condition's
-    positives and negatives) and ``GATE_DRAWS`` seeded draws of ``size``. Its validation images alone are too few to
-    draw varied pools from (70 of Kermany's in the benchmark's runs), and the gate asks where a pool's images come
-    from, not whether the selector trained on them. A hospital with fewer than twice ``size`` such images is left
-    to the mixture (said so); fewer than two hospitals calibrated: no groups, the mixture is the hospital."""
+    :func:`xsel.trust.calibrate_gate`: a reference of a seeded half of its training images and held-out pools of
+    its other images, validation and training (:func:`_reference_split`) — the validation episodes drawn within it,
+    episodes of every condition it labels and ``GATE_DRAWS`` seeded draws of ``size``. A hospital with fewer than
+    twice ``size`` such images is left to the mixture (said so); fewer than two hospitals calibrated: no groups,
+    the mixture is the hospital."""
     config, store = training.config, training.val.store
     column = config.episodes_within
     values = stratum_values(store.meta, column).to_numpy()
@@ -1045,9 +1055,10 @@ def _gate_groups(training: _Training, pools: list[np.ndarray], size: int) -> dic
     groups, skipped = {}, []
     for index, value in enumerate(np.unique(values[training.train_rows])):
         rng = np.random.default_rng([config.seed, GATE_DRAWS, index])
-        train_rows = training.train_rows[values[training.train_rows] == value]
-        reference = np.sort(rng.choice(train_rows, min(MAX_REFERENCE, len(train_rows) // 2), replace=False))
-        held_rows = np.union1d(validation_rows[values[validation_rows] == value], np.setdiff1d(train_rows, reference))
+        hospital = values[training.train_rows] == value
+        reference, held_rows = _reference_split(
+            training.train_rows[hospital], validation_rows[values[validation_rows] == value], rng
+        )
         if len(reference) < 2 or len(held_rows) < 2 * size:
             skipped.append(f"{value} ({int((values == value).sum())} images)")
             continue
