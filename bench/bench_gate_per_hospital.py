@@ -2,12 +2,13 @@
 
 For each set selector trained by ``bench_selector_stability.py --episodes-within-sources`` (``--run RUN=SOURCES``:
 its run folder and the ``--with-sources`` it trained on beside NIH), the gate is calibrated afresh by this xsel on
-the store it trained on (:func:`xsel.train.selector.recalibrate_gate`: a reference and threshold per hospital, the
-mixture's unchanged), and the same gate without its hospitals' references (the mixture alone, as xsel calibrated it
-before) is kept beside it. Both judge the test patients' episodes of NIH's unseen conditions, Kermany and the COVID
-sources (120 paired episodes per condition, K=20): on how many pools each fires, how many it hands to the fallback
-(none when the fallback is the learned selector itself), and the gated selector's Δ AUROC vs random [paired 95%
-CI]. A hospital the run trained on should keep its pools; one it never saw should not.
+the store it trained on (:func:`xsel.train.selector.recalibrate_gate`: a reference per hospital beside the
+mixture's, the statistic to their nearest mixture), and the same gate without its hospitals' references (the
+training images as one mixture, same threshold) is kept beside it. Both judge the test patients' episodes of
+NIH's unseen conditions, Kermany and the COVID sources (120 paired episodes per condition, K=20): on how many
+pools each fires, how many it hands to the fallback (none when the fallback is the learned selector itself), and
+the gated selector's Δ AUROC vs random [paired 95% CI]. A hospital the run trained on should keep its pools;
+one it never saw should not.
 With ``--referee-minutes M``, a third gate: the per-hospital one with its fallback refereed leave-one-hospital-out
 on the run's training store (:func:`xsel.train.selector.referee_away`, hospitals as ``HOSPITAL`` names them: NIH's
 two sources are one hospital, the three COVID collections another; M minutes per selector trained without one).
@@ -36,7 +37,7 @@ HOSPITAL = {"nih-talo": "NIH", "nih-zech": "NIH", "kermany": "Kermany", **dict.f
 
 
 def mixture_alone(checkpoint: Path) -> Path:
-    """The checkpoint beside ``checkpoint`` whose gate is its mixture reference and threshold alone."""
+    """The checkpoint beside ``checkpoint`` whose gate is its mixture reference alone, same threshold."""
     gate = gate_from_payload(load_checkpoint(checkpoint))
     rows_of_mixture = len(gate.reference) - sum(group.rows for group in gate.groups)
     alone = dataclasses.replace(gate, reference=gate.reference[:rows_of_mixture], groups=())

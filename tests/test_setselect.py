@@ -14,7 +14,7 @@ from xsel.episodes import EpisodeTask
 from xsel.errors import InputError
 from xsel.geometry import unit_rows
 from xsel.selection import select
-from xsel.store import Store, read_store
+from xsel.store import Store, read_store, write_store
 from xsel.train import setselect
 from xsel.train.medselect import MedSelectSelector, SetSelector, load_checkpoint
 from xsel.train.selector import GATE_DRAWS, adapt_selector, split_patients, train_selector
@@ -424,9 +424,10 @@ def test_episodes_stay_within_the_hospitals_that_label_a_condition(tmp_path):
         train_selector(store, tmp_path / "ward", set_config(episodes_within="Ward"), show_progress=False)
 
 
-def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path):
+def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path, cli):
     """Trained on two hospitals, one a third the size and unlike the other: the gate keeps a reference per
-    hospital, so the smaller one's pools are its own, not foreign — while a pool from neither still fires."""
+    hospital, so the smaller one's pools — and pools blending both — are its own, not foreign, while a pool from
+    neither still fires."""
     store = toy_store(900)
     south = np.arange(len(store)) >= 600
     store.embeddings[south, 2:] += 3.0  # another scanner: every south image moved the same way
@@ -446,9 +447,11 @@ def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path):
     assert sum(v.fired for v in verdicts) <= 2 and {v.nearest for v in verdicts} == {"Source=south"}
     elsewhere = store.embeddings[:60] - np.r_[0.0, 0.0, 3.0 * np.ones(6)]  # neither hospital's look
     assert grouped.check(elsewhere, seed=0).fired
-    # one hospital's labelling pools calibrate its own threshold, not the mixture's, which they would lift above
-    # another hospital's pools (the realcxr gate trained on NIH and Kermany stopped firing on the COVID sources)
-    assert grouped.calibration["pools"] < mixture.calibration["pools"]
+    blends = [  # as two repackagings of one archive: a mixture of the training hospitals, in other proportions
+        store.embeddings[np.r_[rng.choice(np.flatnonzero(~south), 30), rng.choice(np.flatnonzero(south), 30)]]
+        for _ in range(10)
+    ]
+    assert sum(grouped.check(pool, seed=i).fired for i, pool in enumerate(blends)) <= 2
 
     # a run trained before the gate kept a reference per hospital (its gate: the mixture's, a fallback chosen since)
     import torch
@@ -461,6 +464,11 @@ def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path):
     torch.save(older, tmp_path / "older.pt")
     again = SetSelector(recalibrate_gate(tmp_path / "older.pt", store, tmp_path / "again"))
     assert again.trust_gate.to_record() == {**grouped.to_record(), "fallback": "kcenter"}
+    path = tmp_path / "hospitals.h5"
+    write_store(path, embedding_chunks=[store.embeddings], paths=store.paths, meta=store.meta, attrs=store.attrs)
+    result = cli("train", "selector", path, "--recalibrate-gate", tmp_path / "older.pt", "--out", tmp_path / "cli")
+    assert result.exit_code == 0 and "Trust gate recalibrated: falls back to kcenter beyond MMD²" in result.output
+    assert SetSelector(tmp_path / "cli" / "selector.pt").trust_gate.to_record() == again.trust_gate.to_record()
     assert all(
         torch.equal(a, b)
         for a, b in zip(again.network.state_dict().values(), trained["state_dict"].values(), strict=True)
@@ -501,7 +509,6 @@ def test_choose_fallback_needs_conditions_and_excludes_adapt(trained, demo_store
 
 
 def test_the_fallback_is_refereed_leave_one_hospital_out(tmp_path, cli, capsys):
-    from xsel.store import write_store
     from xsel.train.selector import FALLBACK_CANDIDATES
     from xsel.trust import KEEP_LEARNED
 

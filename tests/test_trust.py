@@ -133,12 +133,47 @@ def test_a_gate_per_hospital_is_quiet_on_a_small_training_hospital_and_still_fir
     assert fire_rate(grouped, subspace=7) <= 0.12 and fire_rate(grouped) <= 0.12
     assert fire_rate(grouped, subspace=11) >= 0.95 and fire_rate(grouped, shift=2.0) >= 0.95
     small = grouped.check(draw(200, 5000, subspace=7), seed=0)
-    assert small.nearest == "Source=small" and "training pools of Source=small" in small.message
+    assert small.nearest == "Source=small" and small.mix["Source=small"] > 0.9
+    assert "nearest mix: 100% Source=small" in small.message
     away = grouped.check(draw(200, 5001, subspace=11), seed=0)
-    assert away.fired and "every training hospital beyond its threshold" in away.message
-    assert json.loads(json.dumps(away.to_record()))["nearest"] == away.nearest
+    assert away.fired and "differs from the selector's training pools (nearest mix" in away.message
+    record = json.loads(json.dumps(away.to_record()))
+    assert record["nearest"] == away.nearest and record["mix"] == away.mix
     assert np.array_equal(grouped.reference[: len(alone.reference)], alone.reference), "the same mixture reference"
-    assert grouped.threshold == alone.threshold and [g.rows for g in grouped.groups] == [200, 200]
+    assert [g.rows for g in grouped.groups] == [200, 200]
+    # each hospital's held-out pools, and the training pools', fire at most 1 − quantile of the time
+    quantiles = grouped.calibration["quantiles"]
+    assert set(quantiles) == {"training pools", "Source=large", "Source=small"}
+    assert grouped.threshold == max(quantiles.values()) and grouped.calibration["pools"] == 120
+
+
+def test_a_pool_blending_two_training_hospitals_is_home(hospitals):
+    """Half one hospital, half the other: unlike each hospital alone and unlike the 9:1 training mixture, but a
+    mixture of the training hospitals all the same (two repackagings of one archive looked foreign so)."""
+    alone, grouped = hospitals
+    blends = [np.concatenate([draw(100, 7000 + i), draw(100, 8000 + i, subspace=7)]) for i in range(30)]
+    assert np.mean([alone.check(pool, seed=i).fired for i, pool in enumerate(blends)]) >= 0.9
+    verdicts = [grouped.check(pool, seed=i) for i, pool in enumerate(blends)]
+    assert np.mean([verdict.fired for verdict in verdicts]) <= 0.1
+    # the small hospital's share of the nearest mixture, the 9:1 training pools counted by their parts: about half
+    small = [v.mix.get("Source=small", 0.0) + 0.1 * v.mix.get("training pools", 0.0) for v in verdicts]
+    assert 0.35 < np.mean(small) < 0.65
+
+
+def test_one_reference_gives_the_plain_unbiased_mmd2(gate):
+    """The textbook U-statistic: within-sample kernel means without the diagonal, minus twice the cross mean."""
+    pool = draw(200, 9)
+    x = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    y = gate.reference.astype(np.float64)
+
+    def kernel(a, b):
+        return np.exp(-((a[:, None, :] - b[None]) ** 2).sum(-1) / (2 * gate.bandwidth**2))
+
+    kxx, kyy = kernel(x, x), kernel(y, y)
+    expected = (kxx.sum() - np.trace(kxx)) / (200 * 199) + (kyy.sum() - np.trace(kyy)) / (len(y) * (len(y) - 1))
+    # the gate's kernel reads ‖x − y‖² as 2 − 2 x·y of float32-stored unit rows: equal to rounding (~1e-7 of 0.5)
+    assert gate.statistic(pool, seed=0) == pytest.approx(expected - 2 * kernel(x, y).mean(), abs=5e-7)
+    assert abs(gate.statistic(pool, seed=0)) < 1e-3 < abs(gate.statistic(draw(200, 9, shift=2.0), seed=0))
 
 
 def test_a_grouped_gate_round_trips_and_a_bad_group_is_refused(hospitals):
@@ -152,9 +187,10 @@ def test_a_grouped_gate_round_trips_and_a_bad_group_is_refused(hospitals):
         TrustGate.from_record({**record, "reference_rows": 400}, grouped.reference[-400:])
     with pytest.raises(InputError, match="a group of its record is malformed"):
         TrustGate.from_record({**record, "groups": [{"name": "x"}]}, grouped.reference)
-    with pytest.raises(InputError, match="bandwidth must be finite"):
-        TrustGate.from_record(
-            {**record, "groups": [{**record["groups"][0], "bandwidth": float("nan")}]}, grouped.reference
+    with pytest.raises(InputError, match="threshold per training hospital.*--recalibrate-gate"):
+        TrustGate.from_record(  # as an earlier xsel recorded a grouped gate
+            {**record, "groups": [{**group, "threshold": 0.01, "bandwidth": 0.8} for group in record["groups"]]},
+            grouped.reference,
         )
 
 

@@ -7,10 +7,12 @@ calibrated on held-out training pools — the ``quantile`` of their statistics, 
 like the training ones fire by chance — the framework (:func:`xsel.selectors.gated`) lets the heuristic that
 validated best pick instead and says so. Numpy only: a site runs the same gate from its bundle without torch.
 
-A selector trained on several hospitals (``--episodes-within``) also keeps one reference per hospital, each with
-its own threshold calibrated on that hospital's held-out pools, and the gate fires only when a pool lies beyond
-every one of them: compared with the training images as one mixture (mostly the largest hospital), the pools of a
-smaller training hospital would look foreign (BENCHMARKS.md §13).
+A selector trained on several hospitals (``--episodes-within``) also keeps one reference per hospital, and the
+statistic is the MMD² to the *nearest mixture* of the references (weights on the simplex, one bandwidth): a pool of
+one training hospital, or of any blend of them, is home. Compared with the training images as one mixture (mostly
+the largest hospital), the pools of a smaller training hospital looked foreign (Kermany 240/240); compared with each
+hospital alone, a pool mixing two of them did (two NIH repackagings: 97 of 360 home pools fell back; BENCHMARKS.md
+§13). With one reference the statistic is the plain MMD².
 
 Cost: the pool is subsampled (seeded, without replacement, rows kept in store order) to the ``pool_size`` the
 threshold was calibrated at, so a 1,000,000-row pool costs what a training pool does: two kernels of at most
@@ -22,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -35,48 +38,33 @@ MAX_POOL = 2000  # a larger calibration pool is subsampled to this: the kernels 
 
 
 MIXTURE = "training pools"  # the name of the reference sampled from every training image
+MIX_STEPS = 1000  # Frank-Wolfe steps for the nearest mixture of a few references; it stops earlier once converged
 
 
 @dataclass(frozen=True)
 class ReferenceGroup:
-    """One training hospital's reference in a grouped gate: its ``name`` (``COLUMN=value``), how many reference
-    ``rows`` it has (they follow the mixture's in the gate's reference), its own ``threshold`` and ``bandwidth``,
-    and how it was ``calibration``-ed."""
+    """One training hospital's reference in a grouped gate: its ``name`` (``COLUMN=value``) and how many reference
+    ``rows`` it has (they follow the mixture's in the gate's reference)."""
 
     name: str
     rows: int
-    threshold: float
-    bandwidth: float
-    calibration: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        numbers = {"threshold": self.threshold, "bandwidth": self.bandwidth}
         if not isinstance(self.name, str) or not isinstance(self.rows, int) or self.rows < 2:
             raise InputError(
                 f"trust gate group: needs a name and at least 2 reference rows, got {self.name!r}, {self.rows!r}"
             )
-        if not all(_finite_number(v) for v in numbers.values()) or not self.bandwidth > 0:
-            raise InputError(
-                f"trust gate group {self.name!r}: threshold and bandwidth must be finite, bandwidth > 0; got {numbers}"
-            )
-        object.__setattr__(self, "threshold", float(self.threshold))
-        object.__setattr__(self, "bandwidth", float(self.bandwidth))
 
     def to_record(self) -> dict:
-        return {
-            "name": self.name,
-            "rows": int(self.rows),
-            "threshold": self.threshold,
-            "bandwidth": self.bandwidth,
-            "calibration": dict(self.calibration),
-        }
+        return {"name": self.name, "rows": int(self.rows)}
 
 
 @dataclass(frozen=True)
 class TrustVerdict:
-    """One check of a pool: its statistic (None for a pool too small to compare) and the threshold, both of the
-    reference the pool lies ``nearest`` to (relative to its threshold), whether the gate fired, the heuristic it falls
-    back to, how many pool rows were compared, and a one-line message for the user."""
+    """One check of a pool: its statistic (None for a pool too small to compare) and the threshold, whether the gate
+    fired, the heuristic it falls back to, how many pool rows were compared, a one-line message for the user, the
+    reference with the largest weight in the nearest mixture (``nearest``) and that mixture's weights (``mix``,
+    references of weight ≥ 0.01)."""
 
     statistic: float | None
     threshold: float
@@ -85,6 +73,7 @@ class TrustVerdict:
     compared: int
     message: str
     nearest: str = MIXTURE
+    mix: dict = field(default_factory=dict)
 
     @property
     def fell_back(self) -> bool:
@@ -102,6 +91,7 @@ class TrustVerdict:
             "fallback": self.fallback,
             "compared_rows": self.compared,
             "nearest": self.nearest,
+            "mix": dict(self.mix),
             "message": self.message,
         }
 
@@ -112,7 +102,8 @@ class TrustGate:
     training pools, the ``threshold`` on the MMD² statistic, the ``fallback`` heuristic's registered name, the
     ``pool_size`` the threshold was calibrated at (bigger pools are subsampled to it), the RBF ``bandwidth`` and
     how it was ``calibration``-ed (quantile, held-out pools, their statistics' median and max). ``groups``: one
-    :class:`ReferenceGroup` per training hospital, their reference rows after the mixture's in ``reference``."""
+    :class:`ReferenceGroup` per training hospital, their reference rows after the mixture's in ``reference``; the
+    statistic then compares the pool with the nearest mixture of all the references."""
 
     reference: np.ndarray
     threshold: float
@@ -164,24 +155,53 @@ class TrustGate:
         return np.sort(np.random.default_rng(seed).choice(rows, self.pool_size, replace=False))
 
     def statistic(self, embeddings: np.ndarray, seed: int) -> float:
-        """Unbiased MMD² between the pool (subsampled to ``pool_size``, unit-normalised) and the reference of the
-        training pools as a whole."""
-        return mmd2(self._pool(embeddings, seed), self._blocks()[0][1], self.bandwidth)
+        """Unbiased MMD² between the pool (subsampled to ``pool_size``, unit-normalised) and the nearest mixture of
+        the references: the training pools as a whole and, in a grouped gate, each training hospital's."""
+        return self._nearest_mix(self._pool(embeddings, seed))[0]
 
-    def statistics(self, embeddings: np.ndarray, seed: int) -> list[tuple[str, float, float]]:
-        """``(name, MMD², threshold)`` against every reference: the training pools as a whole, then each group."""
-        pool = self._pool(embeddings, seed)
-        return [(name, mmd2(pool, rows, bandwidth), threshold) for name, rows, threshold, bandwidth in self._blocks()]
-
-    def _blocks(self) -> list[tuple[str, np.ndarray, float, float]]:
-        """``(name, unit reference rows as float64, threshold, bandwidth)`` of the mixture, then of each group."""
+    def _components(self) -> list[tuple[str, np.ndarray]]:
+        """``(name, unit reference rows as float64)`` of the mixture, then of each group."""
         reference = self.reference.astype(np.float64)
         start = len(reference) - sum(group.rows for group in self.groups)
-        blocks = [(MIXTURE, reference[:start], self.threshold, self.bandwidth)]
+        components = [(MIXTURE, reference[:start])]
         for group in self.groups:
-            blocks.append((group.name, reference[start : start + group.rows], group.threshold, group.bandwidth))
+            components.append((group.name, reference[start : start + group.rows]))
             start += group.rows
-        return blocks
+        return components
+
+    @cached_property
+    def _gram(self) -> np.ndarray:
+        """Mean kernel between every two references (within one: without the diagonal, as the unbiased MMD² has
+        it); the quadratic term of the MMD² to a mixture of them."""
+        rows = [rows for _, rows in self._components()]
+        gram = np.empty((len(rows), len(rows)))
+        for i, a in enumerate(rows):
+            for j, b in enumerate(rows[: i + 1]):
+                kernel = _kernel(a, b, self.bandwidth)
+                if i == j:
+                    gram[i, i] = (kernel.sum() - np.trace(kernel)) / (len(a) * (len(a) - 1))
+                else:
+                    gram[i, j] = gram[j, i] = kernel.mean()
+        return gram
+
+    def _nearest_mix(self, pool: np.ndarray) -> tuple[float, np.ndarray]:
+        """The MMD² between ``pool`` (unit float64 rows) and the mixture of the references nearest to it, and that
+        mixture's weights: a small quadratic programme on the simplex, solved by Frank-Wolfe with exact steps (one
+        reference: weight 1, the plain unbiased MMD²)."""
+        within = _kernel(pool, pool, self.bandwidth)
+        np.fill_diagonal(within, 0.0)
+        pool_term = within.sum() / (len(pool) * (len(pool) - 1))
+        cross = np.array([_kernel(pool, rows, self.bandwidth).mean() for _, rows in self._components()])
+        gram, weights = self._gram, np.full(len(cross), 1.0 / len(cross))
+        for _ in range(MIX_STEPS if len(cross) > 1 else 0):
+            gradient = 2.0 * (gram @ weights - cross)
+            direction = -weights
+            direction[int(np.argmin(gradient))] += 1.0
+            gap, curvature = -float(gradient @ direction), float(direction @ gram @ direction)
+            if gap <= 1e-12:
+                break
+            weights = weights + (1.0 if curvature <= 0 else min(1.0, gap / (2.0 * curvature))) * direction
+        return float(pool_term - 2.0 * cross @ weights + weights @ gram @ weights), weights
 
     def _pool(self, embeddings: np.ndarray, seed: int) -> np.ndarray:
         """The pool's compared rows, unit-normalised float64, after checking shape and values."""
@@ -206,13 +226,13 @@ class TrustGate:
         if len(embeddings) < 2:
             message = f"the trust gate needs at least 2 images to compare, the pool has {len(embeddings)}"
             return TrustVerdict(None, self.threshold, False, self.fallback, compared, message)
-        nearest, value, threshold = min(self.statistics(embeddings, seed), key=lambda entry: entry[1] - entry[2])
-        fired = value > threshold
-        pools = MIXTURE if nearest == MIXTURE else f"training pools of {nearest}"
-        differs = (
-            f"this pool differs from the selector's training pools (MMD² {value:.3g} > threshold {threshold:.3g}"
-            + (f"; nearest: {nearest}, every training hospital beyond its threshold)" if self.groups else ")")
-        )
+        value, weights = self._nearest_mix(self._pool(embeddings, seed))
+        names, threshold = [name for name, _ in self._components()], self.threshold
+        mix = {name: round(float(weight), 3) for name, weight in zip(names, weights, strict=True) if weight >= 0.01}
+        nearest, fired = names[int(np.argmax(weights))], value > threshold
+        pools = " + ".join(f"{weight:.0%} {name}" for name, weight in sorted(mix.items(), key=lambda e: -e[1]))
+        pools = f"training pools (nearest mix: {pools})" if self.groups else MIXTURE
+        differs = f"this pool differs from the selector's {pools} (MMD² {value:.3g} > threshold {threshold:.3g})"
         if fired and self.fallback == KEEP_LEARNED:
             message = (
                 f"{differs}; the learned selector picked all the same: on another hospital's labelled pools it "
@@ -228,7 +248,7 @@ class TrustGate:
                 f"this pool resembles the selector's {pools} (MMD² {value:.3g} ≤ threshold {threshold:.3g}): the "
                 "learned selector picked"
             )
-        return TrustVerdict(value, threshold, bool(fired), self.fallback, compared, message, nearest)
+        return TrustVerdict(value, threshold, bool(fired), self.fallback, compared, message, nearest, mix)
 
     def to_record(self) -> dict:
         """JSON-able, without the reference (stored beside it: a tensor in a checkpoint, a .npy in a bundle)."""
@@ -261,6 +281,12 @@ class TrustGate:
         groups = record.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
             raise InputError("trust gate: its record's groups are not a list of mappings")
+        if any("threshold" in group for group in groups):
+            raise InputError(
+                "trust gate: it keeps a threshold per training hospital, as xsel calibrated such gates before the "
+                "nearest-mixture statistic; recalibrate it on the store it was trained on (`xsel train selector "
+                "STORE --recalibrate-gate RUN/selector.pt --out NEW_RUN`; a bundle: export it again from NEW_RUN)"
+            )
         try:
             groups = tuple(ReferenceGroup(**group) for group in groups)
         except TypeError as error:
@@ -291,15 +317,6 @@ def _kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarray:
     """RBF kernel exp(−‖x − y‖² / 2σ²) of unit rows, from their dot products (‖x − y‖² = 2 − 2 x·y)."""
     squared = np.maximum(2.0 - 2.0 * (x @ y.T), 0.0)
     return np.exp(-squared / (2.0 * bandwidth**2))
-
-
-def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
-    """Unbiased MMD² (U-statistic): within-sample kernel means without the diagonal, minus twice the cross mean."""
-    m, n = len(x), len(y)
-    kxx, kyy = _kernel(x, x, bandwidth), _kernel(y, y, bandwidth)
-    np.fill_diagonal(kxx, 0.0)
-    np.fill_diagonal(kyy, 0.0)
-    return float(kxx.sum() / (m * (m - 1)) + kyy.sum() / (n * (n - 1)) - 2.0 * _kernel(x, y, bandwidth).mean())
 
 
 def median_bandwidth(reference: np.ndarray) -> float:
@@ -340,39 +357,34 @@ def calibrate_gate(
 
     The reference is a seeded sample of ``reference_size`` rows (at most 500) of ``reference_embeddings``; the gate's
     ``pool_size`` is the held-out pools' size (their smallest, at most 2000), the size every pool is compared at.
-    ``groups`` maps each training hospital's name to its own reference embeddings and held-out pools: each gets its
-    reference and threshold alike, and the gate fires only beyond all of them."""
+    ``groups`` maps each training hospital's name to its own reference embeddings and held-out pools: each gets a
+    reference alike, the statistic becomes the MMD² to the nearest mixture of the references, and the threshold is
+    the largest of the ``quantile`` of each hospital's held-out pools and of ``held_out_pools``: every training
+    hospital's pools fire with probability about ``1 - quantile``, not only the pools of all of them together (one
+    quantile over all let a seen hospital whose statistics spread wider fire on 67 of 240 of its pools)."""
     if not 0 < quantile <= 1:
         raise InputError(f"trust gate: quantile {quantile} must lie in (0, 1]")
     if not 2 <= reference_size <= MAX_REFERENCE:
         raise InputError(f"trust gate: reference_size {reference_size} must lie in [2, {MAX_REFERENCE}]")
     groups = groups or {}
-    sizes = [len(pool) for pools in [held_out_pools, *(pools for _, pools in groups.values())] for pool in pools]
-    if not held_out_pools or any(not pools for _, pools in groups.values()) or min(sizes) < 2:
+    pools = [*held_out_pools, *(pool for _, hospital_pools in groups.values() for pool in hospital_pools)]
+    sizes = [len(pool) for pool in pools]
+    if not held_out_pools or any(not hospital_pools for _, hospital_pools in groups.values()) or min(sizes) < 2:
         raise InputError(f"trust gate: calibration needs held-out pools of at least 2 rows each, got sizes {sizes}")
     rng = np.random.default_rng(seed)
     reference = _reference_sample(reference_embeddings, reference_size, rng)
+    rows = [reference, *(_reference_sample(embeddings, reference_size, rng) for embeddings, _ in groups.values())]
     gate = TrustGate(
-        reference=reference.astype(np.float32),
+        reference=np.concatenate(rows).astype(np.float32),
         threshold=0.0,
         fallback=check_fallback(fallback),
         pool_size=min(min(sizes), MAX_POOL),
         bandwidth=median_bandwidth(reference),
+        groups=tuple(ReferenceGroup(name, len(hospital)) for name, hospital in zip(groups, rows[1:], strict=True)),
     )
-    threshold, calibration = _calibrated(gate, held_out_pools, quantile, seed)
-    rows, made = [reference], []
-    for name, (embeddings, pools) in groups.items():
-        rows.append(_reference_sample(embeddings, reference_size, rng))
-        group = replace(gate, reference=rows[-1].astype(np.float32), bandwidth=median_bandwidth(rows[-1]))
-        group_threshold, group_calibration = _calibrated(group, pools, quantile, seed)
-        made.append(ReferenceGroup(name, len(rows[-1]), group_threshold, group.bandwidth, group_calibration))
-    return replace(
-        gate,
-        reference=np.concatenate(rows).astype(np.float32),
-        threshold=threshold,
-        calibration=calibration,
-        groups=tuple(made),
-    )
+    parts = {MIXTURE: held_out_pools, **{name: hospital_pools for name, (_, hospital_pools) in groups.items()}}
+    threshold, calibration = _calibrated(gate, parts, quantile, seed)
+    return replace(gate, threshold=threshold, calibration=calibration)
 
 
 def _reference_sample(embeddings: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -384,15 +396,22 @@ def _reference_sample(embeddings: np.ndarray, size: int, rng: np.random.Generato
     return _unit(np.asarray(embeddings[picked], dtype=np.float64))
 
 
-def _calibrated(gate: TrustGate, pools: list[np.ndarray], quantile: float, seed: int) -> tuple[float, dict]:
-    """The ``quantile`` of the held-out pools' statistics against the gate's (mixture) reference, and the record of
-    how it was calibrated."""
+def _calibrated(gate: TrustGate, parts: dict[str, list[np.ndarray]], quantile: float, seed: int) -> tuple[float, dict]:
+    """The largest ``quantile`` of the held-out pools' statistics against the gate's references, part by part
+    (the training pools as a whole, each hospital), and the record of how it was calibrated."""
+    pools = [pool for part in parts.values() for pool in part]
     statistics = np.asarray([gate.statistic(pool, seed=seed + i) for i, pool in enumerate(pools)])
+    ends = np.cumsum([0, *map(len, parts.values())])
+    quantiles = {
+        name: float(np.quantile(statistics[a:b], quantile))
+        for name, a, b in zip(parts, ends[:-1], ends[1:], strict=True)
+    }
     calibration = {
         "quantile": float(quantile),
         "pools": len(statistics),
         "median": float(np.median(statistics)),
         "max": float(statistics.max()),
         "seed": int(seed),
+        **({"quantiles": quantiles} if len(parts) > 1 else {}),
     }
-    return float(np.quantile(statistics, quantile)), calibration
+    return max(quantiles.values()), calibration

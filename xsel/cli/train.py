@@ -121,6 +121,13 @@ def train_selector_command(
             "trained without it (--max-minutes each) and every heuristic pick there; the best on average wins."
         ),
     ] = None,
+    recalibrate_gate: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibrate this trained selector.pt's trust gate afresh on STORE, the store it was trained on (same "
+            "weights, settings and fallback): for a checkpoint whose gate an earlier xsel calibrated."
+        ),
+    ] = None,
     fallback_episodes: Annotated[
         int, typer.Option(min=1, help="--choose-fallback, --referee-away: paired episodes per condition.")
     ] = 60,
@@ -145,7 +152,8 @@ def train_selector_command(
     carries a trust gate that falls back to the best heuristic on pools unlike the training ones. --adapt fits a
     trained selector to a site's own images, without labels (its trust gate stays the shipped one); --choose-fallback
     picks that fallback on another hospital's labelled images instead of at home; --referee-away picks it
-    leave-one-hospital-out on the store the selector was trained on.
+    leave-one-hospital-out on the store the selector was trained on; --recalibrate-gate gives a checkpoint the
+    gate this xsel calibrates.
 
     [bold]Examples[/bold]
 
@@ -161,11 +169,13 @@ def train_selector_command(
           --out runs/set-gated
       xsel train selector pool.h5 --referee-away runs/set-hospitals/selector.pt --max-minutes 5 \\
           --out runs/set-refereed                                      # fallback chosen leave-one-hospital-out
+      xsel train selector pool.h5 --recalibrate-gate runs/old/selector.pt --out runs/old-regated
       xsel select pool.h5 --k 20 --checkpoint runs/sel/selector.pt --out to_label.csv
     """
     from xsel.io.outputs import claim_output
-    from xsel.train.selector import adapt_selector, train_selector
+    from xsel.train.selector import adapt_selector, load_selector_checkpoint, train_selector
     from xsel.train.selector import choose_fallback as choose_fallback_for
+    from xsel.train.selector import recalibrate_gate as recalibrate_gate_of
     from xsel.train.selector import referee_away as referee_away_for
 
     starts = [
@@ -174,12 +184,24 @@ def train_selector_command(
             ("--adapt", adapt),
             ("--choose-fallback", choose_fallback),
             ("--referee-away", referee_away),
+            ("--recalibrate-gate", recalibrate_gate),
         )
         if given
     ]
     if len(starts) > 1:
         raise InputError(f"{' and '.join(starts)} each start from a checkpoint; use one at a time")
-    ctx.with_resource(claim_output(out, kind="folder", inputs=[store, adapt, choose_fallback, referee_away, teacher]))
+    ctx.with_resource(
+        claim_output(
+            out, kind="folder", inputs=[store, adapt, choose_fallback, referee_away, recalibrate_gate, teacher]
+        )
+    )
+    if recalibrate_gate is not None:
+        path = recalibrate_gate_of(recalibrate_gate, store, out)
+        gate = load_selector_checkpoint(path)[0]["trust_gate"]
+        typer.echo(
+            f"Trust gate recalibrated: falls back to {gate['fallback']} beyond MMD² {gate['threshold']:.4g} → {path}"
+        )
+        return
     if referee_away is not None:
         choice = referee_away_for(
             referee_away,
