@@ -1025,7 +1025,7 @@ def _trust_gate(training: _Training) -> dict:
         f"trust gate: heuristics' AUROC on {len(referee.tasks)} conditions of the store's patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
         + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
-        + (f" from the nearest mix of the training pools and {len(gate.groups)} hospitals'" if gate.groups else "")
+        + (f" (to the nearest mixture of the training pools and {len(gate.groups)} hospitals)" if gate.groups else "")
     )
     return gate_payload(gate) | {"heuristics_val": means}
 
