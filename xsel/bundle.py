@@ -26,7 +26,7 @@ from xsel.io.images import check_preprocessing, unknown_preprocessing
 from xsel.io.table import file_sha256
 from xsel.progress import notify, progress_bar
 from xsel.selectors import PoolFeatures
-from xsel.trust import TrustGate
+from xsel.trust import StaleGateError, TrustGate
 
 BUNDLE_SCHEMA = 2  # 2: the selector entry names its plugin and input features (any learned selector)
 MANIFEST = "manifest.json"
@@ -335,6 +335,8 @@ def _read_trust_gate(path: Path, record: dict) -> TrustGate:
         raise InputError(f"{path}: holds {getattr(reference, 'dtype', type(reference).__name__)}, not float rows")
     try:
         return TrustGate.from_record(record, reference)
+    except StaleGateError as error:  # its message says to recalibrate, then export again
+        raise InputError(f"{path}: {error}") from None
     except InputError as error:
         raise InputError(f"{path}: {error}; re-export the bundle") from None
 

@@ -41,6 +41,10 @@ MIXTURE = "training pools"  # the name of the reference sampled from every train
 MIX_STEPS = 1000  # Frank-Wolfe steps for the nearest mixture of a few references; it stops earlier once converged
 
 
+class StaleGateError(InputError):
+    """A gate record written by an earlier xsel that this one reads differently; its message says how to renew it."""
+
+
 @dataclass(frozen=True)
 class ReferenceGroup:
     """One training hospital's reference in a grouped gate: its ``name`` (``COLUMN=value``) and how many reference
@@ -73,7 +77,7 @@ class TrustVerdict:
     compared: int
     message: str
     nearest: str = MIXTURE
-    mix: dict = field(default_factory=dict)
+    mix: dict = field(default_factory=dict, hash=False)
 
     @property
     def fell_back(self) -> bool:
@@ -101,7 +105,8 @@ class TrustGate:
     """What a learned selector carries to judge a pool: ``reference`` (R, D) float32 unit rows sampled from its
     training pools, the ``threshold`` on the MMD² statistic, the ``fallback`` heuristic's registered name, the
     ``pool_size`` the threshold was calibrated at (bigger pools are subsampled to it), the RBF ``bandwidth`` and
-    how it was ``calibration``-ed (quantile, held-out pools, their statistics' median and max). ``groups``: one
+    how it was ``calibration``-ed (quantile, held-out pools, their statistics' median and max; with groups each
+    part's quantile, ``quantiles``, the threshold their largest). ``groups``: one
     :class:`ReferenceGroup` per training hospital, their reference rows after the mixture's in ``reference``; the
     statistic then compares the pool with the nearest mixture of all the references."""
 
@@ -219,9 +224,9 @@ class TrustGate:
         return _unit(pool)
 
     def check(self, embeddings: np.ndarray, seed: int) -> TrustVerdict:
-        """The verdict on one pool: it fires when the pool lies beyond the threshold of every reference (the
-        training pools as a whole and each training hospital's). A pool of fewer than 2 rows cannot be judged and
-        keeps the learned selector."""
+        """The verdict on one pool: it fires when its MMD² to the nearest mixture of the references (the training
+        pools as a whole and each training hospital's) exceeds the threshold. A pool of fewer than 2 rows cannot be
+        judged and keeps the learned selector."""
         compared = len(self.compared_rows(len(embeddings), seed))
         if len(embeddings) < 2:
             message = f"the trust gate needs at least 2 images to compare, the pool has {len(embeddings)}"
@@ -282,7 +287,7 @@ class TrustGate:
         if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
             raise InputError("trust gate: its record's groups are not a list of mappings")
         if any("threshold" in group for group in groups):
-            raise InputError(
+            raise StaleGateError(
                 "trust gate: it keeps a threshold per training hospital, as xsel calibrated such gates before the "
                 "nearest-mixture statistic; recalibrate it on the store it was trained on (`xsel train selector "
                 "STORE --recalibrate-gate RUN/selector.pt --out NEW_RUN`; a bundle: export it again from NEW_RUN)"

@@ -422,6 +422,7 @@ def adapt_selector(
     kept the shipped weights (−0.263 instead of the fallback's −0.048). Whether the adapted policy should pick
     away is for labels to decide (``choose_fallback``). Files as :func:`train_selector` writes them."""
     payload, trained = load_selector_checkpoint(checkpoint)
+    gate_from_payload(payload)  # a gate this xsel cannot read is refused now, not after the adaptation's minutes
     site = unlabeled if isinstance(unlabeled, Store) else read_store(unlabeled)
     if site.encoder_identity != payload["encoder_identity"]:
         raise InputError(
@@ -981,19 +982,20 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 
 
 def _trust_gate(training: _Training) -> dict:
-    """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training patients'
-    images; its threshold the 99th percentile over held-out pools of the hospital's other images
-    (:func:`_reference_split`): the validation episodes' pools, with one hospital the pools of every condition's
-    episodes among those images (a labelling task's pool holds one finding's positives and its negatives, unlike a
-    random draw), and ``GATE_DRAWS`` seeded random draws, as ``select`` draws a pool. Calibrated on the validation
-    patients alone, whose labelling pools all held the same few dozen normals, a seed-1 gate fell back on 86 of 360
-    held-out NIH pools (BENCHMARKS.md §13). Its fallback is the heuristic with the best mean AUROC on episodes of
-    every condition the run names, seen and unseen, drawn from every patient of the store (``heuristics_val``): a
-    heuristic learns nothing, so neither the training patients nor the seen conditions favour it, and the
-    validation patients alone are a small population whose pools shrink and reuse the same few images. With
-    ``--episodes-within`` every training hospital also gets a reference of its own (:func:`_gate_groups`) and the
-    statistic compares a pool with the nearest mixture of the references, so neither a smaller hospital nor a
-    blend of hospitals is foreign; the one threshold is then calibrated on every hospital's held-out pools too."""
+    """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training patients' images
+    (at most ``MAX_REFERENCE`` of them are kept); its threshold the 99th percentile over held-out pools of the
+    hospital's other images (:func:`_reference_split`): the validation episodes' pools, with one hospital the pools
+    of every condition's episodes among those images (a labelling task's pool holds one finding's positives and its
+    negatives, unlike a random draw), and ``GATE_DRAWS`` seeded random draws, as ``select`` draws a pool. Calibrated
+    on the validation patients alone, whose labelling pools all held the same few dozen normals, a seed-1 gate fell
+    back on 86 of 360 held-out NIH pools (BENCHMARKS.md §13). Its fallback is the heuristic with the best mean AUROC
+    on episodes of every condition the run names, seen and unseen, drawn from every patient of the store
+    (``heuristics_val``): a heuristic learns nothing, so neither the training patients nor the seen conditions
+    favour it, and the validation patients alone are a small population whose pools shrink and reuse the same few
+    images. With ``--episodes-within`` every training hospital also gets a reference of its own
+    (:func:`_gate_groups`) and the statistic compares a pool with the nearest mixture of the references, so neither
+    a smaller hospital nor a blend of hospitals is foreign; the one threshold is then calibrated on every hospital's
+    held-out pools too."""
     config, val = training.config, training.val
     validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
     every_row = np.arange(len(val.store))
@@ -1012,10 +1014,15 @@ def _trust_gate(training: _Training) -> dict:
         episodes, _, _, _ = val.batch(task, list(range(config.val_episodes)), config.seed + 1)
         pools += [episode.pool for episode in episodes]
     rng = np.random.default_rng([config.seed, GATE_DRAWS])
-    reference, held_rows = _reference_split(training.train_rows, validation_rows, rng)
+    if config.episodes_within:  # one split per hospital, so no held-out row is in any hospital's reference
+        splits = _hospital_splits(training)
+        reference = np.concatenate([rows for rows, _ in splits.values()])
+        held_rows = np.concatenate([rows for _, rows in splits.values()])
+    else:
+        splits, (reference, held_rows) = {}, _reference_split(training.train_rows, validation_rows, rng)
     size = min(min(map(len, pools)), len(held_rows))
     embeddings = val.store.embeddings
-    groups = _gate_groups(training, pools, size) if config.episodes_within else {}
+    groups = _gate_groups(training, splits, pools, size) if splits else {}
     draws = [np.sort(rng.choice(held_rows, size, replace=False)) for _ in range(GATE_DRAWS)]
     # with a reference per hospital, each hospital's labelling pools come with its held-out pools (_gate_groups)
     tasks = [] if groups else [pool for pool in _labelling_pools(training, held_rows) if len(pool) >= size]
@@ -1041,24 +1048,35 @@ def _reference_split(
     return reference, np.union1d(validation_rows, np.setdiff1d(train_rows, reference))
 
 
-def _gate_groups(training: _Training, pools: list[np.ndarray], size: int) -> dict:
-    """Per training hospital (each value of ``--episodes-within`` among the training patients), for
-    :func:`xsel.trust.calibrate_gate`: a reference of a seeded half of its training images and held-out pools of
-    its other images, validation and training (:func:`_reference_split`) — the validation episodes drawn within it,
-    episodes of every condition it labels and ``GATE_DRAWS`` seeded draws of ``size``. A hospital with fewer than
-    twice ``size`` such images is left to the mixture (said so); fewer than two hospitals calibrated: no groups,
-    the mixture is the hospital."""
+def _hospital_splits(training: _Training) -> dict:
+    """Per training hospital (each value of ``--episodes-within`` among the training patients), its reference rows
+    and held-out rows (:func:`_reference_split` within it, seeded by the hospital's index); the training pools' own
+    reference and held-out rows are their unions."""
+    config, store = training.config, training.val.store
+    values = stratum_values(store.meta, config.episodes_within).to_numpy()
+    validation_rows = np.setdiff1d(np.arange(len(store)), training.train_rows)
+    splits = {}
+    for index, value in enumerate(np.unique(values[training.train_rows]), start=1):
+        rng = np.random.default_rng([config.seed, GATE_DRAWS, index])  # index 0 would repeat [seed, GATE_DRAWS]
+        hospital = values[training.train_rows] == value
+        splits[value] = _reference_split(
+            training.train_rows[hospital], validation_rows[values[validation_rows] == value], rng
+        )
+    return splits
+
+
+def _gate_groups(training: _Training, splits: dict, pools: list[np.ndarray], size: int) -> dict:
+    """Per training hospital, for :func:`xsel.trust.calibrate_gate`: its reference rows (``splits``, a seeded half
+    of its training images) and held-out pools of its other images, validation and training — the validation
+    episodes drawn within it, episodes of every condition it labels and ``GATE_DRAWS`` seeded draws of ``size``. A
+    hospital with fewer than twice ``size`` such images is left to the mixture (said so); fewer than two hospitals
+    calibrated: no groups, the mixture is the hospital."""
     config, store = training.config, training.val.store
     column = config.episodes_within
     values = stratum_values(store.meta, column).to_numpy()
-    validation_rows = np.setdiff1d(np.arange(len(store)), training.train_rows)
     groups, skipped = {}, []
-    for index, value in enumerate(np.unique(values[training.train_rows])):
-        rng = np.random.default_rng([config.seed, GATE_DRAWS, index])
-        hospital = values[training.train_rows] == value
-        reference, held_rows = _reference_split(
-            training.train_rows[hospital], validation_rows[values[validation_rows] == value], rng
-        )
+    for index, (value, (reference, held_rows)) in enumerate(splits.items(), start=1):
+        rng = np.random.default_rng([config.seed, GATE_DRAWS, index, 1])
         if len(reference) < 2 or len(held_rows) < 2 * size:
             skipped.append(f"{value} ({int((values == value).sum())} images)")
             continue
