@@ -71,6 +71,16 @@ def test_the_threshold_is_the_asked_quantile_of_the_held_out_pools():
     assert made.calibration["median"] == pytest.approx(np.median(statistics))
 
 
+def test_calibration_without_usable_pools_says_which():
+    reference = draw(100, 3)
+    with pytest.raises(InputError, match="training pools has none"):
+        calibrate_gate(reference, [], fallback="kcenter")
+    with pytest.raises(InputError, match="the smallest of 2 has 1"):
+        calibrate_gate(reference, [draw(10, 4), draw(1, 5)], fallback="kcenter")
+    with pytest.raises(InputError, match="Source=small has none"):
+        calibrate_gate(reference, [draw(10, 4)], fallback="kcenter", groups={"Source=small": (reference, [])})
+
+
 def test_a_large_pool_is_compared_on_a_seeded_subsample(gate):
     big = draw(100_000, 5)
     rows = gate.compared_rows(len(big), seed=3)

@@ -164,8 +164,9 @@ class TrustGate:
         the references: the training pools as a whole and, in a grouped gate, each training hospital's."""
         return self._nearest_mix(self._pool(embeddings, seed))[0]
 
+    @cached_property
     def _components(self) -> list[tuple[str, np.ndarray]]:
-        """``(name, unit reference rows as float64)`` of the mixture, then of each group."""
+        """``(name, unit reference rows as float64)`` of the mixture, then of each group; computed once per gate."""
         reference = self.reference.astype(np.float64)
         start = len(reference) - sum(group.rows for group in self.groups)
         components = [(MIXTURE, reference[:start])]
@@ -178,7 +179,7 @@ class TrustGate:
     def _gram(self) -> np.ndarray:
         """Mean kernel between every two references (within one: without the diagonal, as the unbiased MMD² has
         it); the quadratic term of the MMD² to a mixture of them."""
-        rows = [rows for _, rows in self._components()]
+        rows = [rows for _, rows in self._components]
         gram = np.empty((len(rows), len(rows)))
         for i, a in enumerate(rows):
             for j, b in enumerate(rows[: i + 1]):
@@ -196,7 +197,7 @@ class TrustGate:
         within = _kernel(pool, pool, self.bandwidth)
         np.fill_diagonal(within, 0.0)
         pool_term = within.sum() / (len(pool) * (len(pool) - 1))
-        cross = np.array([_kernel(pool, rows, self.bandwidth).mean() for _, rows in self._components()])
+        cross = np.array([_kernel(pool, rows, self.bandwidth).mean() for _, rows in self._components])
         gram, weights = self._gram, np.full(len(cross), 1.0 / len(cross))
         for _ in range(MIX_STEPS if len(cross) > 1 else 0):
             gradient = 2.0 * (gram @ weights - cross)
@@ -232,7 +233,7 @@ class TrustGate:
             message = f"the trust gate needs at least 2 images to compare, the pool has {len(embeddings)}"
             return TrustVerdict(None, self.threshold, False, self.fallback, compared, message)
         value, weights = self._nearest_mix(self._pool(embeddings, seed))
-        names, threshold = [name for name, _ in self._components()], self.threshold
+        names, threshold = [name for name, _ in self._components], self.threshold
         mix = {name: round(float(weight), 3) for name, weight in zip(names, weights, strict=True) if weight >= 0.01}
         nearest, fired = names[int(np.argmax(weights))], value > threshold
         pools = " + ".join(f"{weight:.0%} {name}" for name, weight in sorted(mix.items(), key=lambda e: -e[1]))
@@ -372,10 +373,14 @@ def calibrate_gate(
     if not 2 <= reference_size <= MAX_REFERENCE:
         raise InputError(f"trust gate: reference_size {reference_size} must lie in [2, {MAX_REFERENCE}]")
     groups = groups or {}
-    pools = [*held_out_pools, *(pool for _, hospital_pools in groups.values() for pool in hospital_pools)]
-    sizes = [len(pool) for pool in pools]
-    if not held_out_pools or any(not hospital_pools for _, hospital_pools in groups.values()) or min(sizes) < 2:
-        raise InputError(f"trust gate: calibration needs held-out pools of at least 2 rows each, got sizes {sizes}")
+    parts = {MIXTURE: held_out_pools, **{name: hospital_pools for name, (_, hospital_pools) in groups.items()}}
+    sizes = [len(pool) for part in parts.values() for pool in part]
+    if not all(parts.values()) or min(sizes) < 2:
+        empty = [name for name, part in parts.items() if not part]
+        raise InputError(
+            "trust gate: calibration needs held-out pools of at least 2 rows each; "
+            + (f"{', '.join(empty)} has none" if empty else f"the smallest of {len(sizes)} has {min(sizes)}")
+        )
     rng = np.random.default_rng(seed)
     reference = _reference_sample(reference_embeddings, reference_size, rng)
     rows = [reference, *(_reference_sample(embeddings, reference_size, rng) for embeddings, _ in groups.values())]
@@ -387,7 +392,6 @@ def calibrate_gate(
         bandwidth=median_bandwidth(reference),
         groups=tuple(ReferenceGroup(name, len(hospital)) for name, hospital in zip(groups, rows[1:], strict=True)),
     )
-    parts = {MIXTURE: held_out_pools, **{name: hospital_pools for name, (_, hospital_pools) in groups.items()}}
     threshold, calibration = _calibrated(gate, parts, quantile, seed)
     return replace(gate, threshold=threshold, calibration=calibration)
 

@@ -1015,7 +1015,7 @@ def _trust_gate(training: _Training) -> dict:
         pools += [episode.pool for episode in episodes]
     rng = np.random.default_rng([config.seed, GATE_DRAWS])
     if config.episodes_within:  # one split per hospital, so no held-out row is in any hospital's reference
-        splits = _hospital_splits(training)
+        splits = _hospital_splits(training, validation_rows)
         reference = np.concatenate([rows for rows, _ in splits.values()])
         held_rows = np.concatenate([rows for _, rows in splits.values()])
     else:
@@ -1048,13 +1048,12 @@ def _reference_split(
     return reference, np.union1d(validation_rows, np.setdiff1d(train_rows, reference))
 
 
-def _hospital_splits(training: _Training) -> dict:
+def _hospital_splits(training: _Training, validation_rows: np.ndarray) -> dict:
     """Per training hospital (each value of ``--episodes-within`` among the training patients), its reference rows
     and held-out rows (:func:`_reference_split` within it, seeded by the hospital's index); the training pools' own
     reference and held-out rows are their unions."""
     config, store = training.config, training.val.store
     values = stratum_values(store.meta, config.episodes_within).to_numpy()
-    validation_rows = np.setdiff1d(np.arange(len(store)), training.train_rows)
     splits = {}
     for index, value in enumerate(np.unique(values[training.train_rows]), start=1):
         rng = np.random.default_rng([config.seed, GATE_DRAWS, index])  # index 0 would repeat [seed, GATE_DRAWS]
