@@ -236,10 +236,11 @@ def main() -> None:
             report += rows(result, group, variant)
         print(f"{group}: done", flush=True)
         save(args, learned, timings, report)
+    away = [group for group in AWAY if group not in args.with_hospital]  # hospitals none of the selectors saw
     if args.adapt:
         from xsel.train.selector import adapt_selector
 
-        for group in ("Kermany", "COVID sources"):
+        for group in away:
             _, conditions, negative = GROUPS[group]
             run_dir = runs / f"set-adapted-{group.split()[0].lower()}"
             if not (run_dir / "selector.pt").exists():
@@ -251,14 +252,14 @@ def main() -> None:
                 report += rows(result, group, variant)
             save(args, learned, timings, report)
     if args.choose_fallback:
-        fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings)
+        fallback_chosen_away(args, runs, away, store, test_patient, learned, stores, common, report, timings)
     if args.mixed:
         trained_on_every_source(args, store, test_patient, learned, common, report, timings)
     if args.leave_one_out:
         trained_without_the_site(args, store, test_patient, learned, stores, common, report, timings)
     variants = {row["variant"] for row in report}
     if args.last_step and "last step raw" not in variants:
-        run_dir = last_step_checkpoint(runs / "set")
+        run_dir = last_step_checkpoint(set_dir)
         for group in GROUPS:
             _, conditions, negative = GROUPS[group]
             result = one_set_selector(stores[group], conditions, run_dir, common, negative=negative, trust_gate=False)
@@ -355,19 +356,20 @@ def trained_without_the_site(args, store, test_patient, learned, stores, common,
         save(args, learned, timings, report)
 
 
-def fallback_chosen_away(args, store, test_patient, learned, stores, common, report, timings) -> None:
-    """The set selector's trust-gate fallback chosen on the other away source (its patients outside the test split),
+def fallback_chosen_away(args, runs, away, store, test_patient, learned, stores, common, report, timings) -> None:
+    """The set selector's trust-gate fallback chosen on another away source (its patients outside the test split),
     then the gated selector on each away test store: Kermany's fallback chosen on the COVID sources and vice versa,
-    so neither decision saw the hospital it is judged on."""
+    so neither decision saw the hospital it is judged on. Only between hospitals the selectors never trained on
+    (``away``); the chosen checkpoints go beside the runs they re-gate (``runs``)."""
     from xsel.train.selector import choose_fallback
 
     source = store.meta["Source"]
-    for group, other in (("Kermany", "COVID sources"), ("COVID sources", "Kermany")):
+    for group, other in ((group, other) for group in away for other in away if other != group):
         variant = f"fallback chosen on {other}"
         if any(r["group"] == group and r["variant"] == variant for r in report):
             continue
         sources, conditions, negative = GROUPS[other]
-        run_dir = args.runs / (args.name or args.encoder) / f"set-fallback-{other.split()[0].lower()}"
+        run_dir = runs / f"set-fallback-{other.split()[0].lower()}"
         if not (run_dir / "selector.pt").exists():
             calibration = store.subset(source.isin(sources).to_numpy() & ~test_patient)
             choice = choose_fallback(
