@@ -6,8 +6,8 @@ throwaway selector plugin (`xsel.plugins.register_plugin`), on held-out patients
 `bench_realcxr_setselect.py`: NIH unseen conditions, Kermany, the COVID sources), paired with random, built-in
 heuristics and oracle-balanced on the same episodes:
 
-- ``balanceC-random`` / ``balanceC-medoids``: k-means of the pool (cosine) into C groups, K/C picks from each (a
-  group smaller than its share gives the rest to the others), at random or as k-medoids within each group — class
+- ``balanceC-random`` / ``balanceC-medoids``: k-means of the pool (cosine) into C groups, K split over them as
+  ``xsel select --balance`` splits it over a column's values, at random or as k-medoids within each group — class
   balance, if the classes are the pool's main clusters;
 - ``NAME@TRANSFORM``: each heuristic in a pool-relative geometry — ``centred`` (the pool's mean subtracted, then
   unit rows), ``whitenD`` (the pool's first D principal components, each scaled to unit variance) and
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from bench_realcxr_medselect import test_patients
 from bench_realcxr_setselect import GROUPS, HEURISTICS, add_pack_store_arguments, held_out, pack_store, rows
 from benchlib import has_realcxr
@@ -33,6 +34,7 @@ from sklearn.cluster import KMeans
 from xsel_plugins.selectors import GEOMETRY_SELECTORS, KMedoidsSelector
 
 from xsel import hookimpl, plugins
+from xsel.constraints import Constraints, plan_strata
 from xsel.evaluate import evaluate
 from xsel.geometry import geometry_rows, unit_rows
 
@@ -41,7 +43,7 @@ TRANSFORMS = ("centred", "whiten8", "whiten32", "whiten32-unit")
 
 
 class BalancedClusters:
-    """K/C picks from each of the pool's C k-means groups (cosine), at random or as k-medoids within each."""
+    """K split over the pool's C k-means groups (cosine) as `--balance` splits it; random or k-medoids within each."""
 
     uses_labels = False
 
@@ -49,17 +51,12 @@ class BalancedClusters:
         self.groups, self.within = groups, within
 
     def select(self, embeddings, k, *, seed, metadata=None):
-        points = geometry_rows(embeddings, "cosine")
-        labels = KMeans(self.groups, n_init=4, random_state=seed).fit_predict(points)
-        sizes = np.bincount(labels, minlength=self.groups)
-        shares = np.zeros(self.groups, dtype=int)
-        for _ in range(min(k, len(points))):  # one pick at a time to the open group with the fewest so far
-            open_groups = np.flatnonzero(shares < sizes)
-            shares[open_groups[np.argmin(shares[open_groups])]] += 1
+        groups = KMeans(self.groups, n_init=4, random_state=seed).fit_predict(geometry_rows(embeddings, "cosine"))
+        # the groups' shares of K as `xsel select --balance` splits K over a column's values
+        plan = plan_strata(pd.DataFrame({"group": groups.astype(str)}), k, Constraints(balance=("group",)))
         rng = np.random.default_rng(seed)
         picks = []
-        for group, share in enumerate(shares):
-            members = np.flatnonzero(labels == group)
+        for members, share in zip(plan.rows, plan.targets, strict=True):
             if self.within == "random" or share >= len(members):
                 picks += list(rng.permutation(members)[:share])
             elif share:
