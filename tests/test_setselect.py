@@ -19,6 +19,7 @@ from xsel.train import setselect
 from xsel.train.medselect import MedSelectSelector, SetSelector, load_checkpoint
 from xsel.train.selector import GATE_DRAWS, adapt_selector, split_patients, train_selector
 from xsel.train.setselect import SetPolicy
+from xsel.trust import CLUSTERS
 
 
 def set_config(**changes):
@@ -440,7 +441,8 @@ def test_a_selector_trained_within_hospitals_gates_each_of_them(tmp_path, cli):
         return SetSelector(tmp_path / (episodes_within or "mixture") / "selector.pt").trust_gate
 
     mixture, grouped = gate_of(""), gate_of("Source")
-    assert mixture.groups == () and [g.name for g in grouped.groups] == ["Source=north", "Source=south"]
+    assert mixture.groups == (), "one hospital: the training pools' reference whole"
+    assert [g.source for g in grouped.groups] == ["Source=north"] * CLUSTERS + ["Source=south"] * CLUSTERS
     pools = [store.embeddings[rng.choice(np.flatnonzero(south), 60, replace=False)] for _ in range(10)]
     assert sum(mixture.check(pool, seed=i).fired for i, pool in enumerate(pools)) >= 8, "south is foreign to the mix"
     verdicts = [grouped.check(pool, seed=i) for i, pool in enumerate(pools)]

@@ -20,23 +20,26 @@ from xsel.io.table import file_sha256
 from xsel.selection import select
 from xsel.site import site_select
 from xsel.store import read_store
-from xsel.trust import KEEP_LEARNED, STATISTIC, TrustGate, calibrate_gate
+from xsel.trust import CLUSTERS, KEEP_LEARNED, MIXTURE, STATISTIC, TrustGate, calibrate_gate
 
 DIM = 32
 
 
-def draw(rows: int, seed: int, *, shift: float = 0.0, subspace: int | None = None) -> np.ndarray:
+def draw(
+    rows: int, seed: int, *, shift: float = 0.0, subspace: int | None = None, centres: tuple[int, ...] = (0, 1, 2, 3, 4)
+) -> np.ndarray:
     """Synthetic embeddings: five clusters in a fixed 8-d subspace of R^32 plus noise (typical norm ≈ 7.5).
-    ``shift`` moves every row along a fixed direction; ``subspace`` draws the clusters in another random subspace."""
+    ``shift`` moves every row along a fixed direction; ``subspace`` draws the clusters in another random subspace;
+    ``centres`` draws from these clusters alone (a labelling pool: one finding's images)."""
     fixed = np.random.default_rng(99)
     basis = fixed.normal(size=(8, DIM)) / np.sqrt(DIM)
-    centres = fixed.normal(size=(5, 8)) * 2
+    means = fixed.normal(size=(5, 8)) * 2
     offset = fixed.normal(size=DIM)
     offset /= np.linalg.norm(offset)
     if subspace is not None:
         basis = np.random.default_rng(subspace).normal(size=(8, DIM)) / np.sqrt(DIM)
     rng = np.random.default_rng(seed)
-    latent = centres[rng.integers(0, 5, rows)] + rng.normal(size=(rows, 8))
+    latent = means[rng.choice(centres, rows)] + rng.normal(size=(rows, 8))
     noise = 1.2 * rng.normal(size=(rows, DIM)) / np.sqrt(DIM)
     return (latent @ basis + noise + shift * offset).astype(np.float32)
 
@@ -65,6 +68,7 @@ def test_the_threshold_is_the_asked_quantile_of_the_held_out_pools():
     statistics = [made.statistic(pool, seed=0) for pool in pools]  # pools of pool_size: no subsample, seed unused
     assert made.threshold == pytest.approx(np.quantile(statistics, 0.9), rel=1e-12)
     assert made.pool_size == 150 and made.reference.shape == (300, DIM) and made.reference.dtype == np.float32
+    assert made.groups == () and made.calibration["clusters"] == 1, "one hospital: its reference whole"
     assert np.allclose(np.linalg.norm(made.reference, axis=1), 1, atol=1e-5)
     assert made.calibration["quantile"] == 0.9 and made.calibration["pools"] == 30
     assert made.calibration["max"] == pytest.approx(max(statistics))
@@ -127,7 +131,7 @@ def hospitals() -> tuple[TrustGate, TrustGate]:
     hospital. The mixture's reference and held-out pools are nine parts large hospital to one part small."""
     large, small = draw(2700, 0), draw(300, 1, subspace=7)
     mixture_pools = [np.concatenate([draw(180, 100 + i), draw(20, 200 + i, subspace=7)]) for i in range(40)]
-    options = {"fallback": "kcenter", "quantile": 0.95, "reference_size": 200}
+    options = {"fallback": "kcenter", "quantile": 0.95, "reference_size": 200, "clusters": 1}  # hospitals alone
     alone = calibrate_gate(np.concatenate([large, small]), mixture_pools, **options)
     groups = {
         "Source=large": (large, [draw(200, 300 + i) for i in range(40)]),
@@ -170,8 +174,9 @@ def test_a_pool_blending_two_training_hospitals_is_home(hospitals):
     assert 0.35 < np.mean(small) < 0.65
 
 
-def test_one_reference_gives_the_plain_unbiased_mmd2(gate):
+def test_one_reference_gives_the_plain_unbiased_mmd2():
     """The textbook U-statistic: within-sample kernel means without the diagonal, minus twice the cross mean."""
+    gate = calibrate_gate(draw(3000, 0), [draw(200, 100 + i) for i in range(10)], fallback="kcenter")
     pool = draw(200, 9)
     x = pool / np.linalg.norm(pool, axis=1, keepdims=True)
     y = gate.reference.astype(np.float64)
@@ -184,6 +189,49 @@ def test_one_reference_gives_the_plain_unbiased_mmd2(gate):
     # the gate's kernel reads ‖x − y‖² as 2 − 2 x·y of float32-stored unit rows: equal to rounding (~1e-7 of 0.5)
     assert gate.statistic(pool, seed=0) == pytest.approx(expected - 2 * kernel(x, y).mean(), abs=5e-7)
     assert abs(gate.statistic(pool, seed=0)) < 1e-3 < abs(gate.statistic(draw(200, 9, shift=2.0), seed=0))
+
+
+def test_labelling_pools_lift_a_whole_reference_threshold_but_not_a_clustered_one():
+    """A labelling pool holds one finding's images, a re-weighting of the training images' regions, and the gate is
+    calibrated on such pools too (a user's pool is one). Against the reference whole they sit far from it and lift
+    the threshold above a pool shifted off every region; against its k-means clusters they are home, and the shifted
+    pool fires. Five clusters: the synthetic images' five regions."""
+    options = {"fallback": "kcenter", "quantile": 0.95, "reference_size": 400}
+    held_out = [draw(200, 100 + i) for i in range(20)]
+    held_out += [draw(200, 200 + i, centres=(i % 5, (i + 2) % 5)) for i in range(20)]
+    whole = calibrate_gate(draw(3000, 0), held_out, clusters=1, **options)
+    split = calibrate_gate(draw(3000, 0), held_out, clusters=5, **options)
+    assert fire_rate(whole, shift=2.0) <= 0.1 and fire_rate(whole, subspace=11) <= 0.1
+    assert fire_rate(split, shift=2.0) >= 0.95 and fire_rate(split, subspace=11) >= 0.95
+    labelling = [draw(200, 2000 + i, centres=(i % 5, (i + 1) % 5)) for i in range(30)]
+    verdicts = [split.check(pool, seed=i) for i, pool in enumerate(labelling)]
+    assert np.mean([verdict.fired for verdict in verdicts]) <= 0.1 and fire_rate(split) <= 0.1
+    assert all(v.nearest == MIXTURE and set(v.mix) == {MIXTURE} for v in verdicts), "clusters count for their source"
+    assert [group.name for group in split.groups] == [f"training pools (cluster {i} of 5)" for i in range(1, 6)]
+
+
+def test_each_training_hospital_is_split_into_clusters():
+    large, small = draw(2700, 0), draw(300, 1, subspace=7)
+    groups = {
+        "Source=large": (large, [draw(200, 300 + i) for i in range(20)]),
+        "Source=small": (small, [draw(200, 400 + i, subspace=7) for i in range(20)]),
+    }
+    gate = calibrate_gate(
+        np.concatenate([large, small]), [draw(200, 500 + i) for i in range(20)], fallback="kcenter", groups=groups
+    )
+    sources = [group.source for group in gate.groups]
+    assert sources == sorted(sources) and set(sources) == set(groups) and len(sources) == 2 * CLUSTERS
+    assert {s: sum(g.rows for g in gate.groups if g.source == s) for s in groups} == {s: 500 for s in groups} | {
+        "Source=small": 300
+    }
+    verdict = gate.check(draw(200, 5000, subspace=7), seed=0)
+    assert not verdict.fired and verdict.nearest == "Source=small" and verdict.mix["Source=small"] > 0.9
+    assert f"nearest mix: {verdict.mix['Source=small']:.0%} Source=small" in verdict.message
+    record = json.loads(json.dumps(gate.to_record()))
+    assert {group["of"] for group in record["groups"]} == set(groups)
+    assert TrustGate.from_record(record, gate.reference.copy()).check(draw(200, 1, shift=2.0), seed=1) == gate.check(
+        draw(200, 1, shift=2.0), seed=1
+    )
 
 
 def test_a_grouped_gate_round_trips_and_a_bad_group_is_refused(hospitals):
@@ -417,7 +465,7 @@ def test_a_gate_per_hospital_travels_in_the_bundle(gated_plugin, demo_store, tmp
     )
     gated_plugin["gate"] = gate
     manifest = export_bundle(tmp_path / "bundle", encoder="pixels", selector=f"tiny-gated={demo_store}")
-    assert [group["name"] for group in manifest["selector"]["trust_gate"]["groups"]] == ["Source=demo"]
+    assert {group["of"] for group in manifest["selector"]["trust_gate"]["groups"]} == {"Source=demo"}  # its clusters
     loaded = Bundle.load(tmp_path / "bundle").trust_gate
     assert loaded.to_record() == gate.to_record() and np.array_equal(loaded.reference, gate.reference)
     site = site_select(

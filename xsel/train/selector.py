@@ -69,7 +69,7 @@ from xsel.train.medselect import (
     with_model_defaults,
 )
 from xsel.train.runtime import resolve_device
-from xsel.trust import KEEP_LEARNED, MAX_REFERENCE, calibrate_gate
+from xsel.trust import KEEP_LEARNED, MAX_REFERENCE, MIXTURE, TrustGate, calibrate_gate
 
 BEST = "selector.pt"
 LAST = "last.pt"
@@ -688,12 +688,15 @@ def _with_fallback(
     return FallbackChoice(checkpoint=path, fallback=fallback, auroc=auroc)
 
 
-def recalibrate_gate(checkpoint: str | Path, store: str | Path | Store, run_dir: str | Path) -> Path:
+def recalibrate_gate(
+    checkpoint: str | Path, store: str | Path | Store, run_dir: str | Path, *, clusters: int | None = None
+) -> Path:
     """A trained selector's trust gate calibrated afresh by this xsel, on ``store`` — the store it was trained on
     (same encoder, rows and patients' split, checked) — written with the same weights, settings and fallback to
     ``RUN_DIR/selector.pt``: a run trained with ``--episodes-within`` before the gate kept a reference per hospital
     gets one without training again. Store size and split are checked where the checkpoint records them (all since
-    this function exists)."""
+    this function exists). ``clusters``: k-means clusters per reference (1: whole, as before xsel split them; None:
+    as training calibrates it, :func:`xsel.trust.calibrate_gate`)."""
     payload, config = load_selector_checkpoint(checkpoint)
     store = store if isinstance(store, Store) else read_store(store)
     remedy = "recalibrate on the store it was trained on"
@@ -701,7 +704,7 @@ def recalibrate_gate(checkpoint: str | Path, store: str | Path | Store, run_dir:
     training = _start(store, config, Path(run_dir), torch.device("cpu"), None)  # the gate needs no teacher
     if "split_sha256" in payload:  # checkpoints written before every one recorded it are checked by encoder alone
         _check_trained_on(payload, store, payload["path"], remedy, train_rows=training.train_rows)
-    entries = _trust_gate(training)
+    entries = _trust_gate(training, clusters=clusters)
     fallback = (payload.get("trust_gate") or {}).get("fallback", entries["trust_gate"]["fallback"])
     entries["trust_gate"] = {**entries["trust_gate"], "fallback": fallback}
     recalibrated = {key: value for key, value in payload.items() if key != "path"} | entries
@@ -981,7 +984,7 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
     return results
 
 
-def _trust_gate(training: _Training) -> dict:
+def _trust_gate(training: _Training, *, clusters: int | None = None) -> dict:
     """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training patients' images
     (at most ``MAX_REFERENCE`` of them are kept); its threshold the 99th percentile over held-out pools of the
     hospital's other images (:func:`_reference_split`): the validation episodes' pools, with one hospital the pools
@@ -995,7 +998,10 @@ def _trust_gate(training: _Training) -> dict:
     images. With ``--episodes-within`` every training hospital also gets a reference of its own
     (:func:`_gate_groups`) and the statistic compares a pool with the nearest mixture of the references, so neither
     a smaller hospital nor a blend of hospitals is foreign; the one threshold is then calibrated on every hospital's
-    held-out pools too."""
+    held-out pools too, and each hospital's reference is split into k-means clusters
+    (:func:`xsel.trust.calibrate_gate`, ``clusters``), so a labelling pool of one finding is home too. With one
+    hospital the reference stays whole by default: there clusters traded quiet at home for firing away
+    (BENCHMARKS.md section 13, ``bench/bench_gate_clusters.py``)."""
     config, val = training.config, training.val
     validation_rows = np.setdiff1d(np.arange(len(val.store)), training.train_rows)
     every_row = np.arange(len(val.store))
@@ -1027,14 +1033,26 @@ def _trust_gate(training: _Training) -> dict:
     # with a reference per hospital, each hospital's labelling pools come with its held-out pools (_gate_groups)
     tasks = [] if groups else [pool for pool in _labelling_pools(training, held_rows) if len(pool) >= size]
     held_out = [embeddings[rows] for rows in [*pools, *tasks, *draws]]
-    gate = calibrate_gate(embeddings[reference], held_out, fallback=fallback, seed=config.seed, groups=groups)
+    gate = calibrate_gate(
+        embeddings[reference], held_out, fallback=fallback, seed=config.seed, groups=groups, clusters=clusters
+    )
     notify(
         f"trust gate: heuristics' AUROC on {len(referee.tasks)} conditions of the store's patients "
         + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
-        + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g}"
-        + (f" (to the nearest mixture of the training pools and {len(gate.groups)} hospitals)" if gate.groups else "")
+        + f"; falls back to {fallback} beyond MMD² {gate.threshold:.4g} to the nearest mixture of "
+        + _gate_references(gate)
     )
     return gate_payload(gate) | {"heuristics_val": means}
+
+
+def _gate_references(gate: TrustGate) -> str:
+    """What a gate's nearest mixture is made of, for the user: the training pools, hospitals, clusters."""
+    hospitals = {group.source for group in gate.groups} - {MIXTURE}
+    clusters = sum(1 for group in gate.groups if group.of)
+    if not gate.groups:
+        return "the training pools"
+    split = f" as {clusters} k-means clusters" if clusters else ""
+    return f"the training pools and {len(hospitals)} hospitals{split}"
 
 
 def _reference_split(
