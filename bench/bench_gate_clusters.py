@@ -55,7 +55,7 @@ def test_pools(store, episodes: int) -> dict[str, list[tuple[np.ndarray, int]]]:
 
 def gates(store, with_hospital: list[str], seed: int, folder: Path) -> tuple[dict, str]:
     """The gates of a two-step set selector trained with ``seed``, calibrated with each reference in ``CLUSTERS``
-    k-means clusters and whole, and the name of the one training gave it."""
+    k-means clusters and whole, and the name of the one training gave it (None: neither, bit for bit)."""
     train_store, hospitals = training_hospitals(store, test_patients(store), with_hospital)
     sizes = argparse.Namespace(k=20, pool_size=100, query_size=40, minutes=10.0)
     config = training_config(sizes, episodes=32, model="set", seed=seed, **hospitals)
@@ -65,7 +65,7 @@ def gates(store, with_hospital: list[str], seed: int, folder: Path) -> tuple[dic
         path = recalibrate_gate(folder / "run" / "selector.pt", train_store, folder / name, clusters=clusters)
         made[name] = gate_from_payload(load_selector_checkpoint(path)[0])
     shipped = gate_from_payload(load_selector_checkpoint(folder / "run" / "selector.pt")[0]).to_record()
-    return made, next(name for name, gate in made.items() if gate.to_record() == shipped)
+    return made, next((name for name, gate in made.items() if gate.to_record() == shipped), None)
 
 
 def main() -> None:

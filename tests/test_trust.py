@@ -210,6 +210,12 @@ def test_labelling_pools_lift_a_whole_reference_threshold_but_not_a_clustered_on
     assert [group.name for group in split.groups] == [f"training pools (cluster {i} of 5)" for i in range(1, 6)]
 
 
+@pytest.mark.parametrize("clusters", [0, True, 2.0, "4"])
+def test_a_bad_cluster_count_is_refused(clusters):
+    with pytest.raises(InputError, match="clusters .* must be an integer ≥ 1"):
+        calibrate_gate(draw(100, 0), [draw(50, 1), draw(50, 2)], fallback="kcenter", clusters=clusters)
+
+
 def test_each_training_hospital_is_split_into_clusters():
     large, small = draw(2700, 0), draw(300, 1, subspace=7)
     groups = {
@@ -217,7 +223,11 @@ def test_each_training_hospital_is_split_into_clusters():
         "Source=small": (small, [draw(200, 400 + i, subspace=7) for i in range(20)]),
     }
     gate = calibrate_gate(
-        np.concatenate([large, small]), [draw(200, 500 + i) for i in range(20)], fallback="kcenter", groups=groups
+        np.concatenate([large, small]),
+        [draw(200, 500 + i) for i in range(20)],
+        fallback="kcenter",
+        groups=groups,
+        seed=2**40,  # any seed: k-means takes it modulo 2³²
     )
     sources = [group.source for group in gate.groups]
     assert sources == sorted(sources) and set(sources) == set(groups) and len(sources) == 2 * CLUSTERS

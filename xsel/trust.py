@@ -45,7 +45,7 @@ MAX_POOL = 2000  # a larger calibration pool is subsampled to this: the kernels 
 
 MIXTURE = "training pools"  # the name of the reference sampled from every training image
 CLUSTERS = 4  # k-means clusters per hospital's reference (a one-off check with 8: up to 9% of Kermany's pools fired)
-MIN_CLUSTER_ROWS = 20  # a reference of fewer than 2 × this many rows is not split; clusters of fewer rows are dropped
+MIN_CLUSTER_ROWS = 20  # a reference of fewer than 2 × this many rows is not split (one cluster per this many rows)
 MIX_STEPS = 1000  # Frank-Wolfe steps for the nearest mixture of a few references; it stops earlier once converged
 
 
@@ -176,7 +176,8 @@ class TrustGate:
 
     def statistic(self, embeddings: np.ndarray, seed: int) -> float:
         """Unbiased MMD² between the pool (subsampled to ``pool_size``, unit-normalised) and the nearest mixture of
-        the references: the training pools as a whole and, in a grouped gate, each training hospital's."""
+        the references: the training pools as a whole and, in a grouped gate, each training hospital's (or its
+        clusters)."""
         return self._nearest_mix(self._pool(embeddings, seed))[0]
 
     @cached_property
@@ -241,8 +242,8 @@ class TrustGate:
 
     def check(self, embeddings: np.ndarray, seed: int) -> TrustVerdict:
         """The verdict on one pool: it fires when its MMD² to the nearest mixture of the references (the training
-        pools as a whole and each training hospital's) exceeds the threshold. A pool of fewer than 2 rows cannot be
-        judged and keeps the learned selector."""
+        pools as a whole and each training hospital's, or its clusters) exceeds the threshold. A pool of fewer than
+        2 rows cannot be judged and keeps the learned selector."""
         compared = len(self.compared_rows(len(embeddings), seed))
         if len(embeddings) < 2:
             message = f"the trust gate needs at least 2 images to compare, the pool has {len(embeddings)}"
@@ -388,15 +389,14 @@ def calibrate_gate(
     hospital's pools fire with probability about ``1 - quantile``, not only the pools of all of them together (one
     quantile over all let a seen hospital whose statistics spread wider fire on 67 of 240 of its pools). Each
     hospital's reference (with no ``groups``, the training pools') is then split into ``clusters`` seeded k-means
-    clusters (:func:`_clustered`; 1: not split), which join the nearest mixture in its place; None: ``CLUSTERS``
-    with ``groups``, whole without (with one hospital clusters let more of its held-out pools fire; §13)."""
+    clusters (:func:`_clustered`; 1: not split), which join the nearest mixture in the hospital's place (with no
+    ``groups``, beside the whole training pools' reference: its rows are kept twice); None: ``CLUSTERS`` with
+    ``groups``, whole without (with one hospital clusters let more of its held-out pools fire; §13)."""
     if not 0 < quantile <= 1:
         raise InputError(f"trust gate: quantile {quantile} must lie in (0, 1]")
     if not 2 <= reference_size <= MAX_REFERENCE:
         raise InputError(f"trust gate: reference_size {reference_size} must lie in [2, {MAX_REFERENCE}]")
-    clusters = (CLUSTERS if groups else 1) if clusters is None else clusters
-    if not isinstance(clusters, int) or clusters < 1:
-        raise InputError(f"trust gate: clusters {clusters!r} must be an integer ≥ 1")
+    clusters = check_clusters(clusters) or (CLUSTERS if groups else 1)
     groups = groups or {}
     parts = {MIXTURE: held_out_pools, **{name: hospital_pools for name, (_, hospital_pools) in groups.items()}}
     sizes = [len(pool) for part in parts.values() for pool in part]
@@ -434,13 +434,22 @@ def _clustered(name: str, rows: np.ndarray, clusters: int, seed: int) -> list[tu
     count = min(clusters, len(rows) // MIN_CLUSTER_ROWS)
     labels = np.zeros(len(rows), dtype=int)
     if count > 1:
-        labels = KMeans(count, n_init=3, random_state=seed).fit_predict(rows)
+        labels = KMeans(count, n_init=3, random_state=seed % 2**32).fit_predict(rows)  # sklearn takes < 2³²
     order = np.argsort(-np.bincount(labels, minlength=max(count, 1)), kind="stable")
     kept = [rows[labels == label] for label in order if (labels == label).sum() >= 2]
     return [
         (ReferenceGroup(f"{name} (cluster {index} of {len(kept)})", len(part), of=name), part)
         for index, part in enumerate(kept, start=1)
     ]
+
+
+def check_clusters(clusters) -> int | None:
+    """``clusters`` as an int ≥ 1, or None (the default: :func:`calibrate_gate` decides); anything else is refused."""
+    if clusters is None:
+        return None
+    if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or clusters < 1:
+        raise InputError(f"trust gate: clusters {clusters!r} must be an integer ≥ 1 (1: references whole)")
+    return int(clusters)
 
 
 def _reference_sample(embeddings: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

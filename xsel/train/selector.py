@@ -69,7 +69,7 @@ from xsel.train.medselect import (
     with_model_defaults,
 )
 from xsel.train.runtime import resolve_device
-from xsel.trust import KEEP_LEARNED, MAX_REFERENCE, MIXTURE, TrustGate, calibrate_gate
+from xsel.trust import KEEP_LEARNED, MAX_REFERENCE, MIXTURE, TrustGate, calibrate_gate, check_clusters
 
 BEST = "selector.pt"
 LAST = "last.pt"
@@ -697,6 +697,7 @@ def recalibrate_gate(
     gets one without training again. Store size and split are checked where the checkpoint records them (all since
     this function exists). ``clusters``: k-means clusters per reference (1: whole, as before xsel split them; None:
     as training calibrates it, :func:`xsel.trust.calibrate_gate`)."""
+    clusters = check_clusters(clusters)
     payload, config = load_selector_checkpoint(checkpoint)
     store = store if isinstance(store, Store) else read_store(store)
     remedy = "recalibrate on the store it was trained on"
@@ -1047,10 +1048,12 @@ def _trust_gate(training: _Training, *, clusters: int | None = None) -> dict:
 
 def _gate_references(gate: TrustGate) -> str:
     """What a gate's nearest mixture is made of, for the user: the training pools, hospitals, clusters."""
-    hospitals = {group.source for group in gate.groups} - {MIXTURE}
-    clusters = sum(1 for group in gate.groups if group.of)
     if not gate.groups:
         return "the training pools"
+    hospitals = {group.source for group in gate.groups} - {MIXTURE}
+    clusters = sum(1 for group in gate.groups if group.of)
+    if not hospitals:
+        return f"the training pools and {clusters} k-means clusters of them"
     split = f" as {clusters} k-means clusters" if clusters else ""
     return f"the training pools and {len(hospitals)} hospitals{split}"
 
