@@ -141,6 +141,18 @@ def describe_distance(squared: float, geometry: str) -> str:
     return f"{distance_name(geometry)} {value:.3f}"
 
 
+def cluster_labels(points: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Seeded k-means cluster of each row (n_init 3; mini-batch above ``LARGE_POOL`` rows), for the report's
+    clusters, adaptation's pseudo-conditions and the trust gate's references. sklearn is imported here, on call:
+    a site that only checks pools never loads it."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    n_clusters, state = max(1, min(n_clusters, len(points))), seed % 2**32  # sklearn takes seeds below 2³²
+    if len(points) > LARGE_POOL:
+        return MiniBatchKMeans(n_clusters=n_clusters, random_state=state, n_init=3, batch_size=4096).fit_predict(points)
+    return KMeans(n_clusters=n_clusters, random_state=state, n_init=3).fit_predict(points)
+
+
 def subsample(n: int, seed: int, limit: int = LARGE_POOL) -> np.ndarray:
     """All ``n`` rows, or a seeded sorted sample of ``limit`` of them when there are more."""
     if n <= limit:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from xsel.constraints import AGE_BAND, AGE_BANDS, UNKNOWN, stratum_values
 from xsel.errors import InputError
-from xsel.geometry import unit_rows
+from xsel.geometry import cluster_labels, unit_rows
 from xsel.io.atomic import write_atomic
 from xsel.io.images import ImageDecodeError, read_image
 from xsel.io.table import PATH_COLUMN, read_csv_checked
@@ -109,17 +109,6 @@ def coverage_table(pool_values: pd.Series, pick_values: pd.Series, order: Sequen
     return pd.DataFrame(rows)
 
 
-def _clusters(points: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-
-    n_clusters = max(1, min(n_clusters, len(points)))
-    if len(points) > 10_000:
-        model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=3, batch_size=4096)
-    else:
-        model = KMeans(n_clusters=n_clusters, random_state=seed, n_init=3)
-    return model.fit_predict(points)
-
-
 def _scatter_svg(xy: np.ndarray, picked: np.ndarray, ranks: list[int], labels: tuple[str, str]) -> str:
     """Pool points grey, picks red with their rank, in a 640×460 SVG."""
     width, height, margin = 640, 460, 44
@@ -201,7 +190,7 @@ def write_selection_report(
     rank_of = dict(zip(picked_rows.tolist(), selection["rank"].astype(int).tolist(), strict=True))
 
     points = unit_rows(store.embeddings[pool])
-    cluster = _clusters(points, clusters, seed)
+    cluster = cluster_labels(points, clusters, seed)
     sections = [_picks_section(selection, _reasons(selection, reasons), image_root, thumbnail_size)]
     sections.append(_map_section(points, picked, [rank_of[r] for r in pool[picked]], seed))
     meta = store.meta.iloc[pool].reset_index(drop=True)

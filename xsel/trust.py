@@ -36,6 +36,7 @@ import numpy as np
 
 from xsel import plugins
 from xsel.errors import InputError
+from xsel.geometry import cluster_labels
 
 KEEP_LEARNED = "learned"  # a fallback that keeps the learned selector: on another hospital's pools it beat them all
 STATISTIC = "mmd2-rbf"  # what `statistic` computes; recorded so a reader knows which numbers it compares
@@ -429,12 +430,8 @@ def _clustered(name: str, rows: np.ndarray, clusters: int, seed: int) -> list[tu
     """``rows`` (unit) split into at most ``clusters`` seeded k-means clusters of at least ``MIN_CLUSTER_ROWS``
     rows on average, as references of ``name`` (largest first, rows in their reference order); clusters of fewer than
     2 rows are dropped. Too few rows to split: one cluster, all of them."""
-    from sklearn.cluster import KMeans  # calibration only: a site that checks pools never imports it
-
     count = min(clusters, len(rows) // MIN_CLUSTER_ROWS)
-    labels = np.zeros(len(rows), dtype=int)
-    if count > 1:
-        labels = KMeans(count, n_init=3, random_state=seed % 2**32).fit_predict(rows)  # sklearn takes < 2³²
+    labels = cluster_labels(rows, count, seed) if count > 1 else np.zeros(len(rows), dtype=int)
     order = np.argsort(-np.bincount(labels, minlength=max(count, 1)), kind="stable")
     kept = [rows[labels == label] for label in order if (labels == label).sum() >= 2]
     return [

@@ -718,15 +718,13 @@ def recalibrate_gate(
 def pseudo_labelled(store: Store, clusters: int, seed: int) -> Store:
     """The store without its label columns (adaptation reads no label), plus one 0/1 column per k-means cluster
     (largest first) and a negative column true everywhere."""
-    from sklearn.cluster import KMeans
-
-    from xsel.geometry import unit_rows
+    from xsel.geometry import cluster_labels, unit_rows
 
     if clusters < 4 or len(store) < 10 * clusters:
         raise InputError(
             f"--clusters {clusters} on {len(store)} images: use at least 4 clusters and 10 images per cluster"
         )
-    labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(unit_rows(store.embeddings).astype(np.float64))
+    labels = cluster_labels(unit_rows(store.embeddings).astype(np.float64), clusters, seed)
     order = np.argsort(-np.bincount(labels, minlength=clusters), kind="stable")
     meta = store.meta.drop(columns=available_conditions(store.meta))
     for rank, cluster in enumerate(order, 1):
@@ -986,7 +984,7 @@ def _validate(val: _Episodes, scorer, config: SelectorConfig, device) -> dict[st
 
 
 def _trust_gate(training: _Training, *, clusters: int | None = None) -> dict:
-    """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training patients' images
+    """The checkpoint entries of the run's trust gate. Its reference is a seeded half of the training images
     (at most ``MAX_REFERENCE`` of them are kept); its threshold the 99th percentile over held-out pools of the
     hospital's other images (:func:`_reference_split`): the validation episodes' pools, with one hospital the pools
     of every condition's episodes among those images (a labelling task's pool holds one finding's positives and its
