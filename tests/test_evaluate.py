@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import QUICK_EVALUATION
-from xsel.evaluate import evaluate, summarize, write_report
+from xsel.evaluate import evaluate, paired_margins, summarize, write_report
 
 SMALL = {"pool_size": 80, "query_size": 20, "episodes": 6}
 
@@ -70,6 +70,35 @@ def test_constant_scores_give_a_zero_width_interval():
     row = summarize(table).query("selector == 'x' and condition == 'all'").iloc[0]
     assert row["auroc_low"] == pytest.approx(0.7) and row["auroc_high"] == pytest.approx(0.7)
     assert row["diff_vs_random"] == pytest.approx(0.1) and row["win_rate"] == 1.0
+
+
+def test_paired_margins_weigh_each_table_the_same():
+    rng = np.random.default_rng(0)
+
+    def table(shift: float, conditions: list[str]) -> pd.DataFrame:
+        base = rng.uniform(0.5, 0.9, (len(conditions), 40))
+        rows = []
+        for name, scores in {
+            "best": base,
+            "lagging": base - shift,
+            "noisy": base + rng.normal(0, 0.05, base.shape),
+        }.items():
+            for c, condition in enumerate(conditions):
+                rows += [
+                    {"episode": e, "condition": condition, "selector": name, "auroc": v}
+                    for e, v in enumerate(scores[c])
+                ]
+        return pd.DataFrame(rows)
+
+    one_condition, three_conditions = table(0.1, ["A"]), table(0.3, ["B", "C", "D"])
+    margins = paired_margins([one_condition, three_conditions], "best")
+    assert set(margins) == {"lagging", "noisy"}
+    lagging = margins["lagging"]  # a constant gap per table: a CI of zero width at the mean of the two tables' gaps
+    assert lagging["diff"] == pytest.approx(-0.2) and lagging["low"] == pytest.approx(-0.2)
+    assert lagging["high"] == pytest.approx(-0.2)
+    noisy = margins["noisy"]
+    assert noisy["low"] < 0 < noisy["high"] and noisy["low"] <= noisy["diff"] <= noisy["high"]
+    assert paired_margins([one_condition, three_conditions], "best") == margins, "seeded"
 
 
 def test_report_files(result, tmp_path):

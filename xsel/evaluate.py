@@ -441,6 +441,35 @@ def _paired_statistics(mine: list, theirs: list, column: str, rng: np.random.Gen
     }
 
 
+def paired_margins(tables: list[pd.DataFrame], against: str, *, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Every other selector's paired Δ AUROC against ``against`` in episode tables of one K (:class:`Evaluation`
+    ``episodes``), with its 95% bootstrap CI: the mean over the tables (e.g. held-out hospitals, each weighing the
+    same) of the mean over their conditions, resampling each condition's episodes. Says whether the episodes that
+    ranked ``against`` first decided it, or left a runner-up within their noise."""
+    names = [name for name in dict.fromkeys(tables[0]["selector"]) if name != against]
+    rng = np.random.default_rng(seed)
+    state = rng.bit_generator.state
+    margins = {}
+    for name in names:
+        rng.bit_generator.state = state  # every candidate resamples the same episodes
+        means, boots = [], []
+        for table in tables:
+            differences = []
+            for condition in dict.fromkeys(table["condition"]):
+                rows = table[table["condition"] == condition]
+                mine, theirs = (rows[rows["selector"] == s].sort_values("episode")["auroc"] for s in (name, against))
+                differences.append(mine.to_numpy() - theirs.to_numpy())
+            means.append(np.mean([d.mean() for d in differences]))
+            boots.append(_bootstrap_means(differences, rng))
+        boot = np.mean(boots, axis=0)
+        margins[name] = {
+            "diff": float(np.mean(means)),
+            "low": float(np.quantile(boot, 0.025)),
+            "high": float(np.quantile(boot, 0.975)),
+        }
+    return margins
+
+
 def summarize(table: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """Mean AUROC with 95% CI per selector × condition × K (and over all conditions), paired to random.
 

@@ -109,8 +109,8 @@ def train_selector_command(
         Path | None,
         typer.Option(
             help="Choose this trained selector.pt's trust-gate fallback on STORE, labelled images from a hospital it "
-            "was not trained on: the heuristic or the selector itself, whichever picks best there (--conditions, "
-            "--negative)."
+            "was not trained on: the heuristic or the selector itself, whichever picks best there, with the "
+            "runner-up's paired margin and its 95% CI (--conditions, --negative)."
         ),
     ] = None,
     referee_away: Annotated[
@@ -281,10 +281,11 @@ def train_selector_command(
 
 
 def _report_fallback(choice) -> None:
+    from xsel.train.selector import fallback_margin
     from xsel.trust import KEEP_LEARNED
 
     kept = " (the learned selector keeps picking)" if choice.fallback == KEEP_LEARNED else ""
-    typer.echo(f"Trust gate fallback: {choice.fallback}{kept} → {choice.checkpoint}")
+    typer.echo(f"Trust gate fallback: {choice.fallback}{kept}; {fallback_margin(choice)} → {choice.checkpoint}")
 
 
 def _report_selector_training(result) -> None:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import rankdata
 from torch.optim.swa_utils import AveragedModel
@@ -47,7 +48,7 @@ from xsel.episodes import (
     rows_of_labelling_groups,
 )
 from xsel.errors import InputError
-from xsel.evaluate import evaluate
+from xsel.evaluate import evaluate, paired_margins
 from xsel.identity import describe_identity
 from xsel.io.atomic import write_text_atomic
 from xsel.io.outputs import safe_name
@@ -482,11 +483,22 @@ def _say_where_the_gate_fires(payload: dict, site: Store, config: SelectorConfig
 
 @dataclass(frozen=True)
 class FallbackChoice:
-    """What :func:`choose_fallback` wrote and why: the chosen fallback and every candidate's mean query AUROC."""
+    """What :func:`choose_fallback` wrote and why: the chosen fallback, every candidate's mean query AUROC, and each
+    other candidate's paired Δ against the chosen one with its 95% CI (``margins``: ``diff``, ``low``, ``high``)."""
 
     checkpoint: Path
     fallback: str
     auroc: dict[str, float]
+    margins: dict[str, dict[str, float]]
+
+    @property
+    def runner_up(self) -> str:
+        return max(self.margins, key=lambda name: self.margins[name]["diff"])
+
+    @property
+    def decided(self) -> bool:
+        """Whether every other candidate's CI lies below the chosen one: the labelled episodes told them apart."""
+        return all(margin["high"] < 0 for margin in self.margins.values())
 
 
 def choose_fallback(
@@ -514,10 +526,10 @@ def choose_fallback(
     payload, config = _gated_checkpoint(checkpoint)
     shifted = shifted if isinstance(shifted, Store) else read_store(shifted)
     learned = f"{PLUGINS[config.model]}={payload['path']}"
-    auroc = _candidates_auroc(shifted, conditions, learned, config, negative, episodes, seed, show_progress)
+    table = _candidates_episodes(shifted, conditions, learned, config, negative, episodes, seed, show_progress)
     validation = {"store": str(shifted.path), "conditions": list(conditions), "negative": negative}
     where = f"on {Path(shifted.path).name} ({', '.join(conditions)})"
-    return _with_fallback(payload, auroc, validation | {"episodes": episodes}, run_dir, where)
+    return _with_fallback(payload, [table], validation | {"episodes": episodes}, run_dir, where, seed)
 
 
 def referee_away(
@@ -562,7 +574,7 @@ def referee_away(
         )
     check_episodes_within(store, column)
     hospitals = stratum_values(store.meta, column).to_numpy()
-    scores, left_out, moved = {}, [], []
+    tables, left_out, moved = {}, [], []
     for value in np.unique(hospitals):
         held, rest = store.subset(hospitals == value), store.subset(hospitals != value)
         conditions = _labelled(held, [*config.conditions, *config.val_conditions], config.uncertain)
@@ -587,7 +599,7 @@ def referee_away(
             if not (folder / BEST).exists():  # a rerun reuses what an earlier one trained
                 train_selector(rest, folder, sub, device=device, show_progress=show_progress)
             learned = f"{PLUGINS[config.model]}={folder / BEST}"
-            scores[str(value)] = _candidates_auroc(
+            tables[str(value)] = _candidates_episodes(
                 held, conditions, learned, config, config.negative, episodes, seed, show_progress
             )
         except InputError as error:  # too few images of a condition on one side: that hospital cannot referee
@@ -599,23 +611,22 @@ def referee_away(
         )
     if left_out:
         notify(f"leave-one-hospital-out referee: left out {column} " + "; ".join(left_out))
-    if not scores:
+    if not tables:
         raise InputError(
             f"no hospital of {column} could be held out ("
             + "; ".join(left_out)
             + "); choose the fallback on another hospital's labelled store with --choose-fallback"
         )
-    auroc = {name: float(np.mean([held[name] for held in scores.values()])) for name in next(iter(scores.values()))}
     validation = {
         "store": str(store.path),
         "protocol": "leave-one-hospital-out",
         "column": column,
-        "hospitals": scores,
+        "hospitals": {hospital: _mean_auroc(table) for hospital, table in tables.items()},
         "episodes": episodes,
         "max_minutes": max_minutes,
     }
-    where = f"leave-one-hospital-out over {len(scores)} values of {column}"
-    return _with_fallback(payload, auroc, validation, run_dir, where)
+    where = f"leave-one-hospital-out over {len(tables)} values of {column}"
+    return _with_fallback(payload, list(tables.values()), validation, run_dir, where, seed)
 
 
 def _positives(store: Store, condition: str, uncertain: str) -> int:
@@ -636,7 +647,7 @@ def _gated_checkpoint(checkpoint: str | Path) -> tuple[dict, SelectorConfig]:
     return payload, config
 
 
-def _candidates_auroc(
+def _candidates_episodes(
     store: Store,
     conditions: list[str],
     learned: str,
@@ -645,9 +656,9 @@ def _candidates_auroc(
     episodes: int,
     seed: int,
     show_progress: bool,
-) -> dict[str, float]:
-    """Every fallback candidate's mean query AUROC on paired episodes of ``store`` (the checkpoint's K, pool and
-    query sizes and classifier; no gate): the heuristics, and ``learned`` (a selector spec) as ``KEEP_LEARNED``."""
+) -> pd.DataFrame:
+    """Every fallback candidate's paired episodes on ``store`` (the checkpoint's K, pool and query sizes and
+    classifier; no gate): the heuristics, and ``learned`` (a selector spec), whose rows are named ``KEEP_LEARNED``."""
     result = evaluate(
         store,
         conditions,
@@ -662,30 +673,51 @@ def _candidates_auroc(
         show_progress=show_progress,
         trust_gate=False,
     )
-    overall = result.summary[result.summary["condition"] == "all"].set_index("selector")["auroc"]
-    plugin = learned.split("=", 1)[0]
-    return {name: float(overall[name]) for name in FALLBACK_CANDIDATES} | {KEEP_LEARNED: float(overall[plugin])}
+    table = result.episodes
+    return table.assign(selector=table["selector"].replace({learned.split("=", 1)[0]: KEEP_LEARNED}))
+
+
+def _mean_auroc(table: pd.DataFrame) -> dict[str, float]:
+    """Each candidate's mean query AUROC over the conditions of an episode table (each condition weighing the same)."""
+    per_condition = table.groupby(["selector", "condition"])["auroc"].mean()
+    return {name: float(per_condition[name].mean()) for name in [*FALLBACK_CANDIDATES, KEEP_LEARNED]}
 
 
 def _with_fallback(
-    payload: dict, auroc: dict[str, float], validation: dict, run_dir: str | Path, where: str
+    payload: dict, tables: list[pd.DataFrame], validation: dict, run_dir: str | Path, where: str, seed: int
 ) -> FallbackChoice:
-    """Write ``RUN_DIR/selector.pt``: the checkpoint with the best-scoring candidate as its gate's fallback, and
-    what chose it (``fallback_validation``: ``validation`` plus every candidate's AUROC); say so."""
+    """Write ``RUN_DIR/selector.pt``: the checkpoint with the candidate of the best mean query AUROC over ``tables``
+    (each weighing the same) as its gate's fallback, and what chose it (``fallback_validation``: ``validation``, every
+    candidate's AUROC, and every other candidate's paired margin to the chosen one); say so, and say when a runner-up
+    stayed within the episodes' noise: which heuristic pays is a property of the site (BENCHMARKS.md section 13), so
+    an undecided choice is worth more labelled site images."""
+    per_table = [_mean_auroc(table) for table in tables]
+    auroc = {name: float(np.mean([scores[name] for scores in per_table])) for name in per_table[0]}
     fallback = max(auroc, key=auroc.get)
+    margins = paired_margins(tables, fallback, seed=seed)
+    choice = FallbackChoice(checkpoint=Path(run_dir) / BEST, fallback=fallback, auroc=auroc, margins=margins)
     chosen = {key: value for key, value in payload.items() if key != "path"}
     chosen["trust_gate"] = {**payload["trust_gate"], "fallback": fallback}
-    chosen["fallback_validation"] = validation | {"auroc": auroc, "chosen": fallback}
-    path = Path(run_dir) / BEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_atomic(chosen, path)
+    chosen["fallback_validation"] = validation | {"auroc": auroc, "chosen": fallback, "margins": margins}
+    choice.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(chosen, choice.checkpoint)
     notify(
         f"trust gate fallback {where}: mean query AUROC "
         + ", ".join(f"{name} {value:.3f}" for name, value in auroc.items())
         + f"; falls back to {fallback}"
         + (" (the learned selector keeps picking)" if fallback == KEEP_LEARNED else "")
+        + f"; {fallback_margin(choice)}"
     )
-    return FallbackChoice(checkpoint=path, fallback=fallback, auroc=auroc)
+    return choice
+
+
+def fallback_margin(choice: FallbackChoice) -> str:
+    """The runner-up's paired Δ against the chosen fallback, and whether the labelled episodes decided the choice."""
+    margin = choice.margins[choice.runner_up]
+    text = f"runner-up {choice.runner_up} {margin['diff']:+.3f} [{margin['low']:+.3f}, {margin['high']:+.3f}]"
+    if choice.decided:
+        return text
+    return text + " — within these episodes' noise: more labelled images would tell them apart"
 
 
 def recalibrate_gate(
