@@ -8,11 +8,12 @@ other hospitals. For one trained selector (``--checkpoint``, e.g. the set select
    run's conditions and validation conditions, episodes within sources as the run drew them): the ranking the
    training referee sees, with its noise made small;
 2. the candidates on the away site's held-out test patients (``--site``; 120 episodes per condition, seed 0, as
-   ``bench_realcxr_setselect.py`` tests them; ``learned`` is the selector itself, gate off): the ranking that pays;
+   ``bench_realcxr_setselect.py`` tests them; ``learned`` is the selector itself, gate off): the ranking that pays.
+   Every evaluation here uses the checkpoint's K, pool and query sizes and classifier;
 3. ``xsel train selector SITE --choose-fallback`` (:func:`xsel.train.selector.choose_fallback`) on ``--sizes``
    labelled images drawn from the site's *other* patients, ``--draws`` seeded draws each: which fallback it picks,
-   whether its episodes decided it (every other candidate's paired CI below it), and what the pick gains on the
-   test patients.
+   whether its episodes decided it (every other candidate's paired CI below it; the CI resamples episodes, not
+   the images they reuse), and what the pick gains on the test patients (its Δ vs random there).
 
     cd bench && python bench_fallback_site_labels.py --cache /work/benchdata --name moco-resnet18 \\
         --with-hospital Kermany --checkpoint /work/benchdata/runs-s1/moco-resnet18-with-kermany/set/selector.pt
@@ -36,8 +37,6 @@ from xsel.store import read_store
 from xsel.train.medselect import PLUGINS, load_selector_checkpoint
 from xsel.train.selector import FALLBACK_CANDIDATES, choose_fallback
 from xsel.trust import KEEP_LEARNED
-
-TEST = {"k": [20], "pool_size": 100, "query_size": 40, "show_progress": False, "trust_gate": False}
 
 
 def deltas(result, names: dict[str, str]) -> dict[str, str]:
@@ -69,6 +68,14 @@ def main() -> None:
     test_patient, source = test_patients(store), store.meta["Source"]
     learned = f"{PLUGINS[config.model]}={args.checkpoint}"
     heuristics = {name: name for name in FALLBACK_CANDIDATES}
+    test_settings = {  # as choose_fallback runs its episodes: the checkpoint's K, pool and query sizes, classifier
+        "k": [config.k],
+        "pool_size": config.pool_size,
+        "query_size": config.query_size,
+        "classifier": config.classifier,
+        "show_progress": False,
+        "trust_gate": False,
+    }
 
     train_store, _ = training_hospitals(store, test_patient, args.with_hospital)
     at_training = evaluate(
@@ -78,12 +85,14 @@ def main() -> None:
         episodes=args.training_episodes,
         negative=config.negative,
         episodes_within=config.episodes_within,
-        **TEST,
+        **test_settings,
     )
     sources, conditions, negative = GROUPS[args.site]
     site = source.isin(sources).to_numpy()
     test = store.subset(np.flatnonzero(site & test_patient))
-    at_site = evaluate(test, conditions, selectors=[*heuristics, learned], episodes=120, negative=negative, **TEST)
+    at_site = evaluate(
+        test, conditions, selectors=[*heuristics, learned], episodes=120, negative=negative, **test_settings
+    )
     site_delta = deltas(at_site, heuristics | {PLUGINS[config.model]: KEEP_LEARNED})
     ranking = {
         "training fallback": payload["trust_gate"]["fallback"],
@@ -96,7 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             for draw in range(args.draws):
-                rows = np.sort(np.random.default_rng([draw, size]).choice(other, size or len(other), replace=False))
+                drawn = min(size, len(other)) or len(other)
+                rows = np.sort(np.random.default_rng([draw, size]).choice(other, drawn, replace=False))
                 try:
                     choice = choose_fallback(
                         args.checkpoint,
@@ -110,11 +120,11 @@ def main() -> None:
                     )
                 except InputError as error:  # too few images of a class (episodes take one image per patient)
                     print(f"{len(rows)} labelled images, draw {draw}: {error}")
-                    continue
-                choices.append(
-                    {"images": len(rows), "draw": draw, "fallback": choice.fallback, "decided": choice.decided}
-                )
-                if size == 0:
+                else:
+                    choices.append(
+                        {"images": len(rows), "draw": draw, "fallback": choice.fallback, "decided": choice.decided}
+                    )
+                if drawn == len(other):
                     break  # every other image: one draw
 
     print(f"\n{args.name}, {args.checkpoint}: fallback chosen at training {ranking['training fallback']}\n")

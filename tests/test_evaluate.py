@@ -85,7 +85,7 @@ def test_paired_margins_weigh_each_table_the_same():
         }.items():
             for c, condition in enumerate(conditions):
                 rows += [
-                    {"episode": e, "condition": condition, "selector": name, "auroc": v}
+                    {"episode": e, "condition": condition, "selector": name, "k": 20, "auroc": v}
                     for e, v in enumerate(scores[c])
                 ]
         return pd.DataFrame(rows)
@@ -99,6 +99,8 @@ def test_paired_margins_weigh_each_table_the_same():
     noisy = margins["noisy"]
     assert noisy["low"] < 0 < noisy["high"] and noisy["low"] <= noisy["diff"] <= noisy["high"]
     assert paired_margins([one_condition, three_conditions], "best") == margins, "seeded"
+    with pytest.raises(ValueError, match="one K"):
+        paired_margins([one_condition.assign(k=[5, 10] * (len(one_condition) // 2))], "best")
 
 
 def test_report_files(result, tmp_path):

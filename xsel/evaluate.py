@@ -446,6 +446,8 @@ def paired_margins(tables: list[pd.DataFrame], against: str, *, seed: int = 0) -
     ``episodes``), with its 95% bootstrap CI: the mean over the tables (e.g. held-out hospitals, each weighing the
     same) of the mean over their conditions, resampling each condition's episodes. Says whether the episodes that
     ranked ``against`` first decided it, or left a runner-up within their noise."""
+    if any(table["k"].nunique() != 1 for table in tables):
+        raise ValueError("paired_margins pairs episodes of one K: split the tables by K first")
     names = [name for name in dict.fromkeys(tables[0]["selector"]) if name != against]
     rng = np.random.default_rng(seed)
     state = rng.bit_generator.state

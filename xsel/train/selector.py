@@ -492,13 +492,15 @@ class FallbackChoice:
     margins: dict[str, dict[str, float]]
 
     @property
-    def runner_up(self) -> str:
-        return max(self.margins, key=lambda name: self.margins[name]["diff"])
+    def undecided(self) -> list[str]:
+        """The other candidates whose CI reaches the chosen one (best gap first): not told apart by the episodes."""
+        close = [name for name, margin in self.margins.items() if margin["high"] >= 0]
+        return sorted(close, key=lambda name: -self.margins[name]["diff"])
 
     @property
     def decided(self) -> bool:
-        """Whether every other candidate's CI lies below the chosen one: the labelled episodes told them apart."""
-        return all(margin["high"] < 0 for margin in self.margins.values())
+        """Whether every other candidate's CI lies below the chosen one."""
+        return not self.undecided
 
 
 def choose_fallback(
@@ -688,9 +690,9 @@ def _with_fallback(
 ) -> FallbackChoice:
     """Write ``RUN_DIR/selector.pt``: the checkpoint with the candidate of the best mean query AUROC over ``tables``
     (each weighing the same) as its gate's fallback, and what chose it (``fallback_validation``: ``validation``, every
-    candidate's AUROC, and every other candidate's paired margin to the chosen one); say so, and say when a runner-up
-    stayed within the episodes' noise: which heuristic pays is a property of the site (BENCHMARKS.md section 13), so
-    an undecided choice is worth more labelled site images."""
+    candidate's AUROC, and every other candidate's paired margin to the chosen one); say so, and say when another
+    candidate stayed within the episodes' noise: which heuristic pays is a property of the site (BENCHMARKS.md
+    section 13), so an undecided choice may be worth more labelled site images."""
     per_table = [_mean_auroc(table) for table in tables]
     auroc = {name: float(np.mean([scores[name] for scores in per_table])) for name in per_table[0]}
     fallback = max(auroc, key=auroc.get)
@@ -712,12 +714,18 @@ def _with_fallback(
 
 
 def fallback_margin(choice: FallbackChoice) -> str:
-    """The runner-up's paired Δ against the chosen fallback, and whether the labelled episodes decided the choice."""
-    margin = choice.margins[choice.runner_up]
-    text = f"runner-up {choice.runner_up} {margin['diff']:+.3f} [{margin['low']:+.3f}, {margin['high']:+.3f}]"
-    if choice.decided:
-        return text
-    return text + " — within these episodes' noise: more labelled images would tell them apart"
+    """Whether the labelled episodes decided the fallback: the closest other candidate's paired Δ against it."""
+    close = choice.undecided
+    name = close[0] if close else max(choice.margins, key=lambda other: choice.margins[other]["diff"])
+    margin = choice.margins[name]
+    text = f"{name} {margin['diff']:+.3f} [{margin['low']:+.3f}, {margin['high']:+.3f}]"
+    if not close:
+        return f"decided: runner-up {text}"
+    others = f" and {len(close) - 1} more" if len(close) > 1 else ""
+    return (
+        f"not decided: {text}{others} within these episodes' noise (they reuse the same images; more labelled "
+        "images may tell them apart)"
+    )
 
 
 def recalibrate_gate(
