@@ -39,14 +39,15 @@ from xsel.train.selector import FALLBACK_CANDIDATES, choose_fallback
 from xsel.trust import KEEP_LEARNED
 
 
-def deltas(result, names: dict[str, str]) -> dict[str, str]:
-    """Each selector's Δ AUROC vs random over all conditions with its paired 95% CI, under the names given."""
+def deltas(result, names: dict[str, str]) -> dict[str, tuple[float, float, float]]:
+    """Each selector's Δ AUROC vs random over all conditions and its paired 95% CI, under the names given."""
     overall = result.summary[result.summary["condition"] == "all"].set_index("selector")
-    return {
-        shown: f"{overall.loc[name, 'diff_vs_random']:+.3f} [{overall.loc[name, 'diff_low']:+.3f}, "
-        f"{overall.loc[name, 'diff_high']:+.3f}]"
-        for name, shown in names.items()
-    }
+    columns = ["diff_vs_random", "diff_low", "diff_high"]
+    return {shown: tuple(float(overall.loc[name, column]) for column in columns) for name, shown in names.items()}
+
+
+def shown(delta: tuple[float, float, float] | None) -> str:
+    return "—" if delta is None else f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
 
 
 def main() -> None:
@@ -131,15 +132,18 @@ def main() -> None:
     print(f"| candidate | training hospitals ({args.training_episodes} episodes per condition) | {args.site}, test |")
     print("|---|---|---|")
     for name in [*heuristics, KEEP_LEARNED]:
-        print(f"| {name} | {ranking['at training hospitals'].get(name, '—')} | {site_delta[name]} |")
-    print("\n| labelled site images | draws | fallback chosen | decided | test Δ of the choice, per draw |")
-    print("|---|---|---|---|---|")
+        print(f"| {name} | {shown(ranking['at training hospitals'].get(name))} | {shown(site_delta[name])} |")
+    print(
+        "\n| labelled site images | draws | fallback chosen | decided | test Δ of the choice, per draw "
+        "| choices whose test CI lies above 0 |"
+    )
+    print("|---|---|---|---|---|---|")
     for images in dict.fromkeys(c["images"] for c in choices):
-        drawn = [c for c in choices if c["images"] == images]
-        picked = ", ".join(f"{name} {count}" for name, count in Counter(c["fallback"] for c in drawn).items())
-        gains = "; ".join(site_delta[c["fallback"]].split(" [")[0] for c in drawn)
-        decided = sum(c["decided"] for c in drawn)
-        print(f"| {images} | {len(drawn)} | {picked} | {decided}/{len(drawn)} | {gains} |")
+        runs = [c for c in choices if c["images"] == images]
+        picked = ", ".join(f"{name} {count}" for name, count in Counter(c["fallback"] for c in runs).items())
+        gains = "; ".join(f"{site_delta[c['fallback']][0]:+.3f}" for c in runs)
+        decided, paying = sum(c["decided"] for c in runs), sum(site_delta[c["fallback"]][1] > 0 for c in runs)
+        print(f"| {images} | {len(runs)} | {picked} | {decided}/{len(runs)} | {gains} | {paying}/{len(runs)} |")
     if args.json:
         args.json.write_text(json.dumps({"ranking": ranking, "choices": choices}, indent=1))
 

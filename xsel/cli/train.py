@@ -109,8 +109,8 @@ def train_selector_command(
         Path | None,
         typer.Option(
             help="Choose this trained selector.pt's trust-gate fallback on STORE, labelled images from a hospital it "
-            "was not trained on: the heuristic or the selector itself, whichever picks best there, with the "
-            "runner-up's paired margin and its 95% CI (--conditions, --negative)."
+            "was not trained on: the heuristic or the selector itself, whichever picks best there; says whether "
+            "those episodes decided it (the closest candidate's paired margin, 95% CI) (--conditions, --negative)."
         ),
     ] = None,
     referee_away: Annotated[
